@@ -1,0 +1,3 @@
+from weightlift.cli import main
+import sys
+sys.exit(main())

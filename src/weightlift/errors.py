@@ -1,0 +1,41 @@
+"""One exception hierarchy, so callers can catch everything weightlift raises with one clause."""
+
+from __future__ import annotations
+
+import os
+
+
+class WeightliftError(Exception):
+    """Base of every error weightlift raises on bad input or failed I/O.
+
+    ``path`` names the file (or checkpoint directory) involved and ``tensor`` the tensor, when
+    there is one; the message already contains both, so printing the error is enough.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.tensor = tensor
+        parts = []
+        if self.path is not None:
+            parts.append(f"{self.path}:")
+        if tensor is not None:
+            parts.append(f"tensor {tensor!r}")
+        parts.append(message)
+        super().__init__(" ".join(parts))
+
+
+class FormatError(WeightliftError):
+    """The file is not a valid safetensors file (header, offsets, dtypes, sizes)."""
+
+
+class CheckpointError(WeightliftError):
+    """The checkpoint layout is wrong: index file, missing or escaping shards, duplicate tensors."""
+
+
+class ReadError(WeightliftError):
+    """Reading the data failed: an OS error, a short read, or a file that changed under us."""
+
+
+class PlacementError(WeightliftError):
+    """A tensor could not be placed: unknown device, wrong shape or dtype for a destination."""
