@@ -1,0 +1,272 @@
+"""Checkpoint sources: one file, a list of files, or a directory (single file, HF index, loose shards).
+
+Resolving a source opens every shard once and keeps the descriptor, so the bytes read later come
+from the same inode whose header was validated, even if the path is replaced meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import CheckpointError, FormatError, ReadError
+from .format import Header, TensorInfo, read_header
+
+Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+#: An index file larger than this is not a real index (70B models have ~100 KB indexes).
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies a file's content for our purposes: if any of these change, so may the bytes."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, fd: int) -> "FileStamp":
+        st = os.fstat(fd)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+@dataclass
+class Shard:
+    """One open safetensors file of a checkpoint."""
+
+    path: str
+    fd: int
+    header: Header
+    stamp: FileStamp
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was modified or replaced since its header was read."""
+        try:
+            now = FileStamp.of(self.fd)
+            path_now = os.stat(self.path)
+        except OSError as exc:
+            raise ReadError(f"file disappeared during the load: {exc.strerror}",
+                            path=self.path) from exc
+        if now != self.stamp:
+            raise ReadError(f"file changed during the load (size {self.stamp.size} → {now.size}, "
+                            "or modification time changed); its data may be mixed, load again",
+                            path=self.path)
+        if (path_now.st_ino, path_now.st_dev) != (self.stamp.inode, self.stamp.device):
+            raise ReadError("file was replaced by another during the load; load again",
+                            path=self.path)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tensor of the checkpoint and the shard (by position) that holds it."""
+
+    shard: int
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+class Layout:
+    """The resolved checkpoint: open shards and every tensor's location. Close it when done."""
+
+    def __init__(self, root: str, shards: list[Shard], entries: dict[str, Entry],
+                 metadata: dict[str, str] | None, index_path: str | None = None) -> None:
+        self.root = root
+        self.shards = shards
+        self.entries = entries
+        self.metadata = metadata
+        self.index_path = index_path
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.info.nbytes for e in self.entries.values())
+
+    def close(self) -> None:
+        for shard in self.shards:
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
+
+    def __enter__(self) -> "Layout":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve(source: Source) -> Layout:
+    """Turn a user's source into an open, validated ``Layout``."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return _resolve_dir(path)
+        if not path.exists():
+            raise CheckpointError("no such file or directory", path=path)
+        if path.name.endswith(".index.json"):
+            return _resolve_index(path)
+        return _open_files([path], root=str(path.parent))
+    files = [Path(p) for p in source]
+    if not files:
+        raise CheckpointError("the list of checkpoint files is empty")
+    return _open_files(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]))
+
+
+def _resolve_dir(directory: Path) -> Layout:
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        preferred = directory / "model.safetensors.index.json"
+        if preferred not in indexes:
+            names = ", ".join(i.name for i in indexes)
+            raise CheckpointError(f"holds several index files ({names}); pass the one to load",
+                                  path=directory)
+        indexes = [preferred]
+    if indexes:
+        return _resolve_index(indexes[0])
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return _open_files([single], root=str(directory))
+    loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if not loose:
+        raise CheckpointError("holds no *.safetensors file and no *.safetensors.index.json",
+                              path=directory)
+    return _open_files(loose, root=str(directory))
+
+
+def _read_index(index_path: Path) -> dict[str, Any]:
+    try:
+        size = index_path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit",
+                                  path=index_path)
+        obj = json.loads(index_path.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"index is not valid JSON: {exc}", path=index_path) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise CheckpointError("index has no 'weight_map' object", path=index_path)
+    metadata = obj.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CheckpointError("index 'metadata' is not an object", path=index_path)
+    return obj
+
+
+def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
+    """The path of shard ``name`` of an index, refusing anything that leaves ``directory``."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"weight_map names shard {name!r}, not a file name", path=index_path)
+    if "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")):
+        raise CheckpointError(f"shard {name!r} is an absolute path; shards must lie in the "
+                              "checkpoint directory", path=index_path)
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise CheckpointError(f"shard {name!r} climbs out of the checkpoint directory with '..'",
+                              path=index_path)
+    candidate = directory / name
+    real_root = os.path.realpath(directory)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
+                              f"directory {real_root} (a symlink leaves it)", path=index_path)
+    return candidate
+
+
+def _resolve_index(index_path: Path) -> Layout:
+    obj = _read_index(index_path)
+    directory = index_path.parent
+    weight_map: dict[str, Any] = obj["weight_map"]
+    shard_names: dict[str, Path] = {}
+    for tensor, name in weight_map.items():
+        if name not in shard_names:
+            shard_names[name] = shard_path(directory, name, index_path)
+    for name, path in shard_names.items():
+        if not path.is_file():
+            raise CheckpointError(f"shard {name!r} listed in the index is missing",
+                                  path=index_path)
+    layout = _open_files(list(shard_names.values()), root=str(directory),
+                         index_path=str(index_path))
+    try:
+        position = {os.fspath(p): i for i, p in enumerate(shard_names.values())}
+        by_name = {name: position[os.fspath(p)] for name, p in shard_names.items()}
+        for tensor, name in weight_map.items():
+            entry = layout.entries.get(tensor)
+            if entry is None or entry.shard != by_name[name]:
+                raise CheckpointError(f"index puts tensor {tensor!r} in {name!r}, which does not "
+                                      "hold it", path=index_path)
+        extra = sorted(set(layout.entries) - set(weight_map))
+        if extra:
+            raise CheckpointError(f"shards hold {len(extra)} tensors the index does not list, "
+                                  f"e.g. {extra[0]!r}", path=index_path)
+        index_meta = obj.get("metadata")
+        if index_meta is not None:
+            layout.metadata = {str(k): v if isinstance(v, str) else json.dumps(v)
+                               for k, v in index_meta.items()}
+    except BaseException:
+        layout.close()
+        raise
+    return layout
+
+
+def _open_files(paths: Iterable[Path], root: str, index_path: str | None = None) -> Layout:
+    shards: list[Shard] = []
+    entries: dict[str, Entry] = {}
+    layout = Layout(root, shards, entries, None, index_path)
+    try:
+        for path in paths:
+            shard = _open_shard(path)
+            shards.append(shard)
+            for info in shard.header.tensors:
+                if info.name in entries:
+                    first = shards[entries[info.name].shard].path
+                    raise CheckpointError(f"tensor {info.name!r} is in two files: {first} and "
+                                          f"{shard.path}", path=root)
+                entries[info.name] = Entry(len(shards) - 1, info)
+        if len(shards) == 1:
+            layout.metadata = shards[0].header.metadata
+    except BaseException:
+        layout.close()
+        raise
+    return layout
+
+
+def _open_shard(path: Path) -> Shard:
+    spath = os.fspath(path)
+    try:
+        fd = os.open(spath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError("file not found", path=spath) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot open: {exc.strerror}", path=spath) from exc
+    try:
+        stamp = FileStamp.of(fd)
+        header = read_header(spath, fd=fd)
+    except (FormatError, OSError):
+        os.close(fd)
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return Shard(spath, fd, header, stamp)
+
+
+def iter_entries(layout: Layout, keys: Iterable[str] | None = None) -> Iterator[Entry]:
+    """Entries in file order (shard, then offset); ``keys`` selects and must all exist."""
+    if keys is None:
+        chosen = list(layout.entries.values())
+    else:
+        chosen = []
+        for key in dict.fromkeys(keys):
+            if key not in layout.entries:
+                raise CheckpointError(f"has no tensor named {key!r}", path=layout.root)
+            chosen.append(layout.entries[key])
+    chosen.sort(key=lambda e: (e.shard, e.info.start, e.info.end, e.name))
+    return iter(chosen)

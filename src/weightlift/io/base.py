@@ -1,0 +1,101 @@
+"""The one interface every strategy implements; strategies differ only in how bytes arrive.
+
+A strategy is prepared for a list of open shards, then asked, from worker threads, to fill host
+memory with file ranges (``read``). It may also hand out zero-copy views (``view``, mmap only) and
+is told when a range has been consumed (``consumed``) so it can drop what it cached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from ..checkpoint import Shard
+from ..errors import ReadError
+
+PAGE = mmap.PAGESIZE
+
+
+class Unavailable(Exception):
+    """The strategy cannot work here (e.g. the file system refuses O_DIRECT); carries the reason."""
+
+
+class Strategy(ABC):
+    """How bytes get from the checkpoint's files into host memory."""
+
+    name: ClassVar[str]
+    #: Reads issued at once (worker threads).
+    in_flight: int = 4
+    #: Size of one read, a multiple of the page size.
+    read_size: int = 8 << 20
+    #: A zero-copy strategy hands out views of the file instead of reading into buffers.
+    zero_copy: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.shards: Sequence[Shard] = ()
+
+    def prepare(self, shards: Sequence[Shard]) -> None:
+        """Set up per-file state; raise ``Unavailable`` if this strategy cannot read these files."""
+        self.shards = shards
+
+    def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
+        """A uint8 host buffer of ``nbytes`` that ``read`` can fill with ``[file_offset, +nbytes)``."""
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    @abstractmethod
+    def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
+        """Fill ``dest`` (uint8, from ``alloc`` or a ring slot) with bytes from ``start`` on."""
+
+    def view(self, shard: int, start: int, end: int) -> torch.Tensor:
+        """A zero-copy uint8 view of ``[start, end)`` (only for ``zero_copy`` strategies)."""
+        raise NotImplementedError(f"{self.name} does not hand out views")
+
+    def consumed(self, shard: int, start: int, end: int) -> None:
+        """``[start, end)`` has been copied to its destination; release what holds it."""
+
+    def close(self) -> None:
+        """Release per-file state; the shards' descriptors belong to the caller."""
+
+
+def host_view(dest: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU uint8 tensor (pinned memory included)."""
+    return memoryview(dest.numpy()).cast("B")
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    """Fill ``buf`` from ``offset``, retrying short reads; a file that ends early is an error."""
+    done = 0
+    total = len(buf)
+    while done < total:
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            raise ReadError(f"read of {total - done} bytes at offset {offset + done} failed: "
+                            f"{exc.strerror or exc}", path=path) from exc
+        if n == 0:
+            raise ReadError(f"file ended at offset {offset + done} while reading {total} bytes at "
+                            f"{offset}; it was truncated during the load", path=path)
+        done += n
+
+
+def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False
+                   ) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` whose address ≡ ``file_offset`` (mod ``align``), with at least
+    ``align`` bytes of owned slack on each side, so aligned reads around it stay inside memory we
+    own."""
+    raw = torch.empty(nbytes + 3 * align, dtype=torch.uint8, pin_memory=pin)
+    base = raw.data_ptr()
+    want = (file_offset % align)
+    shift = (want - base) % align + align
+    return raw[shift:shift + nbytes]
+
+
+def raw_memory(address: int, nbytes: int) -> memoryview:
+    """A writable view of memory we own at ``address`` (slack around an ``aligned_buffer``)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")

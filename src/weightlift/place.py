@@ -1,0 +1,163 @@
+"""Place: turn raw bytes into tensors where the user wants them.
+
+``as_tensor`` makes a tensor of the right dtype and shape out of bytes we own (a view when the
+address allows it). ``Sink`` receives pieces of tensors from ring slots and copies them into
+destination tensors — fresh ones on a device, ones of another dtype, or a module's parameters —
+converting dtype piece by piece, on the device for accelerator targets, never as a second host copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .checkpoint import Entry
+from .errors import PlacementError
+from .format import TensorInfo
+from .plan import Piece
+
+
+def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The tensor ``info`` describes, over ``raw`` (uint8 bytes of exactly ``info.nbytes``)."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype.torch)
+    return typed_view(raw, info.dtype.torch).view(info.shape)
+
+
+def typed_view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``raw`` (uint8) seen as ``dtype``; copied only when its offset cannot hold that dtype."""
+    try:
+        return raw.view(dtype)
+    except RuntimeError:
+        # Bytes at an offset the dtype cannot be viewed at (after an odd-sized tensor).
+        return raw.clone().view(dtype)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PlacementError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlacementError(f"device {device!r} requested but this torch has no usable "
+                                 "CUDA/ROCm device")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type not in ("cpu", "meta") and not hasattr(torch, dev.type):
+        raise PlacementError(f"unsupported device {device!r}")
+    return dev
+
+
+Allocate = Callable[[Entry], torch.Tensor]
+
+
+class Sink:
+    """Destinations of a copying load; copies are synchronous on the CPU."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None,
+                 destinations: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.destinations = destinations
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def target_dtype(self, info: TensorInfo) -> torch.dtype:
+        if self.dtype is not None and info.dtype.torch.is_floating_point:
+            return self.dtype  # like .to(dtype) on a state dict: integer and bool tensors keep theirs
+        return info.dtype.torch
+
+    def target(self, entry: Entry) -> torch.Tensor:
+        dst = self.targets.get(entry.name)
+        if dst is None:
+            dst = self._make(entry)
+            self.targets[entry.name] = dst
+        return dst
+
+    def _make(self, entry: Entry) -> torch.Tensor:
+        info = entry.info
+        if self.destinations is None:
+            return torch.empty(info.shape, dtype=self.target_dtype(info), device=self.device)
+        dst = self.destinations[entry.name]
+        if tuple(dst.shape) != info.shape:
+            raise PlacementError(f"checkpoint shape {list(info.shape)} does not match the "
+                                 f"destination's {list(dst.shape)}", tensor=entry.name)
+        if not dst.is_contiguous():
+            raise PlacementError("destination is not contiguous", tensor=entry.name)
+        return dst
+
+    def place(self, piece: Piece, src: torch.Tensor) -> None:
+        """Copy ``src`` (host uint8, the piece's bytes) into the piece's place in its target."""
+        if piece.end == piece.begin:
+            self.target(piece.entry)
+            return
+        dst = self.target(piece.entry).view(-1)
+        info = piece.entry.info
+        if dst.dtype == info.dtype.torch:
+            self._copy(dst.view(torch.uint8)[piece.begin:piece.end], src)
+            return
+        size = info.dtype.itemsize
+        self._convert(dst[piece.begin // size:piece.end // size],
+                      typed_view(src, info.dtype.torch))
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def fence(self) -> object | None:
+        """Something to wait on before the source slot may be reused (None: already safe)."""
+        return None
+
+    def finish(self, entry: Entry) -> torch.Tensor:
+        return self.targets.pop(entry.name)
+
+
+class AcceleratorSink(Sink):
+    """CUDA/ROCm: copies from pinned slots run on a side stream and overlap the next reads."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None,
+                 destinations: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__(device, dtype, destinations)
+        self.stream = torch.cuda.Stream(device=device)
+        # Destinations are allocated on the current stream; copies must come after that.
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
+    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            # Move the source bytes as they are, then convert on the device.
+            dst.copy_(src.to(self.device, non_blocking=True))
+
+    def target(self, entry: Entry) -> torch.Tensor:
+        new = entry.name not in self.targets
+        dst = super().target(entry)
+        if new:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return dst
+
+    def fence(self) -> object | None:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def finish(self, entry: Entry) -> torch.Tensor:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return super().finish(entry)
+
+
+def make_sink(device: torch.device, dtype: torch.dtype | None,
+              destinations: Mapping[str, torch.Tensor] | None = None) -> Sink:
+    if device.type == "cuda":
+        return AcceleratorSink(device, dtype, destinations)
+    return Sink(device, dtype, destinations)
+
+
+def wait(fence: object | None) -> None:
+    if fence is not None:
+        fence.synchronize()  # type: ignore[attr-defined]

@@ -1,0 +1,128 @@
+"""Plan: which byte ranges to read, in what pieces, and where each piece goes.
+
+Two shapes of plan, for the two ways bytes reach their destination:
+
+* ``Block`` — the destination is a fresh host buffer the reader fills directly (a CPU load with no
+  dtype change). A block is one large tensor, or a run of adjacent small tensors sharing one
+  buffer (so 20 000 tiny tensors cost a few reads, not 20 000). Its reads are split at absolute
+  file offsets that are multiples of the chunk size, so parallel reads never touch the same page.
+* ``Chunk`` — the bytes pass through a reused ring slot and are copied into destinations that
+  already exist (a device, a dtype conversion, a module's parameters). A chunk is a run of whole
+  small tensors, or a piece of one large tensor cut at an element boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import Entry
+
+#: Tensors below this size are grouped with their neighbours into one read.
+SMALL_TENSOR = 1 << 20
+
+
+@dataclass(frozen=True)
+class Block:
+    """One host allocation: the file range ``[start, end)`` of ``shard`` and the tensors in it."""
+
+    shard: int
+    start: int
+    end: int
+    entries: tuple[Entry, ...]
+    reads: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[begin, end)`` of one tensor (offsets within the tensor)."""
+
+    entry: Entry
+    begin: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.entry.info.nbytes
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read of ``[start, end)`` from ``shard`` into a ring slot, and the pieces it carries."""
+
+    shard: int
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _runs(entries: Sequence[Entry], limit: int) -> Iterator[list[Entry]]:
+    """Group entries (in file order) into runs of adjacent small tensors; large ones stand alone."""
+    run: list[Entry] = []
+    run_bytes = 0
+    for entry in entries:
+        size = entry.info.nbytes
+        adjacent = bool(run) and run[-1].shard == entry.shard and run[-1].info.end == entry.info.start
+        if size >= SMALL_TENSOR:
+            if run:
+                yield run
+                run, run_bytes = [], 0
+            yield [entry]
+            continue
+        if run and (not adjacent or run_bytes + size > limit):
+            yield run
+            run, run_bytes = [], 0
+        run.append(entry)
+        run_bytes += size
+    if run:
+        yield run
+
+
+def split_range(start: int, end: int, step: int) -> tuple[tuple[int, int], ...]:
+    """Cut ``[start, end)`` at the multiples of ``step`` inside it (at least one range)."""
+    if end <= start:
+        return ((start, end),)
+    cuts = [start]
+    edge = (start // step + 1) * step
+    while edge < end:
+        cuts.append(edge)
+        edge += step
+    cuts.append(end)
+    return tuple(zip(cuts[:-1], cuts[1:]))
+
+
+def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 << 20
+                ) -> list[Block]:
+    """Blocks for a load into fresh host buffers; ``read_size`` must be a multiple of 4096."""
+    blocks = []
+    for run in _runs(list(entries), group_limit):
+        start, end = run[0].info.start, run[-1].info.end
+        blocks.append(Block(run[0].shard, start, end, tuple(run),
+                            split_range(start, end, read_size)))
+    return blocks
+
+
+def plan_chunks(entries: Iterable[Entry], chunk_size: int) -> list[Chunk]:
+    """Chunks of at most ``chunk_size`` bytes for a load through a ring of that slot size."""
+    chunks = []
+    for run in _runs(list(entries), chunk_size):
+        if len(run) > 1 or run[0].info.nbytes <= chunk_size:
+            pieces = tuple(Piece(e, 0, e.info.nbytes) for e in run)
+            chunks.append(Chunk(run[0].shard, run[0].info.start, run[-1].info.end, pieces))
+            continue
+        entry = run[0]
+        # Cut a large tensor at element boundaries so each piece can be converted on its own.
+        step = max(entry.info.dtype.itemsize, chunk_size - chunk_size % entry.info.dtype.itemsize)
+        for begin in range(0, entry.info.nbytes, step):
+            end = min(begin + step, entry.info.nbytes)
+            chunks.append(Chunk(entry.shard, entry.info.start + begin, entry.info.start + end,
+                                (Piece(entry, begin, end),)))
+    return chunks

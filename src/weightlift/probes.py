@@ -1,0 +1,353 @@
+"""Measurement probes: page-cache residency, RSS, /proc/meminfo and memory cgroups.
+
+Shared by ``LoadReport`` and the benchmark. Pure stdlib and Linux-only by nature; every probe
+degrades to ``None`` / ``0`` / ``(False, reason)`` rather than raising where the machine can't
+answer, because a measurement must never break a load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import itertools
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
+
+# Kernel limits at or above this mean "no limit" (v1 reports PAGE_COUNTER_MAX * page size).
+_UNLIMITED = 1 << 62
+
+_PROT_READ = 0x1
+_MAP_SHARED = 0x01
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_LIBC = _libc()
+
+
+# ---------------------------------------------------------------------------------------------
+# Page cache and process memory
+
+
+def resident_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of ``path`` currently in the page cache (mincore on a fresh read-only mapping).
+
+    Mapping the file does not fault any page in, so the probe does not disturb what it measures.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        addr = _LIBC.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap failed: {os.strerror(err)}", os.fspath(path))
+        try:
+            pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _LIBC.mincore(addr, size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore failed: {os.strerror(err)}", os.fspath(path))
+            resident = sum(1 for flag in bytes(vec) if flag & 1)
+        finally:
+            _LIBC.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return min(resident * PAGE_SIZE, size)
+
+
+def evict(path: str | os.PathLike[str]) -> None:
+    """Drop ``path``'s clean pages from the page cache (posix_fadvise DONTNEED; no root needed).
+
+    Dirty pages survive until written back, so fsync a freshly written file before evicting it.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (from /proc/self/statm)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (``MemTotal``, ``Cached``, ``MemAvailable``, ...)."""
+    info: dict[str, int] = {}
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields = rest.split()
+            if not fields:
+                continue
+            value = int(fields[0])
+            info[key.strip()] = value * 1024 if fields[1:] == ["kB"] else value
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory cgroups (v1 "memory" controller or the v2 unified hierarchy)
+
+
+@dataclass(frozen=True)
+class _Hierarchy:
+    version: int           # 1 or 2
+    mount: Path            # where the hierarchy is mounted
+    root: str              # the mount's root inside the hierarchy (not "/" inside containers)
+
+
+def _hierarchies() -> list[_Hierarchy]:
+    """Mounted memory hierarchies: v1 ``memory`` controllers and v2 mounts offering ``memory``."""
+    found: list[_Hierarchy] = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        fstype, options = tail[0], tail[2].split(",")
+        mount = Path(fields[4].replace("\\040", " "))
+        if fstype == "cgroup" and "memory" in options:
+            found.append(_Hierarchy(1, mount, fields[3]))
+        elif fstype == "cgroup2" and "memory" in (_read(mount / "cgroup.controllers") or "").split():
+            found.append(_Hierarchy(2, mount, fields[3]))
+    return found
+
+
+def _read(path: Path, default: str | None = None) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError:
+        return default
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read(path)
+    if text is None or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _own_group(h: _Hierarchy) -> Path | None:
+    """The directory of this process's group in ``h``, or None if it is the hierarchy's root."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        wanted = (h.version == 2 and controllers == "") or (
+            h.version == 1 and "memory" in controllers.split(","))
+        if not wanted:
+            continue
+        relative = group
+        if h.root != "/" and (group == h.root or group.startswith(h.root + "/")):
+            relative = group[len(h.root):]
+        relative = relative.strip("/")
+        if not relative:
+            return None
+        path = h.mount / relative
+        return path if path.is_dir() else None
+    return None
+
+
+def _own_hierarchy() -> _Hierarchy | None:
+    """The hierarchy whose memory accounting applies to this process (v2 wins if it has memory)."""
+    found = _hierarchies()
+    for version in (2, 1):
+        for h in found:
+            if h.version == version:
+                return h
+    return None
+
+
+def cgroup_memory_limit() -> int | None:
+    """The tightest memory limit applying to this process (its group or an ancestor), or None."""
+    h = _own_hierarchy()
+    if h is None:
+        return None
+    group = _own_group(h)
+    name = "memory.limit_in_bytes" if h.version == 1 else "memory.max"
+    limits: list[int] = []
+    path = group if group is not None else h.mount
+    while True:
+        value = _read_int(path / name)
+        if value is not None and value < _UNLIMITED:
+            limits.append(value)
+        if path == h.mount or h.mount not in path.parents:
+            break
+        path = path.parent
+    return min(limits) if limits else None
+
+
+def cgroup_usage() -> int | None:
+    """Current memory charged to this process's own group (page cache included), or None."""
+    h = _own_hierarchy()
+    group = _own_group(h) if h is not None else None
+    if h is None or group is None:
+        return None
+    return _read_int(group / ("memory.usage_in_bytes" if h.version == 1 else "memory.current"))
+
+
+def cgroup_peak() -> int | None:
+    """Peak memory charged to this process's own group (page cache included); None at the root."""
+    h = _own_hierarchy()
+    group = _own_group(h) if h is not None else None
+    if h is None or group is None:
+        return None
+    return _read_int(group / ("memory.max_usage_in_bytes" if h.version == 1 else "memory.peak"))
+
+
+_counter = itertools.count()
+
+
+class MemoryGroup:
+    """A fresh memory cgroup for one measured child process, removed on exit.
+
+    Peak usage here counts page cache faulted in by the child, which RSS does not. ``command``
+    wraps an argv so the child joins the group before it execs (a shell ``echo $$ > cgroup.procs``
+    then ``exec``): nothing the child allocates escapes, and unlike ``preexec_fn`` no Python runs
+    between fork and exec, which is unsafe while other threads (rich's refresh thread) hold locks.
+
+        with MemoryGroup(limit=1536 << 20) as group:
+            proc = subprocess.Popen(group.command([sys.executable, "-c", "..."]))
+            proc.wait()
+            print(group.peak(), group.oom_kills())
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.path: Path | None = None
+        self._version = 0
+
+    @staticmethod
+    def _writable() -> tuple[_Hierarchy | None, str]:
+        found = _hierarchies()
+        if not found:
+            return None, "no memory cgroup hierarchy is mounted (neither v1 'memory' nor v2)"
+        reasons = []
+        for h in sorted(found, key=lambda h: -h.version):
+            if h.version == 2 and "memory" not in (_read(h.mount / "cgroup.subtree_control", "")
+                                                   or "").split():
+                reasons.append(f"{h.mount}: the v2 memory controller is not enabled for children")
+                continue
+            if not os.access(h.mount, os.W_OK):
+                reasons.append(f"{h.mount}: not writable by uid {os.getuid()}")
+                continue
+            return h, f"cgroup v{h.version} at {h.mount}"
+        return None, "; ".join(reasons)
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        """Whether a group can be created here, and the hierarchy used or why not."""
+        h, reason = MemoryGroup._writable()
+        return h is not None, reason
+
+    def __enter__(self) -> MemoryGroup:
+        h, reason = self._writable()
+        if h is None:
+            raise OSError(f"cannot create a memory cgroup: {reason}")
+        self._version = h.version
+        self.path = h.mount / f"weightlift-{os.getpid()}-{next(_counter)}"
+        self.path.mkdir()
+        try:
+            if self.limit is not None:
+                if h.version == 1:
+                    (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+                else:
+                    (self.path / "memory.max").write_text(str(self.limit))
+                    swap = self.path / "memory.swap.max"
+                    if swap.exists():
+                        swap.write_text("0")
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.remove()
+
+    def _file(self, v1: str, v2: str) -> Path:
+        if self.path is None:
+            raise RuntimeError("MemoryGroup is not entered")
+        return self.path / (v1 if self._version == 1 else v2)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` prefixed so the process joins this group before exec'ing it."""
+        procs = self._file("cgroup.procs", "cgroup.procs")
+        script = f'echo $$ > {shlex.quote(str(procs))} && exec "$@"'
+        return ["/bin/sh", "-c", script, "weightlift-memory-group", *argv]
+
+    def add(self, pid: int) -> None:
+        """Move an already running process into the group (its earlier charges stay behind)."""
+        self._file("cgroup.procs", "cgroup.procs").write_text(str(pid))
+
+    def usage(self) -> int:
+        """Memory charged to the group now (page cache included)."""
+        return _read_int(self._file("memory.usage_in_bytes", "memory.current")) or 0
+
+    def peak(self) -> int | None:
+        """Peak memory charged to the group (page cache included); None if the kernel can't say."""
+        return _read_int(self._file("memory.max_usage_in_bytes", "memory.peak"))
+
+    def oom_kills(self) -> int:
+        """Processes the OOM killer killed in this group (v1 without the counter: limit hits>0)."""
+        if self._version == 1:
+            control = _read(self._file("memory.oom_control", "")) or ""
+            for line in control.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+            failcnt = _read_int(self._file("memory.failcnt", "")) or 0
+            return 1 if failcnt and "under_oom 1" in control else 0
+        events = _read(self._file("", "memory.events")) or ""
+        for line in events.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        """Remove the group once its processes are gone (charges move to the parent)."""
+        if self.path is None:
+            return
+        path, self.path = self.path, None
+        for _ in range(50):
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)  # a just-killed child may still be leaving the group
+        path.rmdir()
