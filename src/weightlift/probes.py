@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 
 # Kernel limits at or above this mean "no limit" (v1 reports PAGE_COUNTER_MAX * page size).
@@ -66,7 +68,7 @@ def resident_bytes(path: str | os.PathLike[str]) -> int:
             if _LIBC.mincore(addr, size, vec) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mincore failed: {os.strerror(err)}", os.fspath(path))
-            resident = sum(1 for flag in bytes(vec) if flag & 1)
+            resident = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
         finally:
             _LIBC.munmap(addr, size)
     finally:
@@ -351,3 +353,25 @@ class MemoryGroup:
             except OSError:
                 time.sleep(0.02)  # a just-killed child may still be leaving the group
         path.rmdir()
+
+
+def peak_rss() -> int | None:
+    """The process's RSS high-water mark (VmHWM), or None where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0, own process, no privileges needed)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -56,6 +56,9 @@ class Strategy(ABC):
         """A zero-copy uint8 view of ``[start, end)`` (only for ``zero_copy`` strategies)."""
         raise NotImplementedError(f"{self.name} does not hand out views")
 
+    def populate(self, shard: int, start: int, end: int) -> None:
+        """Bring ``[start, end)`` into memory ahead of ``view`` (``zero_copy`` strategies)."""
+
     def consumed(self, shard: int, start: int, end: int) -> None:
         """``[start, end)`` has been copied to its destination; release what holds it."""
 
@@ -90,9 +93,13 @@ def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False
     ``align`` bytes of owned slack on each side, so aligned reads around it stay inside memory we
     own."""
     raw = torch.empty(nbytes + 3 * align, dtype=torch.uint8, pin_memory=pin)
-    base = raw.data_ptr()
-    want = (file_offset % align)
-    shift = (want - base) % align + align
+    return aligned_window(raw, nbytes, file_offset, align)
+
+
+def aligned_window(raw: torch.Tensor, nbytes: int, file_offset: int, align: int) -> torch.Tensor:
+    """``nbytes`` of ``raw`` (at least ``nbytes + 3 * align`` long) at an address ≡
+    ``file_offset`` (mod ``align``), leaving at least ``align`` bytes of ``raw`` on each side."""
+    shift = (file_offset - raw.data_ptr()) % align + align
     return raw[shift:shift + nbytes]
 
 

@@ -24,9 +24,8 @@ class DirectStrategy(Strategy):
     in_flight = 16
     read_size = 8 << 20
 
-    def __init__(self, pin: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.pin = pin
         self.fds: list[int] = []
 
     def prepare(self, shards: Sequence[Shard]) -> None:
@@ -58,7 +57,7 @@ class DirectStrategy(Strategy):
             raise Unavailable(f"{shard.path}: O_DIRECT reads fail here ({exc.strerror})") from None
 
     def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
-        return aligned_buffer(nbytes, file_offset, ALIGN, pin=self.pin)
+        return aligned_buffer(nbytes, file_offset, ALIGN)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()

@@ -1,0 +1,231 @@
+"""The public loading API: ``load``, ``stream`` and ``open``.
+
+Every call runs the same four steps: resolve the source (parse + validate), choose a strategy and
+plan, read, place. ``_run`` is that path once; the public functions only differ in what they keep.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .budget import resolve_budget
+from .checkpoint import Entry, Layout, Source, iter_entries, resolve
+from .errors import PlacementError
+from .format import DTYPES
+from .io import NAMES, Strategy, Unavailable, make_strategy
+from .io.auto import Choice, choose, gather
+from .place import make_sink, parse_device
+from .read import read_tensors
+from .report import LoadReport, Monitor
+
+Device = str | torch.device
+DType = torch.dtype | str | None
+ProgressCallback = Callable[[int, int], None]
+ReportCallback = Callable[[LoadReport], None]
+
+
+def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
+         strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
+         on_progress: ProgressCallback | None = None,
+         on_report: ReportCallback | None = None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint (file, list of files, or directory) into a state dict.
+
+        state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
+
+    Raises a ``WeightliftError`` on any problem; never returns part of a state dict.
+    ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
+    the ``LoadReport`` (which also turns on memory sampling).
+    """
+    return dict(_run(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
+                     max_host_memory=max_host_memory, on_progress=on_progress,
+                     on_report=on_report, streaming=False))
+
+
+def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
+           strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
+           on_progress: ProgressCallback | None = None,
+           on_report: ReportCallback | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
+    budget ahead of the consumer, so a checkpoint larger than memory can pass through.
+
+    Tensors of CPU loads may share one buffer with their small neighbours (no copy was made).
+    Closing the generator early stops the reads and releases everything at once.
+    """
+    return _run(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
+                max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
+                streaming=True)
+
+
+@dataclass(frozen=True)
+class TensorDescription:
+    """Where a tensor lives and what it is, without reading it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+    offset: int
+
+
+class Checkpoint:
+    """An open checkpoint: headers parsed and validated, files held open, nothing read yet."""
+
+    def __init__(self, source: Source) -> None:
+        self.layout = resolve(source)
+        self._choices: dict[tuple[str, bool], Choice] = {}
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return [entry.name for entry in iter_entries(self.layout)]
+
+    def metadata(self) -> dict[str, str] | None:
+        return self.layout.metadata
+
+    def info(self, name: str) -> TensorDescription:
+        entry = next(iter_entries(self.layout, [name]))
+        shard = self.layout.shards[entry.shard]
+        return TensorDescription(name, entry.info.dtype.name, entry.info.shape, entry.info.nbytes,
+                                 shard.path, entry.info.start)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.layout.total_bytes
+
+    def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
+                   dtype: DType = None) -> torch.Tensor:
+        for _, tensor in _run(self.layout, keys=[name], device=device, strategy=strategy,
+                              dtype=dtype, streaming=False, choices=self._choices):
+            return tensor
+        raise AssertionError("unreachable: a selected tensor is always yielded")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layout.entries
+
+    def __len__(self) -> int:
+        return len(self.layout.entries)
+
+    def close(self) -> None:
+        self.layout.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(source: Source) -> Checkpoint:  # noqa: A001 - the name users expect
+    """Open a checkpoint to inspect it or read single tensors: ``with weightlift.open(p) as ckpt``."""
+    return Checkpoint(source)
+
+
+def parse_dtype(dtype: DType) -> torch.dtype | None:
+    """``torch.float16``, ``"float16"`` or a safetensors name like ``"BF16"``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype.upper() in DTYPES:
+        return DTYPES[dtype.upper()].torch
+    found = getattr(torch, dtype, None)
+    if isinstance(found, torch.dtype):
+        return found
+    raise PlacementError(f"unknown dtype {dtype!r}")
+
+
+def _run(source: Source | Layout, *, keys: list[str] | None, device: Device, strategy: str,
+         dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
+         on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
+         destinations: Mapping[str, torch.Tensor] | None = None,
+         choices: dict[tuple[str, bool], Choice] | None = None
+         ) -> Iterator[tuple[str, torch.Tensor]]:
+    if strategy not in NAMES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    owned = not isinstance(source, Layout)
+    layout = resolve(source) if owned else source
+    try:
+        # Parse (done by resolve) → plan → read → place.
+        entries = list(iter_entries(layout, keys))
+        target = parse_device(device)
+        to_dtype = parse_dtype(dtype)
+        budget = resolve_budget(max_host_memory)
+        copying = destinations is not None or target.type != "cpu" or any(
+            e.info.dtype.torch.is_floating_point and e.info.dtype.torch != to_dtype
+            for e in entries if to_dtype is not None)
+        total = sum(e.info.nbytes for e in entries)
+        choice = _decide(strategy, layout, total, target.type, copying, choices)
+        if choice.warning:
+            warnings.warn(choice.warning, ResourceWarning, stacklevel=3)
+        report = LoadReport(source=layout.index_path or layout.shards[0].path if layout.shards
+                            else layout.root, device=str(target), strategy=choice.strategy,
+                            reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
+        reader = _prepare(make_strategy(choice.strategy, copying=copying), layout, report)
+        sink = make_sink(target, to_dtype, destinations) if copying else None
+        monitor = Monitor([s.path for s in layout.shards]) if on_report is not None else None
+        progress = _progress(on_progress, total)
+        started = time.perf_counter()
+        try:
+            tensors = read_tensors(layout, entries, reader, budget=budget, sink=sink,
+                                   window=budget if streaming else None, progress=progress)
+            for entry, tensor in tensors:
+                if report.time_to_first_tensor is None:
+                    report.time_to_first_tensor = time.perf_counter() - started
+                yield entry.name, tensor
+            report.seconds = time.perf_counter() - started
+        finally:
+            reader.close()
+            if monitor is not None:
+                monitor.finish(report)
+        if on_report is not None:
+            on_report(report)
+    finally:
+        if owned:
+            layout.close()
+
+
+def _decide(strategy: str, layout: Layout, total: int, device: str, copying: bool,
+            choices: dict[tuple[str, bool], Choice] | None) -> Choice:
+    if strategy != "auto":
+        return Choice(strategy, "requested", None)  # type: ignore[arg-type]
+    key = (device, copying)
+    if choices is not None and key in choices:
+        return choices[key]
+    choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying))
+    if choices is not None:
+        choices[key] = choice
+    return choice
+
+
+def _prepare(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
+    """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
+    try:
+        strategy.prepare(layout.shards)
+        return strategy
+    except Unavailable as exc:
+        message = f"{strategy.name} is unavailable ({exc}); falling back to stream"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        report.fallbacks.append(message)
+        report.strategy = "stream"
+        fallback = make_strategy("stream")
+        fallback.prepare(layout.shards)
+        return fallback
+
+
+def _progress(callback: ProgressCallback | None, total: int) -> Callable[[int], None] | None:
+    if callback is None:
+        return None
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        callback(done, total)
+
+    return advance
+
+
+__all__ = ["Checkpoint", "TensorDescription", "load", "open", "stream"]

@@ -1,0 +1,33 @@
+"""Strategies: how bytes get from files into host memory. One module each, one interface.
+
+Adding a strategy is a new module and one line in ``STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+from .base import Strategy, Unavailable
+from .direct import DirectStrategy
+from .mapped import MmapStrategy
+from .stream import StreamStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "mmap": MmapStrategy,
+    "direct": DirectStrategy,
+    "stream": StreamStrategy,
+}
+
+#: What ``strategy=`` accepts.
+NAMES = ("auto", *STRATEGIES)
+
+
+def make_strategy(name: str, *, copying: bool = False) -> Strategy:
+    """A fresh strategy; ``copying`` loads copy into destinations (device, dtype, module)."""
+    if name == "mmap":
+        # When the mapping is only a source, release what has been copied.
+        return MmapStrategy(release=copying)
+    if name in STRATEGIES:
+        return STRATEGIES[name]()
+    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(NAMES)}")
+
+
+__all__ = ["NAMES", "STRATEGIES", "Strategy", "Unavailable", "make_strategy"]

@@ -1,0 +1,101 @@
+"""``auto``: pick a strategy from facts measured at load time, and say why.
+
+``gather`` measures (page-cache residency via mincore, available memory and cgroup limit, whether
+O_DIRECT works on the files' file system); ``choose`` is a pure function of those facts, so every
+rule is testable without the machine that would produce them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .. import probes
+from ..budget import available_memory
+from ..checkpoint import Shard
+from ..units import format_bytes
+from .base import Unavailable
+from .direct import DirectStrategy
+
+#: At or above this fraction cached, reading from the page cache beats any disk read.
+WARM = 0.9
+#: Above this fraction cached, buffered reads reuse enough cached pages to beat O_DIRECT.
+PARTLY_WARM = 0.25
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What ``auto`` knows about one load."""
+
+    device: str             # "cpu", "cuda", ...
+    copying: bool           # bytes are copied into destinations (device, dtype, module)
+    total_bytes: int        # bytes to load
+    resident_bytes: int     # of those files, bytes already in the page cache
+    file_bytes: int         # total size of the files
+    available: int          # MemAvailable, capped by a cgroup limit
+    direct_refused: str | None  # why O_DIRECT does not work here, None if it does
+
+    @property
+    def residency(self) -> float:
+        return self.resident_bytes / self.file_bytes if self.file_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: str
+    reason: str
+    facts: Facts
+    #: Set when the load will probably not fit in memory whatever the strategy.
+    warning: str | None = None
+
+
+def choose(facts: Facts) -> Choice:
+    cached = f"{facts.residency:.0%} of the checkpoint is in the page cache"
+    warning = None
+    if not facts.copying and facts.total_bytes > facts.available:
+        warning = (f"the result ({format_bytes(facts.total_bytes)}) is larger than available "
+                   f"memory ({format_bytes(facts.available)}); the load may swap or be killed")
+    if facts.residency >= WARM:
+        if facts.copying:
+            why = "copying straight out of the mapped cache is fastest, no reads needed"
+        else:
+            why = "zero-copy tensors over the cached pages: no reads and no second copy"
+        return Choice("mmap", f"{cached}: {why}", facts, warning)
+    if facts.residency > PARTLY_WARM:
+        return Choice("stream", f"{cached}: buffered reads reuse the cached part and drop the "
+                      "cache behind them", facts, warning)
+    if facts.direct_refused is None:
+        return Choice("direct", f"{cached} and O_DIRECT works here: parallel reads that bypass "
+                      "the page cache and leave nothing behind", facts, warning)
+    return Choice("stream", f"{cached} and O_DIRECT is refused ({facts.direct_refused}): "
+                  "buffered reads with the page cache dropped behind the reader", facts, warning)
+
+
+def direct_refusal(shards: Sequence[Shard]) -> str | None:
+    """Why O_DIRECT cannot read these files, or None when it can."""
+    strategy = DirectStrategy()
+    try:
+        strategy.prepare(shards)
+    except Unavailable as exc:
+        return str(exc)
+    finally:
+        strategy.close()
+    return None
+
+
+def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: bool) -> Facts:
+    resident = 0
+    for shard in shards:
+        try:
+            resident += probes.resident_bytes(shard.path)
+        except OSError:
+            pass  # unknown residency counts as cold
+    return Facts(
+        device=device,
+        copying=copying,
+        total_bytes=total_bytes,
+        resident_bytes=resident,
+        file_bytes=sum(shard.header.file_size for shard in shards),
+        available=available_memory(),
+        direct_refused=direct_refusal(shards),
+    )

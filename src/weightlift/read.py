@@ -1,0 +1,176 @@
+"""Read: move planned byte ranges into tensors, several reads in flight, nothing left half-done.
+
+Two pipelines share one shape — submit reads ahead on a thread pool, take results in file order:
+
+* ``_own``: a CPU load with no conversion. Each ``Block`` gets a fresh buffer the strategy fills
+  directly; tensors are views of it (zero-copy ``view``s for mmap). No intermediate copy.
+* ``_copy``: destinations already exist or live elsewhere (device, dtype conversion, a module's
+  parameters). Chunks pass through a ring of reused slots sized from the host-memory budget, and the
+  ``Sink`` copies each piece out; a slot is reused only after its copy is done.
+
+Whatever goes wrong, pending reads are cancelled and running ones finished before the error
+propagates, so no thread writes into memory after the caller has seen the failure.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .checkpoint import Entry, Layout
+from .io.base import Strategy, aligned_window
+from .place import Sink, as_tensor, wait
+from .plan import Block, Chunk, plan_blocks, plan_chunks
+
+#: Ring slots and read extents are aligned to this for O_DIRECT.
+ALIGN = 4096
+#: Smallest ring slot: below this, per-read overhead dominates.
+MIN_SLOT = 256 << 10
+#: Never more slots than this, whatever the budget.
+MAX_SLOTS = 32
+
+Progress = Callable[[int], None]
+
+
+def ring_shape(budget: int, strategy: Strategy) -> tuple[int, int]:
+    """(slot size, slot count) for a copying load: as many reads in flight as the budget allows."""
+    slot = strategy.read_size
+    count = budget // (slot + 3 * ALIGN)
+    if count < 2:
+        slot = max(MIN_SLOT, (budget // 2 - 3 * ALIGN) // ALIGN * ALIGN)
+        count = 2
+    return slot, min(count, MAX_SLOTS, 2 * strategy.in_flight)
+
+
+def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *,
+                 budget: int, sink: Sink | None = None, window: int | None = None,
+                 progress: Progress | None = None) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Yield ``(entry, tensor)`` in file order. ``sink`` set: copy mode, else own mode with at most
+    ``window`` bytes read ahead of the consumer (None: no limit, for loads that keep everything).
+
+    ``strategy`` must be prepared for ``layout.shards``. Raises on any failure; checks at the end
+    that no file changed while it was read.
+    """
+    pool = ThreadPoolExecutor(max_workers=strategy.in_flight, thread_name_prefix="weightlift-read")
+    try:
+        if sink is None:
+            yield from _own(entries, strategy, pool, window, progress)
+        else:
+            yield from _copy(entries, strategy, pool, sink, budget, progress)
+        for index in sorted({entry.shard for entry in entries}):
+            layout.shards[index].check_unchanged()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
+         window: int | None, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
+    blocks = deque(plan_blocks(entries, strategy.read_size))
+    pending: deque[tuple[Block, torch.Tensor, list[Future[None]]]] = deque()
+    ahead = 0       # bytes submitted but not yet handed out
+    reads = 0       # reads submitted but not yet collected
+    try:
+        while blocks or pending:
+            # Keep the pool busy, within the window, allocating buffers just in time.
+            while blocks and (not pending or (reads < 2 * strategy.in_flight and
+                                              (window is None or ahead < window))):
+                block = blocks.popleft()
+                buf, futures = _submit_block(block, strategy, pool)
+                pending.append((block, buf, futures))
+                ahead += block.nbytes
+                reads += len(futures)
+            block, buf, futures = pending.popleft()
+            for future in futures:
+                future.result()
+            ahead -= block.nbytes
+            reads -= len(futures)
+            strategy.consumed(block.shard, block.start, block.end)
+            if progress is not None:
+                progress(block.nbytes)
+            for entry in block.entries:
+                lo, hi = entry.info.start - block.start, entry.info.end - block.start
+                yield entry, as_tensor(buf[lo:hi], entry.info)
+    finally:
+        _cancel(future for _, _, futures in pending for future in futures)
+
+
+def _submit_block(block: Block, strategy: Strategy, pool: ThreadPoolExecutor
+                  ) -> tuple[torch.Tensor, list[Future[None]]]:
+    if strategy.zero_copy:
+        buf = strategy.view(block.shard, block.start, block.end)
+        return buf, [pool.submit(strategy.populate, block.shard, lo, hi) for lo, hi in block.reads]
+    buf = strategy.alloc(block.nbytes, block.start)
+    futures = [pool.submit(strategy.read, block.shard, lo, buf[lo - block.start:hi - block.start])
+               for lo, hi in block.reads if hi > lo]
+    return buf, futures
+
+
+def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor, sink: Sink,
+          budget: int, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
+    slot_size, count = ring_shape(budget, strategy)
+    chunks = deque(plan_chunks(entries, slot_size))
+    pin = sink.device.type == "cuda"
+    free: list[torch.Tensor] = []
+    if not strategy.zero_copy:
+        # Pinned slots let host→device copies run asynchronously while the next reads land.
+        free = [torch.empty(slot_size + 3 * ALIGN, dtype=torch.uint8, pin_memory=pin)
+                for _ in range(min(count, len(chunks)))]
+    fenced: deque[tuple[torch.Tensor | None, object | None]] = deque()
+    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Future[None]]] = deque()
+    try:
+        while chunks or pending:
+            while chunks and len(pending) < count:
+                slot = None
+                if not strategy.zero_copy:
+                    if not free and fenced:
+                        done_slot, fence = fenced.popleft()
+                        wait(fence)
+                        free.append(done_slot)  # type: ignore[arg-type]
+                    if not free:
+                        break
+                    slot = free.pop()
+                chunk = chunks.popleft()
+                src, future = _submit_chunk(chunk, slot, strategy, pool)
+                pending.append((chunk, slot, src, future))
+            chunk, slot, src, future = pending.popleft()
+            future.result()
+            for piece in chunk.pieces:
+                lo = piece.entry.info.start + piece.begin - chunk.start
+                sink.place(piece, src[lo:lo + piece.end - piece.begin])
+            fence = sink.fence()
+            if slot is not None:
+                fenced.append((slot, fence))
+            else:
+                wait(fence)  # the mapping's pages are released next; the copy must be done
+            strategy.consumed(chunk.shard, chunk.start, chunk.end)
+            if progress is not None:
+                progress(chunk.nbytes)
+            for piece in chunk.pieces:
+                if piece.last:
+                    yield piece.entry, sink.finish(piece.entry)
+    finally:
+        _cancel(future for _, _, _, future in pending)
+        for _, fence in fenced:
+            wait(fence)  # no device copy may still read a slot when it is freed
+
+
+def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,
+                  pool: ThreadPoolExecutor) -> tuple[torch.Tensor, Future[None]]:
+    if slot is None:
+        src = strategy.view(chunk.shard, chunk.start, chunk.end)
+        return src, pool.submit(strategy.populate, chunk.shard, chunk.start, chunk.end)
+    src = aligned_window(slot, chunk.nbytes, chunk.start, ALIGN)
+    return src, pool.submit(strategy.read, chunk.shard, chunk.start, src)
+
+
+def _cancel(futures: Iterator[Future[None]]) -> None:
+    """Cancel what has not started and wait for what has, ignoring their errors (one is raised)."""
+    started = [future for future in futures if not future.cancel()]
+    for future in started:
+        try:
+            future.result()
+        except BaseException:
+            pass
