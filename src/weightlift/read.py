@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .checkpoint import Entry, Layout
-from .io.base import Strategy, aligned_window
+from .io.base import Strategy, aligned_window, host_buffer
 from .place import Sink, as_tensor, wait
 from .plan import Block, Chunk, plan_blocks, plan_chunks
 
@@ -75,8 +75,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
     try:
         while blocks or pending:
             # Keep the pool busy, within the window, allocating buffers just in time.
-            while blocks and (not pending or (reads < 2 * strategy.in_flight and
-                                              (window is None or ahead < window))):
+            while blocks and (not pending or (reads < 2 * strategy.in_flight and (
+                    window is None or ahead + blocks[0].nbytes <= window))):
                 block = blocks.popleft()
                 buf, futures = _submit_block(block, strategy, pool)
                 pending.append((block, buf, futures))
@@ -116,8 +116,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
     free: list[torch.Tensor] = []
     if not strategy.zero_copy:
         # Pinned slots let host→device copies run asynchronously while the next reads land.
-        free = [torch.empty(slot_size + 3 * ALIGN, dtype=torch.uint8, pin_memory=pin)
-                for _ in range(min(count, len(chunks)))]
+        free = [host_buffer(slot_size + 3 * ALIGN, pin=pin) for _ in range(min(count, len(chunks)))]
     fenced: deque[tuple[torch.Tensor | None, object | None]] = deque()
     pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Future[None]]] = deque()
     try:

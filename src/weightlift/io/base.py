@@ -46,7 +46,7 @@ class Strategy(ABC):
 
     def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
         """A uint8 host buffer of ``nbytes`` that ``read`` can fill with ``[file_offset, +nbytes)``."""
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return host_buffer(nbytes)
 
     @abstractmethod
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
@@ -87,12 +87,28 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += n
 
 
+#: Buffers at least this large get their own anonymous mapping.
+OWN_MAPPING = 1 << 20
+
+
+def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 host tensor; large ones are anonymous mappings, returned to the OS when freed.
+
+    malloc keeps freed multi-megabyte blocks on its heap once its adaptive mmap threshold has
+    grown, so a stream of tensors would ratchet RSS past the budget; a mapping of our own is
+    unmapped as soon as the last tensor viewing it dies.
+    """
+    if pin or nbytes < OWN_MAPPING:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
 def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False
                    ) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` whose address ≡ ``file_offset`` (mod ``align``), with at least
     ``align`` bytes of owned slack on each side, so aligned reads around it stay inside memory we
     own."""
-    raw = torch.empty(nbytes + 3 * align, dtype=torch.uint8, pin_memory=pin)
+    raw = host_buffer(nbytes + 3 * align, pin=pin)
     return aligned_window(raw, nbytes, file_offset, align)
 
 

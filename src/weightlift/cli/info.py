@@ -1,0 +1,77 @@
+"""``weightlift info SOURCE``: what a checkpoint holds, without reading its tensors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from ..checkpoint import iter_entries, resolve
+from ..units import format_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("info", help="describe a checkpoint: tensors, bytes, dtypes, shards")
+    parser.add_argument("source", help="a .safetensors file, an index .json or a directory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with resolve(args.source) as layout:
+        entries = list(iter_entries(layout))
+        dtypes: Counter[str] = Counter()
+        dtype_bytes: defaultdict[str, int] = defaultdict(int)
+        for entry in entries:
+            dtypes[entry.info.dtype.name] += 1
+            dtype_bytes[entry.info.dtype.name] += entry.info.nbytes
+        shards = [{"path": s.path, "file_bytes": s.header.file_size,
+                   "tensors": len(s.header.tensors)} for s in layout.shards]
+        info = {
+            "source": args.source,
+            "index": layout.index_path,
+            "tensors": len(entries),
+            "bytes": layout.total_bytes,
+            "dtypes": {name: {"tensors": n, "bytes": dtype_bytes[name]}
+                       for name, n in sorted(dtypes.items())},
+            "shards": shards,
+            "metadata": layout.metadata,
+        }
+        if args.tensors:
+            info["tensor_list"] = [
+                {"name": e.name, "dtype": e.info.dtype.name, "shape": list(e.info.shape),
+                 "bytes": e.info.nbytes, "file": layout.shards[e.shard].path,
+                 "offset": e.info.start} for e in entries]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print(info)
+    return 0
+
+
+def _print(info: dict) -> None:
+    console = Console()
+    console.print(f"[bold]{info['source']}[/]: {info['tensors']} tensors, "
+                  f"{format_bytes(info['bytes'])} in {len(info['shards'])} file(s)")
+    dtypes = Table("dtype", "tensors", "bytes", title="dtypes")
+    for name, d in info["dtypes"].items():
+        dtypes.add_row(name, str(d["tensors"]), format_bytes(d["bytes"]))
+    console.print(dtypes)
+    shards = Table("file", "tensors", "size", title="files")
+    for shard in info["shards"]:
+        shards.add_row(shard["path"], str(shard["tensors"]), format_bytes(shard["file_bytes"]))
+    console.print(shards)
+    if info["metadata"]:
+        meta = Table("key", "value", title="metadata")
+        for key, value in info["metadata"].items():
+            meta.add_row(key, value if len(value) < 80 else value[:77] + "...")
+        console.print(meta)
+    if "tensor_list" in info:
+        tensors = Table("name", "dtype", "shape", "bytes", title="tensors")
+        for t in info["tensor_list"]:
+            tensors.add_row(t["name"], t["dtype"], str(t["shape"]), format_bytes(t["bytes"]))
+        console.print(tensors)

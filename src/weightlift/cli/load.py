@@ -1,0 +1,77 @@
+"""``weightlift load SOURCE``: load a checkpoint and report time, GB/s and host memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..api import load
+from ..io import NAMES
+from ..report import LoadReport
+from ..units import format_bytes, parse_size
+from .progress import byte_progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("load", help="load a checkpoint and report speed and memory")
+    parser.add_argument("source", help="a .safetensors file, an index .json or a directory")
+    parser.add_argument("--device", default="cpu", help="target device (default: cpu)")
+    parser.add_argument("--strategy", choices=NAMES, default="auto")
+    parser.add_argument("--dtype", help="convert floating tensors, e.g. float16 or bf16")
+    parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
+                        help="host-memory budget, e.g. 512MB (default: min(512MB, RAM/32))")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also say why the strategy was chosen")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    reports: list[LoadReport] = []
+    from ..checkpoint import resolve
+
+    with resolve(args.source) as layout:
+        total = layout.total_bytes
+    with byte_progress("loading", total, quiet=args.quiet or args.json) as progress:
+        state = load(args.source, device=args.device, strategy=args.strategy, dtype=args.dtype,
+                     max_host_memory=args.max_host_memory, on_progress=progress,
+                     on_report=reports.append)
+    del state
+    report = reports[0]
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, verbose=args.verbose)
+    return 0
+
+
+def print_report(report: LoadReport, *, verbose: bool = False) -> None:
+    table = Table(show_header=False, title=f"loaded {Path(report.source).name}")
+    rows = [
+        ("strategy", report.strategy),
+        ("tensors", str(report.tensors)),
+        ("bytes", format_bytes(report.bytes)),
+        ("seconds", f"{report.seconds:.3f}"),
+        ("throughput", f"{report.gbps:.2f} GB/s"),
+        ("first tensor after", f"{report.time_to_first_tensor or 0:.3f} s"),
+        ("peak RSS", format_bytes(report.peak_rss)),
+        ("RSS growth", format_bytes(report.rss_growth)),
+        ("page cache growth", format_bytes(report.cache_growth)),
+        ("page cache peak growth", format_bytes(report.cache_peak_growth)),
+        ("host-memory budget", format_bytes(report.budget)),
+    ]
+    if report.cgroup_limit is not None:
+        rows.append(("cgroup limit / peak",
+                     f"{format_bytes(report.cgroup_limit)} / {format_bytes(report.cgroup_peak)}"))
+    if verbose:
+        rows.append(("why", report.reason))
+    for fallback in report.fallbacks:
+        rows.append(("fallback", fallback))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
