@@ -1,0 +1,206 @@
+"""One measured load in a fresh process: ``python -m weightlift.bench.child '<job json>'``.
+
+A fresh process per load means no allocator, page-table or import state carries over between
+loaders. Everything is imported and the destination allocated before the clock starts. The child
+prints exactly one JSON line (the last line of stdout) with time, bytes and memory; memory a
+cgroup sees is read by the parent, which owns the group.
+
+Without a cgroup, peak host memory is sampled here as anonymous RSS plus the checkpoint's
+page-cache residency (mincore) at the same instant: file pages an mmap load maps count once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .. import probes
+from ..report import LoadReport
+from .loaders import LOADERS, Job, raw_direct_read
+
+
+def anon_rss() -> int:
+    """Resident memory not backed by the file system (RssAnon + RssShmem: anonymous shared
+    mappings are shmem), i.e. what page-cache residency does not already count."""
+    total = 0
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def cached(paths: Sequence[str]) -> int:
+    return sum(probes.resident_bytes(p) for p in paths)
+
+
+class Sampler:
+    """Peak of ``anon RSS + checkpoint page cache`` and of RSS, sampled until stopped."""
+
+    def __init__(self, paths: Sequence[str], interval: float = 0.02,
+                 probe: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.paths = list(paths)
+        self.probe = probe or (lambda: (anon_rss(), cached(self.paths)))
+        self.interval = interval
+        anon, cache = self.probe()
+        self.start = anon + cache
+        self.peak = self.start
+        self.cache_start = cache
+        self.cache_peak = cache
+        self.rss_start = probes.rss_bytes()
+        self.hwm_reset = probes.reset_peak_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        anon, cache = self.probe()
+        self.peak = max(self.peak, anon + cache)
+        self.cache_peak = max(self.cache_peak, cache)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict[str, int | None]:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        peak_rss = probes.peak_rss() if self.hwm_reset else None
+        return {
+            "sampled_peak": self.peak - self.start,
+            "cache_peak": self.cache_peak - self.cache_start,
+            "rss_growth": None if peak_rss is None else peak_rss - self.rss_start,
+        }
+
+
+@dataclass
+class Keep:
+    """``to_cpu`` (and ``device`` on a real GPU): every tensor is kept until the load ends, and
+    its pages touched."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    bytes: int = 0
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+        self.bytes += tensor.nbytes
+        touch(tensor)
+
+
+def touch(tensor: torch.Tensor) -> None:
+    """Read one byte per page, so a state dict over a lazy mapping is really in memory when the
+    clock stops, as it is after any use of the weights; a no-op cost for loaded memory."""
+    if tensor.device.type == "cpu" and tensor.numel():
+        tensor.reshape(-1).view(torch.uint8)[::probes.PAGE_SIZE].sum()
+
+
+class Scratch:
+    """``device`` without a GPU: each tensor's bytes are copied into one preallocated buffer the
+    size of the largest tensor (as into GPU memory) and the tensor is dropped."""
+
+    def __init__(self, largest: int) -> None:
+        self.buffer = torch.zeros(largest, dtype=torch.uint8)  # touched now, not while timed
+        self.bytes = 0
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.nbytes
+        if n:
+            self.buffer[:n].copy_(tensor.reshape(-1).view(torch.uint8))
+        self.bytes += n
+
+
+class Verify:
+    """Compares every tensor bit for bit with what the safetensors package reads."""
+
+    def __init__(self, files: Sequence[str]) -> None:
+        from safetensors import safe_open
+
+        self.where = {}
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), path))
+        self.safe_open = safe_open
+        self.seen: set[str] = set()
+        self.bytes = 0
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.where:
+            raise AssertionError(f"unexpected tensor {name!r}")
+        with self.safe_open(self.where[name], framework="pt") as f:
+            want = f.get_tensor(name)
+        got = tensor.detach().cpu()
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise AssertionError(f"{name}: {got.dtype}{list(got.shape)} != "
+                                 f"{want.dtype}{list(want.shape)}")
+        if want.numel() and not torch.equal(got.reshape(-1).view(torch.uint8),
+                                            want.reshape(-1).view(torch.uint8)):
+            raise AssertionError(f"{name}: bytes differ from safetensors")
+        self.seen.add(name)
+        self.bytes += tensor.nbytes
+
+    def finish(self) -> None:
+        missing = set(self.where) - self.seen
+        if missing:
+            raise AssertionError(f"{len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}")
+
+
+def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = False
+            ) -> dict[str, Any]:
+    """Run one load and return what the parent needs (one JSON object)."""
+    loader = LOADERS[loader_name]
+    reports: list[LoadReport] = []
+    job = replace(job, on_report=reports.append)
+    if verify:
+        sink: Any = Verify(job.files)
+    elif job.scenario == "device" and job.device == "cpu":
+        sink = Scratch(largest)
+    else:
+        sink = Keep()
+    usage_before = probes.cgroup_usage()
+    sampler = Sampler(job.files)
+    started = time.perf_counter()
+    if loader.kind == "reference":
+        nbytes = raw_direct_read(job.files)
+    else:
+        for name, tensor in loader.run(job):
+            sink(name, tensor)
+        if job.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        nbytes = sink.bytes
+    seconds = time.perf_counter() - started
+    memory = sampler.stop()
+    if verify:
+        sink.finish()
+    result: dict[str, Any] = {"status": "ok", "seconds": seconds, "bytes": nbytes,
+                              "cgroup_baseline": usage_before, **memory}
+    if reports:
+        result.update(strategy=reports[0].strategy, reason=reports[0].reason,
+                      fallbacks=reports[0].fallbacks)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    spec = json.loads(args[0])
+    job = Job(source=spec["source"], files=tuple(spec["files"]), scenario=spec["scenario"],
+              device=spec.get("device", "cpu"), budget=spec.get("budget"))
+    try:
+        result = measure(job, spec["loader"], largest=spec.get("largest", 0),
+                         verify=spec.get("verify", False))
+    except Exception as exc:  # reported to the parent, which shows it in the table
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

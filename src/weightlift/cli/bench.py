@@ -1,0 +1,158 @@
+"""``weightlift bench``: weightlift against its peers and the storage's raw-read ceiling, each load
+in a fresh process, interleaved and repeated, with time, GB/s, peak host memory and page cache."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..bench import report
+from ..bench.loaders import LOADERS, RAW, WEIGHTLIFT_STRATEGIES, peer_loaders
+from ..bench.runner import CACHES, SCENARIOS, Run, Session, Settings, benchmark
+from ..bench.synthetic import planned_bytes, synthetic_checkpoint
+from ..units import format_bytes, parse_size
+from .progress import byte_progress, stderr
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type for comma-separated values out of ``allowed``."""
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        wrong = [v for v in values if v not in allowed]
+        if wrong or not values:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from {', '.join(allowed)} (comma-separated)")
+        return values
+    return parse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", help="benchmark weightlift against other loaders, speed and host memory",
+        description="Each load runs in a fresh process; runs are interleaved across loaders and "
+                    "repeated; min/median reported. Without SOURCE a synthetic ~1 GB Llama-shaped "
+                    "checkpoint is generated (and cached).")
+    parser.add_argument("source", nargs="?", help="checkpoint to load (file, index or directory)")
+    parser.add_argument("--synthetic", type=parse_size, metavar="SIZE",
+                        help="generate a synthetic checkpoint of about SIZE (default 1GB)")
+    parser.add_argument("--scenario", type=_choices(SCENARIOS), default=list(SCENARIOS),
+                        help="to_cpu (keep a CPU state dict), device (copy each tensor to a "
+                             "device destination and drop it); default both")
+    parser.add_argument("--cache", type=_choices(CACHES), default=list(CACHES),
+                        help="cold (pages evicted first), warm (in page cache); default both")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per loader (default 3)")
+    parser.add_argument("--memory-limit", type=parse_size, metavar="SIZE",
+                        help="run every load in a memory cgroup with this limit; reports "
+                             "survived / OOM-killed")
+    parser.add_argument("--peers", action="store_true",
+                        help="also measure safetensors, runai-model-streamer and fastsafetensors "
+                             "where installed (pip install 'weightlift[bench]')")
+    parser.add_argument("--strategies", type=_choices(WEIGHTLIFT_STRATEGIES),
+                        default=list(WEIGHTLIFT_STRATEGIES),
+                        help="weightlift strategies to measure (default all)")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw O_DIRECT read row")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the bit-exact check of each loader against safetensors")
+    parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
+                        help="weightlift's host-memory budget (default: its own default)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every run as JSON")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the markdown table")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="write a throughput / peak-memory chart (needs matplotlib)")
+    parser.add_argument("--cache-dir", type=Path, help="where synthetic checkpoints are cached")
+    parser.set_defaults(func=run)
+
+
+def checkpoint_source(source: str | None, size: int | None, cache_dir: Path | None,
+                      quiet: bool = False) -> str:
+    """The checkpoint to measure: the one given, or a cached synthetic one of ``size``."""
+    if source is not None:
+        return source
+    size = size or 1000**3
+    with byte_progress(f"generating synthetic checkpoint (~{format_bytes(size)})",
+                       planned_bytes(size), quiet=quiet) as progress:
+        return str(synthetic_checkpoint(size, cache_dir=cache_dir, on_progress=progress))
+
+
+def measure(settings: Settings, loaders: Sequence[str], **options: object) -> Session:
+    """``benchmark`` with a rich bar over the runs (each a fresh process, so no byte progress)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def started(index: int, total: int, run: Run) -> None:
+            what = "verifying" if run.rep < 0 else f"{run.cache} {run.scenario}"
+            progress.update(task, total=total, completed=index,
+                            description=f"{what}: {run.loader}")
+
+        session = benchmark(settings, loaders, on_start=started, **options)  # type: ignore[arg-type]
+        progress.update(task, completed=progress.tasks[0].total)
+    return session
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.source is not None and args.synthetic is not None:
+        raise SystemExit("weightlift bench: give SOURCE or --synthetic, not both")
+    if args.reps < 1:
+        raise SystemExit("weightlift bench: --reps must be at least 1")
+    source = checkpoint_source(args.source, args.synthetic, args.cache_dir)
+    loaders = [f"weightlift {s}" for s in args.strategies]
+    if args.peers:
+        loaders += peer_loaders()
+    if not args.no_raw:
+        loaders.append(RAW)
+    settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
+                        device=device_target())
+    session = measure(settings, loaders, scenarios=args.scenario, caches=args.cache,
+                      reps=args.reps, verify=not args.no_verify)
+    rows = report.summarize_runs(session.runs)
+    console = Console()
+    console.print(title(session), highlight=False)
+    for table in report.rich_tables(rows):
+        console.print(table)
+    for line in explain(session, rows):
+        console.print(line, highlight=False)
+    if args.json:
+        report.write_json(session, args.json)
+    if args.markdown:
+        args.markdown.write_text(f"{title(session)}\n\n{report.markdown(rows)}")
+    if args.plot:
+        report.plot(rows, args.plot, title=title(session))
+    return 0
+
+
+def device_target() -> str:
+    """The ``device`` scenario's destination: the real GPU where there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def title(session: Session) -> str:
+    info = session.checkpoint
+    limit = session.settings.memory_limit
+    text = (f"{Path(info['source']).name}: {format_bytes(info['bytes'])} in {info['files']} "
+            f"files, {info['tensors']} tensors")
+    if limit is not None:
+        text += f", memory limit {format_bytes(limit)}"
+    return text
+
+
+def explain(session: Session, rows: Sequence[report.Row]) -> list[str]:
+    """What a reader needs next to the table: auto's choices, skipped loaders, how memory was
+    measured and on what."""
+    lines = [f"auto ({row.scenario}, {row.cache}) chose {row.strategy}: {row.reason}"
+             for row in rows if row.loader == "weightlift auto" and row.strategy]
+    lines += report.unavailable_lines(session)
+    sources = sorted({r.memory_source for r in session.runs if r.memory_source})
+    if sources:
+        lines.append(f"peak host memory: added by the load, measured by {', '.join(sources)}")
+    machine = session.machine
+    lines.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
+                 f"{format_bytes(machine.get('memory'))} RAM, {machine.get('file_system')}")
+    return lines
