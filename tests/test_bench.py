@@ -154,7 +154,7 @@ def test_rows_summarize_runs_per_loader_and_report_oom() -> None:
     peer = rows["peer"]
     assert peer.status == "OOM-killed 1/2"
     assert peer.seconds is not None and peer.seconds.n == 1
-    assert peer.peak_memory is not None and peer.peak_memory.max == 1000
+    assert peer.peak_memory is not None and peer.peak_memory.max == 900  # killed: the limit
     text = report.markdown(list(rows.values()))
     assert "weightlift auto → direct" in text and "OOM-killed 1/2" in text
     assert "**to_cpu, cold**" in text

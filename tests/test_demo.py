@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,18 @@ def test_demo_json_has_every_strategy_cold_and_a_reason(
     assert auto["strategy"] in WEIGHTLIFT_STRATEGIES and auto["reason"]
     assert runs["weightlift mmap"]["strategy"] == "mmap"
     assert all(run["bytes"] == data["checkpoint"]["bytes"] for run in runs.values())
+
+
+def test_demo_needs_only_the_core_dependencies(tmp_path: Path) -> None:
+    """As on a fresh machine: the optional packages fail to import, in every process."""
+    blocked = tmp_path / "blocked"
+    for name in ("safetensors", "matplotlib", "runai_model_streamer", "fastsafetensors"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(blocked), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-m", "weightlift", "demo", "--size", "8MB",
+                           "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "auto chose" in done.stdout and "stream" in done.stdout

@@ -58,8 +58,8 @@ def summarize_runs(results: Sequence[RunResult]) -> list[Row]:
             runs=len(group),
             seconds=summarize(r.seconds for r in ok),
             gbps=summarize(r.gbps for r in ok),
-            # Memory of killed runs counts too: it is how much they had reached.
-            peak_memory=summarize(r.peak_memory for r in group),
+            # A killed run reached the limit; its status says so, its peak would only repeat it.
+            peak_memory=summarize(r.peak_memory for r in ok),
             cache_left=summarize(r.cache_left for r in ok),
             strategy=most_common([r.strategy for r in ok]),
             reason=most_common([r.reason for r in ok]),
