@@ -198,6 +198,30 @@ def test_sampler_tracks_the_peak_of_anon_plus_cache() -> None:
     assert memory["cache_peak"] == 300 - 50
 
 
+def test_without_sampling_only_the_rss_high_water_mark_is_reported() -> None:
+    def probe() -> tuple[int, int]:
+        raise AssertionError("a cgroup measures memory: no sampling wanted")
+
+    memory = child.Sampler([], sample=False, probe=probe).stop()
+    assert "sampled_peak" not in memory and "rss_growth" in memory
+
+
+def test_auto_choice_is_asked_before_the_clock_and_follows_the_cache(checkpoint: Path) -> None:
+    files = [str(p) for p in synthetic.shard_paths(checkpoint)]
+    job = Job(str(checkpoint), tuple(files), "to_cpu", "cpu")
+    auto = LOADERS["weightlift auto"].choice
+    assert auto is not None
+    runner.set_cache(files, "warm")
+    assert auto(job)[0] == "mmap"
+    runner.set_cache(files, "cold")
+    strategy, reason = auto(job)
+    assert strategy in ("direct", "stream") and "O_DIRECT" in reason
+    # asking read the headers, not the tensors
+    assert (runner.resident(files) or 0) < 0.1 * synthetic.planned_bytes(SIZE)
+    direct = LOADERS["weightlift direct"].choice
+    assert direct is not None and direct(job) == ("direct", "requested")
+
+
 def test_memory_limit_without_a_cgroup_is_an_error(monkeypatch: pytest.MonkeyPatch,
                                                    checkpoint: Path) -> None:
     from weightlift import probes

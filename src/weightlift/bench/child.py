@@ -15,14 +15,14 @@ import json
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import probes
-from ..report import LoadReport
 from .loaders import LOADERS, Job, raw_direct_read
 
 
@@ -42,14 +42,20 @@ def cached(paths: Sequence[str]) -> int:
 
 
 class Sampler:
-    """Peak of ``anon RSS + checkpoint page cache`` and of RSS, sampled until stopped."""
+    """Peak of ``anon RSS + checkpoint page cache``, sampled until stopped, where no cgroup
+    measures it (``sample=False``: only the kernel's RSS high-water mark).
 
-    def __init__(self, paths: Sequence[str], interval: float = 0.02,
+    mincore costs ~10 ms per GB of checkpoint, so sampling backs off to stay under ~10% of a
+    core: on a small machine a busy probe would slow the load it measures.
+    """
+
+    def __init__(self, paths: Sequence[str], *, sample: bool = True, interval: float = 0.02,
                  probe: Callable[[], tuple[int, int]] | None = None) -> None:
         self.paths = list(paths)
         self.probe = probe or (lambda: (anon_rss(), cached(self.paths)))
         self.interval = interval
-        anon, cache = self.probe()
+        self.sampling = sample
+        anon, cache = self.probe() if sample else (0, 0)
         self.start = anon + cache
         self.peak = self.start
         self.cache_start = cache
@@ -58,27 +64,33 @@ class Sampler:
         self.hwm_reset = probes.reset_peak_rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if sample:
+            self._thread.start()
 
-    def sample(self) -> None:
+    def sample(self) -> float:
+        """Take one sample; returns how long it took."""
+        began = time.perf_counter()
         anon, cache = self.probe()
         self.peak = max(self.peak, anon + cache)
         self.cache_peak = max(self.cache_peak, cache)
+        return time.perf_counter() - began
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
+        wait = self.interval
+        while not self._stop.wait(wait):
+            wait = max(self.interval, 9 * self.sample())
 
     def stop(self) -> dict[str, int | None]:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
         peak_rss = probes.peak_rss() if self.hwm_reset else None
-        return {
-            "sampled_peak": self.peak - self.start,
-            "cache_peak": self.cache_peak - self.cache_start,
-            "rss_growth": None if peak_rss is None else peak_rss - self.rss_start,
-        }
+        memory: dict[str, int | None] = {
+            "rss_growth": None if peak_rss is None else peak_rss - self.rss_start}
+        if self.sampling:
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+            memory.update(sampled_peak=self.peak - self.start,
+                          cache_peak=self.cache_peak - self.cache_start)
+        return memory
 
 
 @dataclass
@@ -152,38 +164,40 @@ class Verify:
             raise AssertionError(f"{len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}")
 
 
-def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = False
-            ) -> dict[str, Any]:
+def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = False,
+            sample: bool = True) -> dict[str, Any]:
     """Run one load and return what the parent needs (one JSON object)."""
     loader = LOADERS[loader_name]
-    reports: list[LoadReport] = []
-    job = replace(job, on_report=reports.append)
     if verify:
         sink: Any = Verify(job.files)
     elif job.scenario == "device" and job.device == "cpu":
         sink = Scratch(largest)
     else:
         sink = Keep()
+    result: dict[str, Any] = {"status": "ok"}
+    if loader.choice is not None:  # before the clock: what auto will pick, and why
+        result["strategy"], result["reason"] = loader.choice(job)
     usage_before = probes.cgroup_usage()
-    sampler = Sampler(job.files)
-    started = time.perf_counter()
-    if loader.kind == "reference":
-        nbytes = raw_direct_read(job.files)
-    else:
-        for name, tensor in loader.run(job):
-            sink(name, tensor)
-        if job.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        nbytes = sink.bytes
-    seconds = time.perf_counter() - started
+    sampler = Sampler(job.files, sample=sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.perf_counter()
+        if loader.kind == "reference":
+            nbytes = raw_direct_read(job.files)
+        else:
+            for name, tensor in loader.run(job):
+                sink(name, tensor)
+            if job.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            nbytes = sink.bytes
+        seconds = time.perf_counter() - started
     memory = sampler.stop()
     if verify:
         sink.finish()
-    result: dict[str, Any] = {"status": "ok", "seconds": seconds, "bytes": nbytes,
-                              "cgroup_baseline": usage_before, **memory}
-    if reports:
-        result.update(strategy=reports[0].strategy, reason=reports[0].reason,
-                      fallbacks=reports[0].fallbacks)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if fallbacks:  # e.g. O_DIRECT refused: the strategy that really ran is named there
+        result["reason"] = "; ".join(filter(None, [result.get("reason"), *fallbacks]))
+    result.update(seconds=seconds, bytes=nbytes, cgroup_baseline=usage_before, **memory)
     return result
 
 
@@ -194,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               device=spec.get("device", "cpu"), budget=spec.get("budget"))
     try:
         result = measure(job, spec["loader"], largest=spec.get("largest", 0),
-                         verify=spec.get("verify", False))
+                         verify=spec.get("verify", False), sample=spec.get("sample", True))
     except Exception as exc:  # reported to the parent, which shows it in the table
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.flush()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..report import LoadReport
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -33,7 +32,6 @@ class Job:
     scenario: str                  # "to_cpu" or "device"
     device: str                    # where tensors end up: "cpu", or "cuda" in the device scenario
     budget: int | None = None      # weightlift's max_host_memory (None: its default)
-    on_report: Callable[[LoadReport], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,8 @@ class Loader:
     run: Callable[[Job], Tensors]
     modules: tuple[str, ...] = ()  # what must be importable
     check: Callable[[], str | None] | None = None  # why it cannot run here, or None
+    #: weightlift only: the strategy a load will use and why, asked before it is timed.
+    choice: Callable[[Job], tuple[str, str]] | None = None
 
     def unavailable(self) -> str | None:
         """Why this loader cannot run on this machine, or None when it can."""
@@ -65,7 +65,8 @@ def _weightlift(strategy: str) -> Callable[[Job], Tensors]:
     def run(job: Job) -> Tensors:
         import weightlift
 
-        options = dict(strategy=strategy, max_host_memory=job.budget, on_report=job.on_report)
+        # No on_report: its memory sampling would be a cost peers don't pay (see _choice).
+        options = dict(strategy=strategy, max_host_memory=job.budget)
         if job.scenario == "to_cpu":
             yield from _drain(weightlift.load(job.source, **options))
         else:
@@ -73,6 +74,24 @@ def _weightlift(strategy: str) -> Callable[[Job], Tensors]:
             yield from weightlift.stream(job.source, device=job.device, **options)
 
     return run
+
+
+def _choice(strategy: str) -> Callable[[Job], tuple[str, str]]:
+    """What ``auto`` decides for this job, from the same facts the load itself gathers; mincore
+    and the O_DIRECT probe leave the page cache as it was."""
+    def choice(job: Job) -> tuple[str, str]:
+        if strategy != "auto":
+            return strategy, "requested"
+        from ..checkpoint import resolve
+        from ..io.auto import choose, gather
+
+        with resolve(job.source) as layout:
+            facts = gather(layout.shards, total_bytes=layout.total_bytes, device=job.device,
+                           copying=job.device != "cpu")
+        decided = choose(facts)
+        return decided.strategy, decided.reason
+
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +202,8 @@ RAW = "raw O_DIRECT read"
 WEIGHTLIFT_STRATEGIES = ("auto", "direct", "stream", "mmap")
 
 LOADERS: dict[str, Loader] = {
-    **{f"weightlift {s}": Loader(f"weightlift {s}", "weightlift", _weightlift(s))
+    **{f"weightlift {s}": Loader(f"weightlift {s}", "weightlift", _weightlift(s),
+                                 choice=_choice(s))
        for s in WEIGHTLIFT_STRATEGIES},
     "safetensors load_file": Loader("safetensors load_file", "peer",
                                     _safetensors_load_file("mmap"), ("safetensors",)),

@@ -167,7 +167,7 @@ def run_one(run: Run, settings: Settings, *, verify: bool = False,
         in_group = cgroup_usable(settings)
     job = {"loader": run.loader, "scenario": run.scenario, "source": settings.source,
            "files": settings.files, "budget": settings.budget, "verify": verify,
-           "largest": settings.largest,
+           "largest": settings.largest, "sample": not in_group,
            "device": settings.device if run.scenario == "device" else "cpu"}
     argv = [sys.executable, "-m", "weightlift.bench.child", json.dumps(job)]
     set_cache(settings.files, run.cache)
