@@ -1,0 +1,183 @@
+"""``load_sharded``: each rank of a tensor-parallel group loads only its part of a checkpoint.
+
+The same four steps as ``weightlift.load`` — resolve, plan, read, place — with a sharding plan in
+the middle and the group agreeing after planning and after reading, so one rank's failure stops
+all of them together instead of leaving the others blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from ..api import _prepare as prepare
+from ..budget import resolve_budget
+from ..checkpoint import Layout, Source, iter_entries, resolve
+from ..format import TensorInfo
+from ..io import NAMES, Strategy, make_strategy
+from ..io.auto import choose, gather
+from ..place import parse_device
+from .collective import exchange
+from .parts import Axis, normalize, part_shape
+from .plan import Index, PlanFn
+from .sync import Peers
+
+Mode = Literal["direct", "collective"]
+MODES = ("direct", "collective")
+
+
+@dataclass
+class ShardReport:
+    """What one rank's sharded load did, with totals over the group (equal on every rank).
+
+    ``total_bytes_read`` is about 1x ``checkpoint_bytes`` in collective mode (each byte read once)
+    and about 1x ``total_bytes_needed`` in direct mode (each rank reads its own slices; strided
+    slices may read small gaps too).
+    """
+
+    rank: int
+    world_size: int
+    mode: str
+    strategy: str
+    reason: str
+    budget: int
+    fallbacks: list[str] = field(default_factory=list)
+    #: Tensors in this rank's state dict, and their bytes.
+    tensors: int = 0
+    bytes_needed: int = 0
+    #: Bytes this rank read from storage, and moved to/from other ranks (collective mode).
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    #: The checkpoint's tensor bytes, and sums over all ranks.
+    checkpoint_bytes: int = 0
+    total_bytes_read: int = 0
+    total_bytes_needed: int = 0
+    #: The slowest rank's seconds: when the whole group was done.
+    slowest_seconds: float = 0.0
+
+    @property
+    def read_amplification(self) -> float:
+        """Bytes the group read per checkpoint byte (1.0 = each byte once)."""
+        return self.total_bytes_read / self.checkpoint_bytes if self.checkpoint_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["read_amplification"] = self.read_amplification
+        return data
+
+
+def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | None = None,
+                 device: str | torch.device = "cpu", mode: Mode = "direct",
+                 strategy: str | Strategy = "auto", max_host_memory: int | str | None = None,
+                 max_gap: int | None = None) -> tuple[dict[str, torch.Tensor], ShardReport]:
+    """This rank's part of every tensor ``plan`` gives it, as a state dict on ``device``.
+
+        dist.init_process_group("nccl", timeout=timedelta(minutes=5))
+        torch.cuda.set_device(local_rank)
+        state, report = load_sharded("Llama-3-70B/", llama_plan(8), device="cuda")
+
+    Call it on every rank of ``group`` (default: the whole job) with the same arguments.
+    ``mode="direct"``: each rank reads only its slices' bytes; ``"collective"``: each byte is read
+    by one rank and sent on with broadcast/scatter (for storage that is slow per reader).
+    ``max_gap``: in direct mode, strided slices read across gaps up to this many bytes rather than
+    issue another read (default: gaps up to a page or the slice's run length, at most 2x the bytes).
+    If any rank fails, every rank raises (``RankFailed`` on those that did not fail themselves).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(strategy, str) and strategy not in NAMES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    peers = Peers.of(group)
+    target = parse_device(device)
+    budget = resolve_budget(max_host_memory)
+    started = time.perf_counter()
+    layout: Layout | None = None
+    reader: Strategy | None = None
+    try:
+        error: Exception | None = None
+        try:
+            layout = resolve(source)
+            ranks = range(peers.world) if mode == "collective" else [peers.rank]
+            indices = {rank: _indices(layout, plan, rank, peers.world) for rank in ranks}
+        except Exception as exc:
+            error = exc
+        peers.agree(error)
+        assert layout is not None
+        mine = indices[peers.rank]
+        needed = [entry for entry in iter_entries(layout) if mine[entry.name] is not None]
+        report = ShardReport(peers.rank, peers.world, mode, "", "", budget,
+                             checkpoint_bytes=layout.total_bytes)
+        local: dict[str, torch.Tensor] = {}
+        try:
+            reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed),
+                               copying=mode == "collective" or target.type != "cpu",
+                               report=report)
+            if mode == "collective":
+                wanted = {entry.name: [_axes(indices[rank][entry.name], entry.info)
+                                       for rank in range(peers.world)]
+                          for entry in iter_entries(layout)}
+                for entry in needed:
+                    axes = wanted[entry.name][peers.rank]
+                    assert axes is not None
+                    local[entry.name] = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch,
+                                                    device=target)
+                traffic = exchange(peers, layout, wanted, local, reader, budget)
+                report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
+                report.bytes_received = traffic.received
+            else:
+                from .direct import read_direct
+                report.bytes_read = read_direct(layout, mine, reader, budget=budget,
+                                                max_gap=max_gap, device=target, local=local)
+            error = None
+        except Exception as exc:
+            error = exc
+        peers.agree(error)
+        report.seconds = time.perf_counter() - started
+        state = {entry.name: local[entry.name] for entry in needed}
+        report.tensors = len(state)
+        report.bytes_needed = sum(t.numel() * t.element_size() for t in state.values())
+        report.total_bytes_read, report.total_bytes_needed = peers.sum([report.bytes_read,
+                                                                         report.bytes_needed])
+        report.slowest_seconds = peers.max(report.seconds)
+        return state, report
+    finally:
+        if reader is not None:
+            reader.close()
+        if layout is not None:
+            layout.close()
+
+
+def _indices(layout: Layout, plan: PlanFn, rank: int, world: int) -> dict[str, Index | None]:
+    """What ``rank`` needs of every tensor, checked now so a bad plan fails before any read."""
+    out: dict[str, Index | None] = {}
+    for entry in iter_entries(layout):
+        index = plan(entry.name, entry.info, rank, world)
+        if index is not None:
+            normalize(index, entry.info)
+        out[entry.name] = index
+    return out
+
+
+def _axes(index: Index | None, info: TensorInfo) -> tuple[Axis, ...] | None:
+    return None if index is None else normalize(index, info)
+
+
+def _strategy(strategy: str | Strategy, layout: Layout, nbytes: int, *, copying: bool,
+              report: ShardReport) -> Strategy:
+    """The requested (or ``auto``-chosen) strategy, prepared as ``load`` does (``stream`` where
+    O_DIRECT fails)."""
+    if isinstance(strategy, Strategy):
+        chosen, report.reason = strategy, "given as an object"
+    elif strategy == "auto":
+        choice = choose(gather(layout.shards, total_bytes=nbytes, device="cpu", copying=copying))
+        chosen, report.reason = make_strategy(choice.strategy, copying=copying), choice.reason
+    else:
+        chosen, report.reason = make_strategy(strategy, copying=copying), "requested"
+    report.strategy = chosen.name
+    return prepare(chosen, layout, report)  # type: ignore[arg-type]  # uses .strategy, .fallbacks
