@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from weightlift.bench import child, report, runner, synthetic
-from weightlift.bench.loaders import LOADERS, RAW, Job, peer_loaders, raw_direct_read
+from weightlift.bench.loaders import LOADERS, RAW, Job, peer_loaders, raw_read
 from weightlift.bench.runner import Run, RunResult
 from weightlift.bench.stats import most_common, summarize
 from weightlift.cli import main
@@ -274,12 +274,13 @@ def test_verification_catches_wrong_bytes(checkpoint: Path) -> None:
         verify.finish()
 
 
-def test_raw_read_reads_every_byte(checkpoint: Path) -> None:
-    if LOADERS[RAW].unavailable() is not None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_raw_reads_read_every_byte(checkpoint: Path, direct: bool) -> None:
+    if direct and LOADERS[RAW].unavailable() is not None:
         pytest.skip(str(LOADERS[RAW].unavailable()))
     files = tuple(str(p) for p in synthetic.shard_paths(checkpoint))
     try:
-        nbytes = raw_direct_read(files, block=1 << 20, in_flight=4)
+        nbytes = raw_read(files, direct=direct, block=1 << 20, in_flight=4)
     except OSError as exc:
         pytest.skip(f"the file system refuses O_DIRECT: {exc}")
     assert nbytes == sum(Path(f).stat().st_size for f in files)

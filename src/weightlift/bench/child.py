@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import probes
-from .loaders import LOADERS, Job, raw_direct_read
+from .loaders import LOADERS, Job
 
 
 def anon_rss() -> int:
@@ -182,8 +182,8 @@ def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = Fals
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = time.perf_counter()
-        if loader.kind == "reference":
-            nbytes = raw_direct_read(job.files)
+        if loader.raw is not None:
+            nbytes = loader.raw(job.files)
         else:
             for name, tensor in loader.run(job):
                 sink(name, tensor)

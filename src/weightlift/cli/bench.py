@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import LOADERS, RAW, WEIGHTLIFT_STRATEGIES, peer_loaders
+from ..bench.loaders import WEIGHTLIFT_STRATEGIES, peer_loaders, reference_loaders
 from ..bench.runner import CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..units import format_bytes, parse_size
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategies", type=_choices(WEIGHTLIFT_STRATEGIES),
                         default=list(WEIGHTLIFT_STRATEGIES),
                         help="weightlift strategies to measure (default all)")
-    parser.add_argument("--no-raw", action="store_true", help="skip the raw O_DIRECT read row")
+    parser.add_argument("--no-raw", action="store_true",
+                        help="skip the raw-read reference rows (O_DIRECT and buffered)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the bit-exact check of each loader against safetensors")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.peers:
         loaders += peer_loaders()
     if not args.no_raw:
-        loaders.append(RAW)
+        loaders += reference_loaders()
     settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
                         device=device_target())
     session = measure(settings, loaders, scenarios=args.scenario, caches=args.cache,
