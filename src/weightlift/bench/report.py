@@ -161,37 +161,41 @@ def write_json(session: Session, path: Path) -> None:
 
 
 def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
-    """Two panels, best throughput and median peak host memory, one bar per loader, grouped by
-    scenario and cache state. matplotlib is imported here: it is an optional dependency."""
+    """Best throughput (top) and median peak host memory (bottom), one panel per scenario and
+    cache state, each with its own scale: warm zero-copy loads would flatten a shared axis.
+    matplotlib is imported here: it is an optional dependency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((row.scenario, row.cache) for row in rows))
+    groups = sections(rows)
     loaders = list(dict.fromkeys(row.loader for row in rows))
-    by_key = {(row.scenario, row.cache, row.loader): row for row in rows}
-    width = 0.8 / max(len(loaders), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(groups) * 2), 5))
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(loaders))]
     panels = (
-        ("best GB/s", lambda row: row.gbps.max if row.gbps else 0.0),
-        ("median peak host memory (GiB)",
-         lambda row: row.peak_memory.median / 2**30 if row.peak_memory else 0.0),
+        ("best GB/s", lambda row: row.gbps.max if row.gbps else 0.0, "{:.2f}"),
+        ("peak host memory, GiB (median)",
+         lambda row: row.peak_memory.median / 2**30 if row.peak_memory else 0.0, "{:.2f}"),
     )
-    for ax, (label, value) in zip(axes, panels):
-        for i, loader in enumerate(loaders):
-            xs = [g + (i - (len(loaders) - 1) / 2) * width for g in range(len(groups))]
-            ys = [value(by_key[(s, c, loader)]) if (s, c, loader) in by_key else 0.0
-                  for s, c in groups]
-            ax.bar(xs, ys, width, label=loader)
-        ax.set_xticks(range(len(groups)), [f"{s}\n{c}" for s, c in groups])
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(loaders), 5), fontsize="small")
+    fig, axes = plt.subplots(2, len(groups), squeeze=False,
+                             figsize=(3.6 * len(groups) + 2.4, 0.55 * len(loaders) + 2.5))
+    for column, (heading, group) in enumerate(groups.items()):
+        by_loader = {row.loader: row for row in group}
+        for line, (label, value, fmt) in enumerate(panels):
+            ax = axes[line][column]
+            ys = [value(by_loader[name]) if name in by_loader else 0.0 for name in loaders]
+            bars = ax.barh(range(len(loaders)), ys, color=colors)
+            ax.bar_label(bars, labels=[fmt.format(y) if y else "" for y in ys],
+                         fontsize="x-small", padding=2)
+            ax.set_yticks(range(len(loaders)), loaders if column == 0 else [""] * len(loaders))
+            ax.invert_yaxis()
+            ax.set_xlabel(label, fontsize="small")
+            ax.margins(x=0.25)
+            ax.grid(axis="x", alpha=0.3)
+            if line == 0:
+                ax.set_title(heading)
     if title:
         fig.suptitle(title)
-    legend_rows = -(-len(loaders) // 5)
-    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
