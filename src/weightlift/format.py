@@ -25,6 +25,10 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_DIMS = 64
 #: numel × itemsize must fit in the reference implementation's usize.
 MAX_TENSOR_BYTES = 2**64 - 1
+#: The reference parser (serde_json) refuses JSON nested deeper than this, even in ignored fields.
+MAX_JSON_DEPTH = 127
+#: Integers the reference parser reads as integers; others become floats (so invalid as sizes).
+_INT_RANGE = range(-(2**63), 2**64)
 
 
 @dataclass(frozen=True)
@@ -181,16 +185,33 @@ def _decode_json(raw: bytes, path: str) -> dict[str, Any]:
             out[key] = value
         return out
 
+    def integer(literal: str) -> int | float:
+        # As serde_json: integers outside i64/u64 (and "-0") are floats, so never a valid size;
+        # and Python's int() would refuse literals over 4300 digits with a bare ValueError.
+        if len(literal) <= 21:
+            value = int(literal)
+            if value in _INT_RANGE and literal != "-0":
+                return value
+        return number(literal)
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if math.isinf(value):
+            raise FormatError(f"header has the number {_shorten(literal)}, out of range for a "
+                              "64-bit float", path=path)
+        return value
+
     try:
-        obj = json.loads(text, object_pairs_hook=no_duplicates,
-                         parse_constant=lambda c: _reject_constant(c, path))
+        obj = json.loads(text, object_pairs_hook=no_duplicates, parse_int=integer,
+                         parse_float=number, parse_constant=lambda c: _reject_constant(c, path))
     except json.JSONDecodeError as exc:
         raise FormatError(f"header is not valid JSON: {exc.msg} at character {exc.pos}",
                           path=path) from None
     except RecursionError:
         raise FormatError("header JSON is nested too deeply", path=path) from None
     if not isinstance(obj, dict):
-        raise FormatError(f"header is a JSON {type(obj).__name__}, not an object", path=path)
+        raise FormatError(f"header is {_json_kind(obj)}, not a JSON object", path=path)
+    _check_json_values(obj, path)
     return obj
 
 
@@ -198,22 +219,74 @@ def _reject_constant(name: str, path: str) -> None:
     raise FormatError(f"header contains the non-standard JSON constant {name}", path=path)
 
 
+def _check_json_values(obj: dict[str, Any], path: str) -> None:
+    """Refuse what the reference parser refuses anywhere in the header, ignored fields included:
+    nesting deeper than ``MAX_JSON_DEPTH`` and strings with an unpaired ``\\uD800``-style escape
+    (not text, so not encodable as UTF-8)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise FormatError(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep",
+                              path=path)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                stack.append((item, depth + 1))
+        else:
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _check_text(value: str, path: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"header string {_shorten(repr(value))} holds an unpaired UTF-16 "
+                          f"surrogate escape at character {exc.start}", path=path) from None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _json_kind(value: Any) -> str:
+    """A decoded value's JSON type with its article, for messages ("an array", "null")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 def _parse_metadata(value: Any, path: str) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise FormatError(f"__metadata__ is a {type(value).__name__}, not an object of strings",
+        raise FormatError(f"__metadata__ is {_json_kind(value)}, not an object of strings",
                           path=path)
     for key, item in value.items():
         if not isinstance(item, str):
-            raise FormatError(f"__metadata__[{key!r}] is a {type(item).__name__}, not a string",
+            raise FormatError(f"__metadata__[{key!r}] is {_json_kind(item)}, not a string",
                               path=path)
     return dict(value)
 
 
 def _parse_entry(name: str, entry: Any, data_start: int, path: str) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise FormatError(f"entry is a {type(entry).__name__}, not an object", path=path,
+        raise FormatError(f"entry is {_json_kind(entry)}, not an object", path=path,
                           tensor=name)
     for key in ("dtype", "shape", "data_offsets"):
         if key not in entry:
@@ -221,19 +294,31 @@ def _parse_entry(name: str, entry: Any, data_start: int, path: str) -> TensorInf
     dtype = _parse_dtype(entry["dtype"], name, path)
     shape = _parse_shape(entry["shape"], name, path)
     begin, end = _parse_offsets(entry["data_offsets"], name, path)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > MAX_TENSOR_BYTES:
-        raise FormatError(f"shape {list(shape)} × {dtype.itemsize} bytes overflows", path=path,
-                          tensor=name)
+    nbytes = _checked_nbytes(shape, dtype, name, path)
     if end - begin != nbytes:
         raise FormatError(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
                           f"{list(shape)} of {dtype.name} needs {nbytes}", path=path, tensor=name)
     return TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
 
 
+def _checked_nbytes(shape: tuple[int, ...], dtype: DType, name: str, path: str) -> int:
+    """numel × itemsize, multiplied left to right as the reference does: a product that leaves
+    64 bits on the way is refused even if a later 0 dimension would bring it back."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > MAX_TENSOR_BYTES:
+            break
+    nbits = count * dtype.itemsize * 8
+    if nbits > MAX_TENSOR_BYTES:
+        raise FormatError(f"shape {list(shape)} of {dtype.name} is too large: numel × element "
+                          "size overflows 64 bits", path=path, tensor=name)
+    return count * dtype.itemsize
+
+
 def _parse_dtype(value: Any, name: str, path: str) -> DType:
     if not isinstance(value, str):
-        raise FormatError(f"dtype is a {type(value).__name__}, not a string", path=path,
+        raise FormatError(f"dtype is {_json_kind(value)}, not a string", path=path,
                           tensor=name)
     if value in DTYPES:
         return DTYPES[value]
@@ -250,21 +335,21 @@ def _is_int(value: Any) -> bool:
 
 def _parse_shape(value: Any, name: str, path: str) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise FormatError(f"shape is a {type(value).__name__}, not a list", path=path, tensor=name)
+        raise FormatError(f"shape is {_json_kind(value)}, not an array", path=path, tensor=name)
     if len(value) > MAX_DIMS:
         raise FormatError(f"shape has {len(value)} dimensions (at most {MAX_DIMS})", path=path,
                           tensor=name)
     for dim in value:
         if not _is_int(dim) or dim < 0:
-            raise FormatError(f"shape {value} has {dim!r}, not a non-negative integer", path=path,
-                              tensor=name)
+            raise FormatError(f"shape {value} has {dim!r}, not an integer in [0, 2**64)",
+                              path=path, tensor=name)
     return tuple(value)
 
 
 def _parse_offsets(value: Any, name: str, path: str) -> tuple[int, int]:
     if not isinstance(value, list) or len(value) != 2:
-        raise FormatError(f"data_offsets {value!r} is not a list of two integers", path=path,
-                          tensor=name)
+        raise FormatError(f"data_offsets {_shorten(repr(value))} is not an array of two integers",
+                          path=path, tensor=name)
     begin, end = value
     if not (_is_int(begin) and _is_int(end)) or begin < 0 or end < 0:
         raise FormatError(f"data_offsets {value!r} are not non-negative integers", path=path,
@@ -278,6 +363,7 @@ def _parse_offsets(value: Any, name: str, path: str) -> tuple[int, int]:
 def _check_tiling(tensors: list[TensorInfo], data_start: int, data_size: int, path: str) -> None:
     """The data section must be covered exactly: no overlap, no hole, nothing past or after it."""
     position = 0  # relative to the data section
+    previous = None
     for t in tensors:
         begin, end = t.start - data_start, t.end - data_start
         if end > data_size:
@@ -285,13 +371,14 @@ def _check_tiling(tensors: list[TensorInfo], data_start: int, data_size: int, pa
                               f"({data_size} bytes; the file may be truncated)", path=path,
                               tensor=t.name)
         if begin < position:
-            raise FormatError(f"data_offsets [{begin}, {end}] overlap the previous tensor, which "
+            raise FormatError(f"data_offsets [{begin}, {end}] overlap tensor {previous!r}, which "
                               f"ends at {position}", path=path, tensor=t.name)
         if begin > position:
             raise FormatError(f"data_offsets [{begin}, {end}] leave a hole of {begin - position} "
                               f"bytes after offset {position}", path=path, tensor=t.name)
         position = end
+        previous = t.name
     if position != data_size:
-        raise FormatError(f"the tensors cover {position} bytes but the data section holds "
-                          f"{data_size}: {data_size - position} bytes are not any tensor's",
+        raise FormatError(f"the tensors end at offset {position} but the data section holds "
+                          f"{data_size} bytes: the last {data_size - position} belong to no tensor",
                           path=path)
