@@ -71,13 +71,25 @@ def host_view(dest: torch.Tensor) -> memoryview:
     return memoryview(dest.numpy()).cast("B")
 
 
+def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+    """The positional read every strategy's data path goes through.
+
+    One function, looked up at call time, so fault-injection tests can stand in for the kernel
+    (EIO, short reads, EINTR) on the real read path.
+    """
+    return os.preadv(fd, buffers, offset)
+
+
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
-    """Fill ``buf`` from ``offset``, retrying short reads; a file that ends early is an error."""
+    """Fill ``buf`` from ``offset``, retrying short reads and EINTR; a file that ends early is an
+    error."""
     done = 0
     total = len(buf)
     while done < total:
         try:
-            n = os.preadv(fd, [buf[done:]], offset + done)
+            n = preadv(fd, [buf[done:]], offset + done)
+        except InterruptedError:
+            continue  # a signal arrived before any byte was read: nothing lost, ask again
         except OSError as exc:
             raise ReadError(f"read of {total - done} bytes at offset {offset + done} failed: "
                             f"{exc.strerror or exc}", path=path) from exc
