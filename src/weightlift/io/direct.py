@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import Shard
 from ..errors import ReadError
+from . import base
 from .base import Strategy, Unavailable, aligned_buffer, raw_memory
 
 ALIGN = 4096
@@ -73,18 +74,19 @@ class DirectStrategy(Strategy):
         need = end - lo  # past `end` the extent may run beyond the end of the file
         while done < need:
             try:
-                n = os.preadv(fd, [memory[done:]], lo + done)
+                n = base.preadv(fd, [memory[done:]], lo + done)
+            except InterruptedError:
+                continue  # a signal arrived before any byte was read: ask again
             except OSError as exc:
                 raise ReadError(f"O_DIRECT read of {hi - lo - done} bytes at offset {lo + done} "
                                 f"failed: {exc.strerror or exc}", path=path) from exc
-            if n == 0:
-                raise ReadError(f"file ended at offset {lo + done} while reading up to {end}; it "
-                                "was truncated during the load", path=path)
-            done += n
-            if done < need and done % ALIGN:
-                # A short read that is not block aligned can only mean end of file.
-                raise ReadError(f"file ended at offset {lo + done} while reading up to {end}; it "
-                                "was truncated during the load", path=path)
+            # The next read must start on a block boundary again: keep whole blocks only. Less
+            # than a whole block past an aligned offset can only mean the file ended there.
+            kept = (done + n) // ALIGN * ALIGN
+            if done + n < need and kept <= done:
+                raise ReadError(f"file ended at offset {lo + done + n} while reading up to {end}; "
+                                "it was truncated during the load", path=path)
+            done = done + n if done + n >= need else kept
 
     def close(self) -> None:
         for fd in self.fds:
