@@ -8,6 +8,7 @@ result, which is why ``auto`` picks this only when the checkpoint is already cac
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import Sequence
@@ -54,17 +55,26 @@ class MmapStrategy(Strategy):
         lo = start // PAGE * PAGE
         if end <= lo:
             return
-        if self.populate_ok:
+        while self.populate_ok:
             try:
                 self.maps[shard].madvise(MADV_POPULATE_READ, lo, end - lo)
                 return
-            except OSError:
+            except InterruptedError:
+                continue  # a signal arrived: the pages faulted in so far stay, ask again
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    # EFAULT/EIO: a page could not be read (I/O error, file truncated). Touching
+                    # it would raise SIGBUS and kill the process; report it instead.
+                    raise ReadError(f"reading the mapped range [{lo}, {end}) failed: "
+                                    f"{exc.strerror or exc}", path=self.shards[shard].path
+                                    ) from exc
                 self.populate_ok = False  # kernel older than 5.14: touch the pages instead
         mm = self.maps[shard]
         for offset in range(lo, end, PAGE):
             mm[offset]
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
+        self.populate(shard, start, start + dest.numel())  # an I/O error raises, not SIGBUS
         dest.copy_(self.view(shard, start, start + dest.numel()))
 
     def consumed(self, shard: int, start: int, end: int) -> None:
