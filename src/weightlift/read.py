@@ -54,6 +54,8 @@ def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *
     ``strategy`` must be prepared for ``layout.shards``. Raises on any failure; checks at the end
     that no file changed while it was read.
     """
+    for index in sorted({entry.shard for entry in entries}):
+        layout.shards[index].check_unchanged()  # e.g. an ``open()`` checkpoint edited since
     pool = ThreadPoolExecutor(max_workers=strategy.in_flight, thread_name_prefix="weightlift-read")
     try:
         if sink is None:
@@ -85,6 +87,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
             block, buf, futures = pending.popleft()
             for future in futures:
                 future.result()
+            # Nothing is handed out whose bytes may have been read across a change of the file.
+            strategy.shards[block.shard].check_unchanged()
             ahead -= block.nbytes
             reads -= len(futures)
             strategy.consumed(block.shard, block.start, block.end)
@@ -136,6 +140,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                 pending.append((chunk, slot, src, future))
             chunk, slot, src, future = pending.popleft()
             future.result()
+            strategy.shards[chunk.shard].check_unchanged()
             for piece in chunk.pieces:
                 lo = piece.entry.info.start + piece.begin - chunk.start
                 sink.place(piece, src[lo:lo + piece.end - piece.begin])
