@@ -1,0 +1,196 @@
+"""A drop-in for ``safetensors.safe_open`` (the read side), so switching costs one import line.
+
+    from weightlift import safe_open          # was: from safetensors import safe_open
+    with safe_open("model.safetensors", framework="pt", device="cpu") as f:
+        emb = f.get_slice("embed.weight")[:, 128:256]   # reads only those bytes
+
+Whole tensors go through the same path as ``weightlift.load``; a slice is planned by
+``slicing.plan_slice`` and only the byte ranges it covers are read, with the chosen strategy.
+Beyond the reference: ``framework="np"`` returns bfloat16 and float8 arrays (via ``ml_dtypes``),
+and the source may be any checkpoint ``weightlift.load`` accepts (directory, index, hub cache).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from . import api
+from .checkpoint import Entry, Layout, Source, iter_entries
+from .errors import CheckpointError, WeightliftError
+from .budget import resolve_budget
+from .io import NAMES, Strategy, make_strategy
+from .io.auto import choose, gather
+from .place import parse_device
+from .slicing import Index, plan_slice
+
+Array = Union[torch.Tensor, np.ndarray]
+
+#: Framework names the reference accepts for the frameworks weightlift serves.
+FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
+#: safetensors dtype → numpy dtype name; names numpy lacks come from ml_dtypes.
+NUMPY_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "F64": "float64", "I64": "int64", "U64": "uint64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of safetensors dtype ``name``; bfloat16 and float8 need ``ml_dtypes``."""
+    numpy_name = NUMPY_DTYPES[name]
+    if hasattr(np, numpy_name):
+        return np.dtype(numpy_name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise WeightliftError(f"dtype {name} has no numpy equivalent without the ml_dtypes "
+                              "package: pip install ml_dtypes, or use framework='pt'") from None
+    return np.dtype(getattr(ml_dtypes, numpy_name))
+
+
+def to_numpy(tensor: torch.Tensor, dtype_name: str) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory (bf16/f8 through their bytes)."""
+    tensor = tensor.contiguous()
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    return raw.view(numpy_dtype(dtype_name)).reshape(tuple(tensor.shape))
+
+
+class safe_open:  # noqa: N801 - the name safetensors users already import
+    """Open a checkpoint lazily; tensors are read when asked for.
+
+    ``framework``: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only). ``device``: a torch
+    device, a device string, or a CUDA index like the reference's ``device=0``. ``strategy``: how
+    bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``).
+    """
+
+    def __init__(self, filename: Source, framework: str = "pt",
+                 device: str | int | torch.device = "cpu", *, strategy: str = "auto") -> None:
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"framework {framework!r} is not supported; weightlift serves "
+                             f"{', '.join(sorted(FRAMEWORKS))}")
+        if strategy not in NAMES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+        self.framework = FRAMEWORKS[framework]
+        self.device = parse_device(f"cuda:{device}" if isinstance(device, int) else device)
+        if self.framework == "np" and self.device.type != "cpu":
+            raise ValueError(f"framework='np' returns host arrays; device {device!r} is not 'cpu'")
+        self.strategy = strategy
+        self._checkpoint: api.Checkpoint | None = api.open(filename)
+        self._reader: Strategy | None = None
+
+    # -- the reference's methods -----------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted."""
+        return sorted(self._layout().entries)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names in the order their bytes appear (file by file)."""
+        return [entry.name for entry in iter_entries(self._layout())]
+
+    def metadata(self) -> dict[str, str] | None:
+        """The header's ``__metadata__`` (an index's ``metadata`` for a sharded checkpoint)."""
+        return self._layout().metadata
+
+    def get_tensor(self, name: str) -> Array:
+        """The whole tensor ``name``."""
+        checkpoint = self._open_checkpoint()
+        tensor = checkpoint.get_tensor(name, device=self.device, strategy=self.strategy)
+        return self._convert(tensor, checkpoint.layout.entries[name])
+
+    def get_tensors(self) -> dict[str, Array]:
+        """Every tensor, in file order, read as one load."""
+        layout = self._layout()
+        tensors = api._run(layout, keys=None, device=self.device, strategy=self.strategy,
+                           dtype=None, streaming=False)
+        return {name: self._convert(tensor, layout.entries[name]) for name, tensor in tensors}
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A handle that reads only what an index selects: ``f.get_slice("w")[:, 128:256]``."""
+        return TensorSlice(self, next(iter_entries(self._layout(), [name])))
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+            self._checkpoint = None
+
+    def __enter__(self) -> safe_open:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _open_checkpoint(self) -> api.Checkpoint:
+        if self._checkpoint is None:
+            raise CheckpointError("file is closed: use the handle inside its `with` block")
+        return self._checkpoint
+
+    def _layout(self) -> Layout:
+        return self._open_checkpoint().layout
+
+    def _convert(self, tensor: torch.Tensor, entry: Entry) -> Array:
+        if self.framework == "np":
+            return to_numpy(tensor, entry.info.dtype.name)
+        return tensor
+
+    def _slice_reader(self) -> Strategy:
+        """One strategy for all slices of this handle, prepared on first use."""
+        if self._reader is None:
+            layout = self._layout()
+            name = self.strategy
+            if name == "auto":
+                facts = gather(layout.shards, total_bytes=layout.total_bytes,
+                               device=self.device.type, copying=False)
+                name = choose(facts).strategy
+            # _prepare falls back to stream where O_DIRECT is refused, as loads do.
+            self._reader = api._prepare(make_strategy(name), layout,
+                                        SimpleNamespace(strategy=name, fallbacks=[]))
+        return self._reader
+
+    def _read_slice(self, entry: Entry, index: Index) -> Array:
+        from .distributed.direct import read_direct
+
+        layout = self._layout()
+        plan_slice(entry.info, index)  # raise IndexError & co. before preparing anything
+        out: dict[str, torch.Tensor] = {}
+        read_direct(layout, {entry.name: index}, self._slice_reader(),
+                    budget=resolve_budget(None), max_gap=None, device=self.device, local=out)
+        return self._convert(out[entry.name], entry)
+
+
+class TensorSlice:
+    """``safe_open(...).get_slice(name)``: shape and dtype now, bytes when indexed."""
+
+    def __init__(self, handle: safe_open, entry: Entry) -> None:
+        self._handle = handle
+        self._entry = entry
+
+    def get_shape(self) -> list[int]:
+        return list(self._entry.info.shape)
+
+    def get_dtype(self) -> str:
+        """The safetensors dtype name, e.g. ``"BF16"``."""
+        return self._entry.info.dtype.name
+
+    def __getitem__(self, index: Any) -> Array:
+        return self._handle._read_slice(self._entry, index)
+
+    def __repr__(self) -> str:
+        return (f"TensorSlice({self._entry.name!r}, dtype={self.get_dtype()}, "
+                f"shape={self.get_shape()})")
+
+
+__all__ = ["FRAMEWORKS", "NUMPY_DTYPES", "TensorSlice", "numpy_dtype", "safe_open", "to_numpy"]
