@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import CheckpointError, FormatError, ReadError
-from .format import Header, TensorInfo, read_header
+from .errors import CheckpointError, ReadError
+from .format import Header, TensorInfo, open_regular, read_header
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -106,6 +106,8 @@ class Layout:
 def resolve(source: Source) -> Layout:
     """Turn a user's source into an open, validated ``Layout``."""
     if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source):
+            raise CheckpointError("the checkpoint path is empty")
         path = Path(source)
         if path.is_dir():
             return _resolve_dir(path)
@@ -150,10 +152,13 @@ def _read_index(index_path: Path) -> dict[str, Any]:
         obj = json.loads(index_path.read_bytes())
     except OSError as exc:
         raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers too long for int().
         raise CheckpointError(f"index is not valid JSON: {exc}", path=index_path) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise CheckpointError("index has no 'weight_map' object", path=index_path)
+    if not obj["weight_map"]:
+        raise CheckpointError("index 'weight_map' is empty: it lists no tensor", path=index_path)
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise CheckpointError("index 'metadata' is not an object", path=index_path)
@@ -171,7 +176,7 @@ def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
     if ".." in parts:
         raise CheckpointError(f"shard {name!r} climbs out of the checkpoint directory with '..'",
                               path=index_path)
-    candidate = directory / name
+    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
     real_root = os.path.realpath(directory)
     real = os.path.realpath(candidate)
     if os.path.commonpath([real_root, real]) != real_root:
@@ -186,26 +191,29 @@ def _resolve_index(index_path: Path) -> Layout:
     weight_map: dict[str, Any] = obj["weight_map"]
     shard_names: dict[str, Path] = {}
     for tensor, name in weight_map.items():
-        if name not in shard_names:
+        if not isinstance(name, str) or name not in shard_names:  # a list is no dict key
             shard_names[name] = shard_path(directory, name, index_path)
     for name, path in shard_names.items():
         if not path.is_file():
-            raise CheckpointError(f"shard {name!r} listed in the index is missing",
+            raise CheckpointError(f"shard {name!r} listed in the index is missing"
+                                  f"{'' if not path.exists() else ' (not a file)'}",
                                   path=index_path)
-    layout = _open_files(list(shard_names.values()), root=str(directory),
-                         index_path=str(index_path))
+    unique = list(dict.fromkeys(shard_names.values()))
+    layout = _open_files(unique, root=str(directory), index_path=str(index_path))
     try:
-        position = {os.fspath(p): i for i, p in enumerate(shard_names.values())}
-        by_name = {name: position[os.fspath(p)] for name, p in shard_names.items()}
+        position = {p: i for i, p in enumerate(unique)}
         for tensor, name in weight_map.items():
             entry = layout.entries.get(tensor)
-            if entry is None or entry.shard != by_name[name]:
+            if entry is None or entry.shard != position[shard_names[name]]:
+                found = ("no shard holds it" if entry is None else
+                         f"it is in {os.path.basename(layout.shards[entry.shard].path)!r}")
                 raise CheckpointError(f"index puts tensor {tensor!r} in {name!r}, which does not "
-                                      "hold it", path=index_path)
+                                      f"hold it ({found})", path=index_path)
         extra = sorted(set(layout.entries) - set(weight_map))
         if extra:
-            raise CheckpointError(f"shards hold {len(extra)} tensors the index does not list, "
-                                  f"e.g. {extra[0]!r}", path=index_path)
+            count = f"{len(extra)} tensor{'s' if len(extra) > 1 else ''}"
+            raise CheckpointError(f"shards hold {count} the index does not list, e.g. "
+                                  f"{extra[0]!r}", path=index_path)
         index_meta = obj.get("metadata")
         if index_meta is not None:
             layout.metadata = {str(k): v if isinstance(v, str) else json.dumps(v)
@@ -221,9 +229,15 @@ def _open_files(paths: Iterable[Path], root: str, index_path: str | None = None)
     entries: dict[str, Entry] = {}
     layout = Layout(root, shards, entries, None, index_path)
     try:
+        seen: dict[tuple[int, int], str] = {}
         for path in paths:
             shard = _open_shard(path)
             shards.append(shard)
+            identity = (shard.stamp.device, shard.stamp.inode)
+            if identity in seen:
+                raise CheckpointError(f"{shard.path} is the same file as {seen[identity]}; list "
+                                      "it once", path=root)
+            seen[identity] = shard.path
             for info in shard.header.tensors:
                 if info.name in entries:
                     first = shards[entries[info.name].shard].path
@@ -240,22 +254,13 @@ def _open_files(paths: Iterable[Path], root: str, index_path: str | None = None)
 
 def _open_shard(path: Path) -> Shard:
     spath = os.fspath(path)
+    fd = open_regular(spath, CheckpointError)
     try:
-        fd = os.open(spath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointError("file not found", path=spath) from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot open: {exc.strerror}", path=spath) from exc
-    try:
-        stamp = FileStamp.of(fd)
-        header = read_header(spath, fd=fd)
-    except (FormatError, OSError):
-        os.close(fd)
-        raise
+        stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
+        return Shard(spath, fd, read_header(spath, fd=fd), stamp)
     except BaseException:
         os.close(fd)
         raise
-    return Shard(spath, fd, header, stamp)
 
 
 def iter_entries(layout: Layout, keys: Iterable[str] | None = None) -> Iterator[Entry]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, WeightliftError
 
 #: Headers larger than this are refused before any allocation (the reference uses the same cap).
 MAX_HEADER_BYTES = 100_000_000
@@ -117,16 +118,41 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
+def open_regular(path: str, error: type[WeightliftError] = FormatError) -> int:
+    """Open ``path`` read-only, refusing anything but a regular file with ``error``.
+
+    A FIFO would block ``open`` until some writer came along, and a directory or a device has no
+    safetensors bytes, so the open does not wait and the type is checked on the descriptor.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error("file not found", path=path) from None
+    except OSError as exc:
+        raise error(f"cannot open: {exc.strerror}", path=path) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise error(f"is {kind}, not a safetensors file", path=path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise error(f"cannot inspect: {exc.strerror}", path=path) from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_header(path: str | os.PathLike[str], fd: int | None = None) -> Header:
     """Read and validate the header of the file at ``path`` (or of the already open ``fd``)."""
     path = os.fspath(path)
     own = fd is None
-    try:
-        if own:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FormatError(f"cannot open: {exc.strerror}", path=path) from exc
-    assert fd is not None
+    if fd is None:
+        fd = open_regular(path)
     try:
         file_size = os.fstat(fd).st_size
         prefix = _pread_exact(fd, 8, 0)

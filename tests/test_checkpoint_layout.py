@@ -1,0 +1,358 @@
+"""``checkpoint.resolve``: every kind of source, and every broken layout refused by name.
+
+Sharded checkpoints come from transformers' own ``save_pretrained``; the broken ones are those
+checkpoints edited the way a bad upload or a hostile index would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from weightlift.checkpoint import Layout, iter_entries, resolve
+from weightlift.errors import CheckpointError, FormatError
+
+INDEX = "model.safetensors.index.json"
+
+
+def safetensors_view(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name → (dtype, shape) as the safetensors package reads ``path``."""
+    with safe_open(str(path), "pt") as f:
+        return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def layout_view(layout: Layout) -> dict[str, tuple[str, list[int]]]:
+    return {name: (e.info.dtype.name, list(e.info.shape)) for name, e in layout.entries.items()}
+
+
+def shard_of(layout: Layout) -> dict[str, str]:
+    """tensor → file name of the shard the layout found it in."""
+    return {name: Path(layout.shards[e.shard].path).name for name, e in layout.entries.items()}
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_descriptor_leak() -> Iterator[None]:
+    """Every test resolves inside ``with`` or fails to resolve: either way nothing stays open."""
+    before = open_fds()
+    yield
+    assert open_fds() <= before, "resolve leaked a file descriptor"
+
+
+def write_file(path: Path, names: list[str], seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    save_file({n: torch.randn(2, 3, generator=gen) for n in names}, str(path),
+              metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture
+def sharded(llama_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of conftest's transformers-written Llama checkpoint, for a test to break."""
+    return Path(shutil.copytree(llama_dir, tmp_path / "ckpt"))
+
+
+def edit_index(directory: Path, change) -> Path:  # type: ignore[no-untyped-def]
+    index = directory / INDEX
+    obj = json.loads(index.read_text())
+    change(obj)
+    index.write_text(json.dumps(obj))
+    return index
+
+
+def assert_refused(source: object, error: type[Exception], match: str, names: Path | str) -> str:
+    with pytest.raises(error, match=match) as info:
+        resolve(source)  # type: ignore[arg-type]
+    assert str(names) in str(info.value), f"the message does not name {names}"
+    return str(info.value)
+
+
+# --- sources that resolve -------------------------------------------------------------------------
+
+def test_single_file(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "weights.safetensors", ["a", "b"])
+    with resolve(path) as layout:
+        assert [s.path for s in layout.shards] == [str(path)]
+        assert layout_view(layout) == safetensors_view(path)
+        assert layout.metadata == {"format": "pt"}
+        assert layout.index_path is None and layout.root == str(tmp_path)
+        assert layout.total_bytes == 2 * 24
+    assert all(s.fd == -1 for s in layout.shards), "leaving the context closes the files"
+
+
+def test_list_of_files(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    first = write_file(tmp_path / "x" / "one.safetensors", ["a", "b"])
+    second = write_file(tmp_path / "two.safetensors", ["c"], seed=1)
+    with resolve([first, str(second)]) as layout:
+        assert [s.path for s in layout.shards] == [str(first), str(second)]
+        assert shard_of(layout) == {"a": "one.safetensors", "b": "one.safetensors",
+                                    "c": "two.safetensors"}
+        assert layout_view(layout) == {**safetensors_view(first), **safetensors_view(second)}
+        assert layout.root == str(tmp_path)
+
+
+def test_directory_with_model_safetensors(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "model.safetensors", ["w"])
+    write_file(tmp_path / "adapter.safetensors", ["w"], seed=2)  # another file is not a shard
+    with resolve(tmp_path) as layout:
+        assert [s.path for s in layout.shards] == [str(path)]
+        assert layout_view(layout) == safetensors_view(path)
+
+
+def test_hf_sharded_directory_matches_its_index(llama_dir: Path) -> None:
+    index = json.loads((llama_dir / INDEX).read_text())
+    shards = sorted(llama_dir.glob("*.safetensors"))
+    assert len(shards) > 2, "max_shard_size should have split the model"
+    with resolve(llama_dir) as layout:
+        assert layout.index_path == str(llama_dir / INDEX)
+        assert shard_of(layout) == index["weight_map"]
+        expected: dict[str, tuple[str, list[int]]] = {}
+        for shard in shards:
+            expected.update(safetensors_view(shard))
+        assert layout_view(layout) == expected
+        assert layout.total_bytes == index["metadata"]["total_size"]
+        assert layout.metadata is not None
+        assert layout.metadata["total_size"] == str(index["metadata"]["total_size"])
+        order = [(e.shard, e.info.start) for e in iter_entries(layout)]
+        assert order == sorted(order), "iter_entries walks shards in file order"
+
+
+def test_index_file_given_directly(llama_dir: Path) -> None:
+    with resolve(llama_dir / INDEX) as layout:
+        assert layout.index_path == str(llama_dir / INDEX)
+        assert len(layout.entries) == len(json.loads((llama_dir / INDEX).read_text())
+                                          ["weight_map"])
+
+
+def test_loose_shards_without_an_index(sharded: Path) -> None:
+    (sharded / INDEX).unlink()
+    files = sorted(sharded.glob("*.safetensors"))
+    with resolve(sharded) as layout:
+        assert [s.path for s in layout.shards] == [str(f) for f in files]
+        assert layout.index_path is None
+        assert len(layout.entries) == sum(len(safetensors_view(f)) for f in files)
+
+
+def test_index_shard_names_with_a_dot_segment_open_once(sharded: Path) -> None:
+    first = sorted(sharded.glob("*.safetensors"))[0].name
+    index = json.loads((sharded / INDEX).read_text())["weight_map"]
+    respelled = next(t for t, s in index.items() if s == first)
+    edit_index(sharded, lambda o: o["weight_map"].__setitem__(respelled, f"./{first}"))
+    with resolve(sharded) as layout:
+        assert len(layout.shards) == len(set(index.values()))
+        assert shard_of(layout)[respelled] == first
+
+
+def test_iter_entries_selects_keys_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "m.safetensors", ["a", "b", "c"])
+    with resolve(path) as layout:
+        assert [e.name for e in iter_entries(layout, ["c", "a", "c"])] == ["a", "c"]
+        with pytest.raises(CheckpointError, match="has no tensor named 'zz'") as info:
+            list(iter_entries(layout, ["a", "zz"]))
+        assert str(tmp_path) in str(info.value)
+
+
+# --- sources that do not ---------------------------------------------------------------------------
+
+def test_missing_path(tmp_path: Path) -> None:
+    assert_refused(tmp_path / "nope.safetensors", CheckpointError, "no such file or directory",
+                   tmp_path / "nope.safetensors")
+
+
+def test_empty_path_is_not_the_current_directory() -> None:
+    with pytest.raises(CheckpointError, match="path is empty"):
+        resolve("")
+
+
+def test_empty_list() -> None:
+    with pytest.raises(CheckpointError, match="list of checkpoint files is empty"):
+        resolve([])
+
+
+def test_list_with_a_missing_file(tmp_path: Path) -> None:
+    good = write_file(tmp_path / "a.safetensors", ["a"])
+    assert_refused([good, tmp_path / "b.safetensors"], CheckpointError, "file not found",
+                   tmp_path / "b.safetensors")
+
+
+def test_same_file_listed_twice(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "a.safetensors", ["a"])
+    (tmp_path / "alias.safetensors").symlink_to(path)
+    assert_refused([path, path], CheckpointError, "is the same file as", path)
+    assert_refused([path, tmp_path / "alias.safetensors"], CheckpointError,
+                   "alias.safetensors is the same file as", path)
+
+
+def test_directory_in_a_list(tmp_path: Path) -> None:
+    assert_refused([tmp_path], CheckpointError, "is a directory, not a safetensors file", tmp_path)
+
+
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+
+    def hung(*_: object) -> None:
+        raise AssertionError("opening a FIFO blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert_refused(fifo, CheckpointError, "not a regular file", fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_empty_directory(tmp_path: Path) -> None:
+    assert_refused(tmp_path, CheckpointError, "holds no \\*.safetensors file", tmp_path)
+
+
+def test_invalid_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x05\0\0\0\0\0\0\0{oops")
+    assert_refused(tmp_path, FormatError, "not valid JSON", bad)
+
+
+def test_several_indexes_without_the_standard_one(sharded: Path) -> None:
+    shutil.move(sharded / INDEX, sharded / "a.safetensors.index.json")
+    shutil.copy(sharded / "a.safetensors.index.json", sharded / "b.safetensors.index.json")
+    assert_refused(sharded, CheckpointError, "several index files", sharded)
+
+
+def test_index_with_parent_directory_shard(sharded: Path, tmp_path: Path) -> None:
+    write_file(tmp_path / "x.safetensors", ["outside"])
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "../x.safetensors"))
+    assert_refused(sharded, CheckpointError, "'../x.safetensors' climbs out", index)
+
+
+def test_index_with_absolute_shard(sharded: Path, tmp_path: Path) -> None:
+    outside = write_file(tmp_path / "x.safetensors", ["outside"])
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", str(outside)))
+    assert_refused(sharded, CheckpointError, "is an absolute path", index)
+
+
+def test_index_with_symlink_leaving_the_directory(sharded: Path, tmp_path: Path) -> None:
+    outside = write_file(tmp_path / "x.safetensors", ["outside"])
+    (sharded / "link.safetensors").symlink_to(outside)
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "link.safetensors"))
+    message = assert_refused(sharded, CheckpointError, "a symlink leaves it", index)
+    assert str(outside) in message
+
+
+def test_index_with_symlinked_directory_leaving(sharded: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    write_file(tmp_path / "elsewhere" / "x.safetensors", ["outside"])
+    (sharded / "sub").symlink_to(tmp_path / "elsewhere")
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "sub/x.safetensors"))
+    assert_refused(sharded, CheckpointError, "outside the checkpoint directory", index)
+
+
+def test_index_with_symlink_inside_the_directory_is_fine(sharded: Path) -> None:
+    first = sorted(sharded.glob("*.safetensors"))[0]
+    first.rename(sharded / "real.bin")
+    first.symlink_to(sharded / "real.bin")
+    with resolve(sharded) as layout:
+        assert first.name in shard_of(layout).values()
+
+
+@pytest.mark.parametrize("name", [None, 3, "", ["a"]])
+def test_index_shard_name_not_a_string(sharded: Path, name: object) -> None:
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("lm_head.weight", name))
+    assert_refused(sharded, CheckpointError, "not a file name", index)
+
+
+def test_missing_shard(sharded: Path) -> None:
+    victim = sorted(sharded.glob("*.safetensors"))[-1]
+    victim.unlink()
+    message = assert_refused(sharded, CheckpointError, "listed in the index is missing",
+                             sharded / INDEX)
+    assert victim.name in message
+
+
+def test_shard_that_is_a_directory(sharded: Path) -> None:
+    victim = sorted(sharded.glob("*.safetensors"))[-1]
+    victim.unlink()
+    victim.mkdir()
+    assert_refused(sharded, CheckpointError, "is missing \\(not a file\\)", sharded / INDEX)
+
+
+def shared_shard_tensor(directory: Path) -> tuple[str, str]:
+    """A tensor whose shard holds other tensors too (so the shard stays in the index), and it."""
+    weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+    shards = list(weight_map.values())
+    tensor = next(t for t, s in sorted(weight_map.items()) if shards.count(s) > 1)
+    return tensor, weight_map[tensor]
+
+
+def test_indexed_tensor_absent_from_its_shard(sharded: Path) -> None:
+    _, shard = shared_shard_tensor(sharded)
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("ghost.weight", shard))
+    assert_refused(sharded, CheckpointError,
+                   f"tensor 'ghost.weight' in '{shard}', which does not hold it \\(no shard holds "
+                   "it\\)", index)
+
+
+def test_indexed_tensor_in_another_shard(sharded: Path) -> None:
+    tensor, actual = shared_shard_tensor(sharded)
+    shards = json.loads((sharded / INDEX).read_text())["weight_map"].values()
+    wrong = next(s for s in sorted(set(shards)) if s != actual)
+    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__(tensor, wrong))
+    assert_refused(sharded, CheckpointError, f"'{tensor}' in '{wrong}', which does not hold it "
+                   f"\\(it is in '{actual}'\\)", index)
+
+
+def test_shard_holding_a_tensor_the_index_omits(sharded: Path) -> None:
+    tensor, _ = shared_shard_tensor(sharded)
+    index = edit_index(sharded, lambda o: o["weight_map"].pop(tensor))
+    assert_refused(sharded, CheckpointError, f"1 tensor the index does not list, e.g. '{tensor}'",
+                   index)
+
+
+def test_tensor_present_in_two_shards(tmp_path: Path) -> None:
+    a = write_file(tmp_path / "a.safetensors", ["x", "shared"])
+    b = write_file(tmp_path / "b.safetensors", ["shared", "y"])
+    message = assert_refused(tmp_path, CheckpointError, "tensor 'shared' is in two files", a)
+    assert str(b) in message
+
+
+def test_tensor_present_in_two_indexed_shards(sharded: Path) -> None:
+    weight_map = json.loads((sharded / INDEX).read_text())["weight_map"]
+    holder = sharded / weight_map["lm_head.weight"]
+    other = sharded / next(s for s in sorted(set(weight_map.values())) if s != holder.name)
+    with safe_open(str(other), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["lm_head.weight"] = torch.zeros(1)
+    save_file(tensors, str(other))
+    assert_refused(sharded, CheckpointError, "tensor 'lm_head.weight' is in two files",
+                   f"{other.name}")
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"{not json", "index is not valid JSON"),
+    (b"\xff\xfe\x00", "index is not valid JSON"),
+    (b'{"weight_map": {"a": "b"}, "x": ' + b"1" * 5000 + b"}", "index is not valid JSON"),
+    (b"[" * 100_000, "index is not valid JSON"),
+    (b"[]", "no 'weight_map' object"),
+    (b'{"metadata": {}}', "no 'weight_map' object"),
+    (b'{"weight_map": ["a.safetensors"]}', "no 'weight_map' object"),
+    (b'{"weight_map": "model.safetensors"}', "no 'weight_map' object"),
+    (b'{"weight_map": {}}', "'weight_map' is empty"),
+    (b'{"weight_map": {"a": "model-00001-of-00010.safetensors"}, "metadata": 3}',
+     "'metadata' is not an object"),
+])
+def test_broken_index(sharded: Path, content: bytes, match: str) -> None:
+    (sharded / INDEX).write_bytes(content)
+    assert_refused(sharded, CheckpointError, match, sharded / INDEX)
