@@ -30,7 +30,8 @@ from weightlift.distributed import (
     llama_plan,
     load_sharded,
 )
-from weightlift.distributed.parts import normalize
+from weightlift.distributed.direct import extents
+from weightlift.distributed.parts import normalize, part_in_rows
 from weightlift.errors import PlacementError, ReadError
 from weightlift.format import DTYPES, TensorInfo
 from weightlift.io.stream import StreamStrategy
@@ -147,19 +148,22 @@ def expected_custom(full: dict[str, torch.Tensor], rank: int, world: int) -> dic
 
 
 class RecordingStream(StreamStrategy):
-    """``stream`` that notes every range it reads; with ``fail``, every read after the first fails.
+    """``stream`` that notes every range it reads. With ``fail``, every read after the first
+    raises (``"raise"``) or ends the process on the spot (``"exit"``).
 
     Reads are small, so every rank issues several, several at once."""
 
     read_size = 256 << 10
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: str | None = None) -> None:
         super().__init__()
         self.fail = fail
         self.ranges: list[tuple[str, int, int]] = []
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
-        if self.fail and self.ranges:
+        if self.fail == "exit" and self.ranges:
+            os._exit(0)
+        if self.fail == "raise" and self.ranges:
             raise ReadError("injected failure", path=self.shards[shard].path)
         self.ranges.append((os.path.basename(self.shards[shard].path), start,
                             start + dest.numel()))
@@ -173,27 +177,35 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "direct_custom": dict(mode="direct", custom=True),
     "collective_custom": dict(mode="collective", custom=True),
     # Failures last: they leave the group usable, but nothing should depend on that.
-    "direct_fails": dict(mode="direct", fail=True),
-    "collective_fails": dict(mode="collective", fail=True),
+    "direct_fails": dict(mode="direct", fail="raise"),
+    "collective_fails": dict(mode="collective", fail="raise"),
+    # Run alone, in a group of its own: the group is broken afterwards.
+    "collective_dies": dict(mode="collective", fail="exit"),
 }
+#: The scenarios the 2- and 4-rank groups run.
+REGULAR = [name for name in SCENARIOS if name != "collective_dies"]
 
 
-def _worker(rank: int, world: int, init_file: str, source: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
+            scenarios: list[str], timeout: timedelta) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=GROUP_TIMEOUT)
+                            world_size=world, timeout=timeout)
     try:
-        for name, options in SCENARIOS.items():
-            options = dict(options)
-            recorder = RecordingStream(fail=options.pop("fail", False) and rank == 1)
+        for name in scenarios:
+            options = dict(SCENARIOS[name])
+            fail = options.pop("fail", None)
+            recorder = RecordingStream(fail=fail if rank == 1 else None)
             plan = custom_plan if options.pop("custom", False) else llama_skipping_rotary(world)
             result: dict[str, Any] = {}
             started = time.monotonic()
             try:
                 state, report = load_sharded(source, plan, strategy=recorder,
                                              max_host_memory=BUDGET, **options)
-                result.update(state=state, report=report.to_dict())
+                # Small tensors may share one buffer (as in any weightlift CPU load): clone to save.
+                result.update(state={k: v.clone() for k, v in state.items()},
+                              report=report.to_dict())
             except Exception as exc:
                 result.update(error=type(exc).__name__, message=str(exc),
                               failed=getattr(exc, "ranks", None),
@@ -204,10 +216,11 @@ def _worker(rank: int, world: int, init_file: str, source: str, out_dir: str) ->
         dist.destroy_process_group()
 
 
-def run_group(world: int, source: Path, out_dir: Path) -> None:
+def run_group(world: int, source: Path, out_dir: Path, scenarios: list[str],
+              timeout: timedelta = GROUP_TIMEOUT) -> None:
     """Start ``world`` ranks and wait for them, killing them all if the deadline passes."""
     ctx = mp.start_processes(_worker, args=(world, str(out_dir / "init"), str(source),
-                                            str(out_dir)),
+                                            str(out_dir), scenarios, timeout),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE
     while not ctx.join(timeout=1):
@@ -222,7 +235,7 @@ def results(request: pytest.FixtureRequest, checkpoint: Path,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"tp{world}")
-    run_group(world, checkpoint, out_dir)
+    run_group(world, checkpoint, out_dir, REGULAR)
     return world, out_dir
 
 
@@ -360,11 +373,53 @@ def test_llama_plan_splits_column_and_row_parallel_layers() -> None:
 
 def test_bad_indices_are_refused_with_the_tensor_named() -> None:
     info = TensorInfo("w", DTYPES["F32"], (4, 6), 0, 96)
-    with pytest.raises(PlacementError, match="'w'.*steps must be positive"):
+    with pytest.raises(PlacementError, match="w: slice step must be greater than zero"):
         normalize((slice(None, None, -1),), info)
-    with pytest.raises(PlacementError, match="out of range"):
+    with pytest.raises(PlacementError, match="out of bounds"):
         normalize((4,), info)
-    with pytest.raises(PlacementError, match="more entries"):
+    with pytest.raises(PlacementError, match="too many indices"):
         normalize((0, 0, 0), info)
-    with pytest.raises(PlacementError, match="tuple"):
-        normalize([0], info)  # type: ignore[arg-type]
+    with pytest.raises(PlacementError, match="adds an axis"):
+        normalize((None, 0), info)
+    assert normalize(..., info) == normalize((slice(None), slice(None)), info)
+
+
+def test_pieces_of_row_runs_reassemble_every_rank_part() -> None:
+    """What the collective mode sends for each run of rows, put where it says, is the part."""
+    g = torch.Generator().manual_seed(3)
+    full_tensor = torch.arange(9 * 7 * 5).reshape(9, 7, 5)
+    info = TensorInfo("t", DTYPES["I64"], (9, 7, 5), 0, 9 * 7 * 5 * 8)
+    indices = [(), (slice(1, None, 2), slice(2, 5)), (4, slice(None, None, 3)), (slice(-3, None),),
+               (slice(None), 6, slice(1, 2)), (slice(5, 2),)]
+    for index in indices:
+        want = full_tensor[index]
+        got = torch.full_like(want, -1)
+        per = int(torch.randint(1, 5, (), generator=g))
+        for r0 in range(0, 9, per):
+            part = part_in_rows(normalize(index, info), info, r0, min(r0 + per, 9))
+            if part is not None:
+                got[part.dst] = full_tensor[r0:r0 + per][part.src]
+        assert torch.equal(got, want), index
+
+
+def test_strided_ranges_bridge_gaps_up_to_a_page_or_their_length() -> None:
+    ranges = [(0, 100), (200, 300), (10_000, 10_100), (30_000, 50_000), (60_000, 80_000)]
+    merged_reads = extents("w", ranges, None, cap=1 << 20)
+    assert [(e.start, e.end, e.offset) for e in merged_reads] == [
+        (0, 300, 0), (10_000, 10_100, 200), (30_000, 80_000, 300)]
+    exact = extents("w", ranges, 0, cap=1 << 20)
+    assert [(e.start, e.end) for e in exact] == ranges
+    capped = extents("w", ranges, 1 << 20, cap=40_000)
+    assert [(e.start, e.end) for e in capped] == [(0, 10_100), (30_000, 50_000), (60_000, 80_000)]
+
+
+def test_a_rank_dying_mid_load_stops_the_others_by_the_group_timeout(
+        checkpoint: Path, tmp_path: Path) -> None:
+    """No agreement is possible with a process that is gone: the backend's error or the group's
+    timeout ends the survivors' wait (the watchdog would catch a hang)."""
+    timeout = timedelta(seconds=5)
+    run_group(2, checkpoint, tmp_path, ["collective_dies"], timeout=timeout)
+    assert not (tmp_path / "collective_dies-1.pt").exists()  # rank 1 died before saving
+    survivor = torch.load(tmp_path / "collective_dies-0.pt", weights_only=False)
+    assert survivor.get("error") is not None, "rank 0 finished a load its peer left"
+    assert survivor["seconds"] < timeout.total_seconds() + 10

@@ -22,6 +22,7 @@ from ..io import NAMES, Strategy, make_strategy
 from ..io.auto import choose, gather
 from ..place import parse_device
 from .collective import exchange
+from .direct import read_direct
 from .parts import Axis, normalize, part_shape
 from .plan import Index, PlanFn
 from .sync import Peers
@@ -131,7 +132,6 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
                 report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
                 report.bytes_received = traffic.received
             else:
-                from .direct import read_direct
                 report.bytes_read = read_direct(layout, mine, reader, budget=budget,
                                                 max_gap=max_gap, device=target, local=local)
             error = None

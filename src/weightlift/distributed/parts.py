@@ -2,7 +2,8 @@
 
 The collective mode moves tensors in runs of whole rows (contiguous bytes); each rank then needs
 the rows of its part inside the run, and in them its columns. ``Axis`` is one dimension of an index
-with negative and open bounds resolved, so that intersection is plain arithmetic.
+(from ``slicing``, which ``get_slice`` uses too) with negative and open bounds resolved, so that
+intersection is plain arithmetic.
 """
 
 from __future__ import annotations
@@ -12,55 +13,32 @@ from dataclasses import dataclass
 
 from ..errors import PlacementError
 from ..format import TensorInfo
+from ..slicing import Axis
+from ..slicing import normalize as normalize_index
 from .plan import Index
 
 
-@dataclass(frozen=True)
-class Axis:
-    """Positions ``start + k * step`` for ``k < count``; ``keep`` is False for an int index (the
-    dimension is dropped from the result, as in numpy)."""
-
-    start: int
-    step: int
-    count: int
-    keep: bool
-
-    def take(self, offset: int = 0) -> slice | int:
-        """The index selecting these positions, in a tensor whose first position is ``offset``."""
-        first = self.start - offset
-        if not self.keep:
-            return first
-        if self.count == 0:
-            return slice(first, first)
-        return slice(first, first + (self.count - 1) * self.step + 1, self.step)
+def take(axis: Axis, offset: int = 0) -> slice | int:
+    """The index selecting ``axis``'s positions in a tensor whose first position is ``offset``."""
+    first = axis.start - offset
+    if not axis.keep:
+        return first
+    if axis.count == 0:
+        return slice(first, first)
+    return slice(first, first + (axis.count - 1) * axis.step + 1, axis.step)
 
 
 def normalize(index: Index, info: TensorInfo) -> tuple[Axis, ...]:
-    """One ``Axis`` per dimension of ``info``; raises on what a basic numpy index cannot be."""
-    if not isinstance(index, tuple):
-        raise PlacementError(f"the plan returned {index!r}; an index is a tuple of slices and ints "
-                             "(() for the whole tensor) or None", tensor=info.name)
-    if len(index) > len(info.shape):
-        raise PlacementError(f"index {index!r} has more entries than shape {list(info.shape)} "
-                             "has dimensions", tensor=info.name)
-    axes = []
-    for dim, size in enumerate(info.shape):
-        item = index[dim] if dim < len(index) else slice(None)
-        if isinstance(item, slice):
-            start, stop, step = item.indices(size)
-            if step <= 0:
-                raise PlacementError(f"index {index!r}: steps must be positive", tensor=info.name)
-            axes.append(Axis(start, step, len(range(start, stop, step)), True))
-        elif isinstance(item, int) and not isinstance(item, bool):
-            position = item + size if item < 0 else item
-            if not 0 <= position < size:
-                raise PlacementError(f"index {index!r}: {item} is out of range for dimension {dim} "
-                                     f"of size {size}", tensor=info.name)
-            axes.append(Axis(position, 1, 1, False))
-        else:
-            raise PlacementError(f"index {index!r}: {item!r} is neither a slice nor an int",
-                                 tensor=info.name)
-    return tuple(axes)
+    """One ``Axis`` per dimension of ``info``; a ``PlacementError`` for what cannot be a part."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(item is None for item in items):
+        raise PlacementError(f"the plan's index {index!r} adds an axis (None); a part of a tensor "
+                             "can only select from it", tensor=info.name)
+    try:
+        axes, _ = normalize_index(info.shape, index, info.name)
+    except (IndexError, ValueError, TypeError) as exc:
+        raise PlacementError(f"the plan's index {index!r} does not fit: {exc}") from None
+    return axes
 
 
 def part_shape(axes: tuple[Axis, ...]) -> tuple[int, ...]:
@@ -91,6 +69,6 @@ def part_in_rows(axes: tuple[Axis, ...], info: TensorInfo, r0: int, r1: int) -> 
     nbytes = math.prod(shape) * info.dtype.itemsize
     if nbytes == 0:
         return None
-    src = (rows.take(r0), *(axis.take() for axis in rest))
+    src = (take(rows, r0), *(take(axis) for axis in rest))
     dst = (slice(lo, hi),) if first.keep else ()
     return Part(src, dst, shape, nbytes)
