@@ -1,0 +1,198 @@
+"""``load_into``: fill an existing module's parameters and buffers straight from a checkpoint.
+
+Each tensor is copied from the read buffers into the module's own storage (converting floating
+dtypes on the way, like ``load_state_dict``), so no state dict is ever built next to the model.
+Tensors on the ``meta`` device (or on another device than ``device=``) get fresh storage on the
+target device, which is then filled the same way and put in place of the old tensor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from . import api
+from .checkpoint import Layout, Source, resolve
+from .errors import PlacementError
+from .format import TensorInfo
+from .place import parse_device
+
+
+class LoadIntoResult(NamedTuple):
+    """Like ``load_state_dict``'s result: keys the module has that the checkpoint lacks, and the
+    reverse."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+@dataclass
+class Slot:
+    """One tensor of the module, under every name it has (tied weights share one slot)."""
+
+    names: list[str]
+    owners: list[tuple[torch.nn.Module, str]]
+    tensor: torch.Tensor
+    is_parameter: bool
+    persistent: bool
+
+
+def module_slots(module: torch.nn.Module) -> list[Slot]:
+    """Every parameter and buffer, grouped by identity, in module order."""
+    slots: dict[int, Slot] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        tensors = [(name, t, True) for name, t in owner._parameters.items()]
+        tensors += [(name, t, False) for name, t in owner._buffers.items()]
+        for attr, tensor, is_parameter in tensors:
+            if tensor is None:
+                continue
+            persistent = is_parameter or attr not in owner._non_persistent_buffers_set
+            slot = slots.get(id(tensor))
+            if slot is None:
+                slot = slots[id(tensor)] = Slot([], [], tensor, is_parameter, persistent)
+            if (owner, attr) not in [(o, a) for o, a in slot.owners]:
+                slot.owners.append((owner, attr))
+                slot.names.append(f"{dot}{attr}")
+            slot.persistent = slot.persistent or persistent
+    return list(slots.values())
+
+
+def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
+              strategy: str = "auto", device: str | torch.device | None = None
+              ) -> LoadIntoResult:
+    """Copy a checkpoint into ``module``'s parameters and buffers, in place.
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        weightlift.load_into(model, "Llama-3-8B/", device="cuda")
+
+    Names must match the module's ``state_dict`` keys. ``strict``: raise when the module has keys
+    the checkpoint lacks or the reverse (otherwise return them). Shapes must always match; floating
+    dtypes are converted to the module's, other dtypes must match. Tied weights are loaded once,
+    from whichever of their names the checkpoint holds. Tensors on ``meta`` are created on
+    ``device`` (default CPU) and filled; with ``device`` set, every tensor ends up there. A meta
+    tensor the checkpoint does not hold (e.g. a non-persistent buffer) cannot be given values: it
+    is reported as missing, and created uninitialised when ``strict=False``.
+    """
+    target = parse_device(device) if device is not None else None
+    with resolve(source) as layout:
+        slots = module_slots(module)
+        plan = _match(module, slots, layout, target, strict)
+        for group, destinations in plan.by_device.items():
+            _read(layout, destinations, parse_device(group), strategy)
+        _install(plan, target)
+    return LoadIntoResult(plan.missing, plan.unexpected)
+
+
+@dataclass
+class _Plan:
+    #: device → checkpoint name → tensor to fill (the module's own storage, or a fresh one).
+    by_device: dict[str, dict[str, torch.Tensor]]
+    #: slot → the fresh tensor that replaces the module's (meta or moved tensors).
+    fresh: list[tuple[Slot, torch.Tensor]]
+    #: slots not loaded from the checkpoint.
+    unloaded: list[Slot]
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _match(module: torch.nn.Module, slots: list[Slot], layout: Layout,
+           target: torch.device | None, strict: bool) -> _Plan:
+    entries = layout.entries
+    known: set[str] = set()
+    plan = _Plan(defaultdict(dict), [], [], [], [])
+    problems: list[str] = []
+    for slot in slots:
+        known.update(slot.names if slot.persistent else [])
+        present = [name for name in slot.names if name in entries] if slot.persistent else []
+        if not present:
+            plan.unloaded.append(slot)
+            if slot.persistent or slot.tensor.is_meta:
+                plan.missing.extend(slot.names)
+            continue
+        name = present[0]  # tied weights: one name is enough
+        problem = _check(name, entries[name].info, slot.tensor)
+        if problem:
+            problems.append(problem)
+            continue
+        dest = slot.tensor.detach()
+        home = target or (torch.device("cpu") if dest.is_meta else dest.device)
+        if dest.is_meta or dest.device != home:
+            dest = torch.empty(dest.shape, dtype=dest.dtype, device=home)
+            plan.fresh.append((slot, dest))
+        elif not dest.is_contiguous():
+            problems.append(f"{name}: the module's tensor is not contiguous")
+            continue
+        plan.by_device[str(home)][name] = dest
+    plan.unexpected = sorted(set(entries) - known)
+    kind = type(module).__name__
+    if problems:
+        raise PlacementError(f"cannot load into {kind}: " + "; ".join(problems), path=layout.root)
+    if strict and (plan.missing or plan.unexpected):
+        raise PlacementError(_key_message(kind, plan), path=layout.root)
+    return plan
+
+
+def _check(name: str, info: TensorInfo, tensor: torch.Tensor) -> str | None:
+    if tuple(tensor.shape) != info.shape:
+        return (f"size mismatch for {name}: the checkpoint has shape {list(info.shape)}, the "
+                f"module {list(tensor.shape)}")
+    stored = info.dtype.torch
+    if stored != tensor.dtype and not (stored.is_floating_point and tensor.dtype.is_floating_point):
+        return (f"dtype mismatch for {name}: the checkpoint has {info.dtype.name} ({stored}), the "
+                f"module {tensor.dtype}; only floating dtypes are converted")
+    return None
+
+
+def _key_message(kind: str, plan: _Plan) -> str:
+    parts = [f"cannot load into {kind} (strict=True)"]
+    meta = [n for s in plan.unloaded if s.tensor.is_meta and not s.persistent for n in s.names]
+    absent = [name for name in plan.missing if name not in meta]
+    if absent:
+        parts.append(f"missing key(s) in the checkpoint: {_names(absent)}")
+    if meta:
+        parts.append(f"non-persistent buffer(s) on the meta device, which no checkpoint holds: "
+                     f"{_names(meta)}; create them on a real device, or pass strict=False and "
+                     "initialise them after the load")
+    if plan.unexpected:
+        parts.append(f"unexpected key(s) in the checkpoint: {_names(plan.unexpected)}")
+    return "; ".join(parts)
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f'"{n}"' for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.device,
+          strategy: str) -> None:
+    with torch.no_grad():
+        for _ in api._run(layout, keys=list(destinations), device=device, strategy=strategy,
+                          dtype=None, streaming=False, destinations=destinations):
+            pass
+
+
+def _install(plan: _Plan, target: torch.device | None) -> None:
+    """Put fresh tensors in the module, and bring what was not loaded to ``target``."""
+    replacements = list(plan.fresh)
+    for slot in plan.unloaded:
+        tensor = slot.tensor.detach()
+        home = target or (torch.device("cpu") if tensor.is_meta else tensor.device)
+        if tensor.is_meta:
+            replacements.append((slot, torch.empty(tensor.shape, dtype=tensor.dtype, device=home)))
+        elif tensor.device != home:
+            replacements.append((slot, tensor.to(home)))
+    for slot, tensor in replacements:
+        value: torch.Tensor = tensor
+        if slot.is_parameter:
+            value = torch.nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
+        for owner, attr in slot.owners:
+            table = owner._parameters if slot.is_parameter else owner._buffers
+            table[attr] = value
+
+
+__all__ = ["LoadIntoResult", "load_into", "module_slots"]
