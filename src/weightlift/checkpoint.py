@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from .errors import CheckpointError, ReadError
 from .format import Header, TensorInfo, open_regular, read_header
+from .hub import resolve_source, trusted_root
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -105,6 +106,7 @@ class Layout:
 
 def resolve(source: Source) -> Layout:
     """Turn a user's source into an open, validated ``Layout``."""
+    source = resolve_source(source) or source  # hf://org/name, models--org--name directories
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
             raise CheckpointError("the checkpoint path is empty")
@@ -177,7 +179,7 @@ def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
         raise CheckpointError(f"shard {name!r} climbs out of the checkpoint directory with '..'",
                               path=index_path)
     candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
-    real_root = os.path.realpath(directory)
+    real_root = os.path.realpath(trusted_root(directory))  # an HF snapshot links into its repo
     real = os.path.realpath(candidate)
     if os.path.commonpath([real_root, real]) != real_root:
         raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
