@@ -1,8 +1,8 @@
 """Collective mode: every byte is read from storage by exactly one rank, then moved by collectives.
 
 For shared storage that is slow per reader (network file systems, object-store mounts), N ranks
-each reading their slices would fetch the strided tensors N times. Here the needed tensors are cut
-into runs of whole rows (``Unit``s, each at most a chunk), and the runs are dealt out as
+each reading their slices would fetch the strided tensors N times. Here the rows some rank needs
+are cut into runs of whole rows (``Unit``s, each at most a chunk), and the runs are dealt out as
 contiguous, byte-balanced stretches of the files, so each rank reads one region front to back.
 
 The load proceeds in rounds: in round k every rank reads its k-th run (the next is read ahead in
@@ -55,10 +55,11 @@ class Traffic:
     received: int = 0
 
 
-def plan_units(entries: Sequence[Entry], chunk: int, world: int) -> list[Unit]:
-    """Runs of rows of at most ``chunk`` bytes (one row if a row is larger), in file order, each
-    owned by the rank whose equal share of the total bytes holds the run's middle."""
-    runs = [(entry, r0, r1) for entry in entries for r0, r1 in _row_runs(entry.info, chunk)]
+def plan_units(entries: Sequence[tuple[Entry, int, int]], chunk: int, world: int) -> list[Unit]:
+    """Runs of at most ``chunk`` bytes (one row if a row is larger) of rows ``[lo, hi)`` of each
+    entry, in file order, each owned by the rank whose equal share of the bytes holds its middle."""
+    runs = [(entry, r0, r1) for entry, lo, hi in entries
+            for r0, r1 in _row_runs(entry.info, chunk, lo, hi)]
     total = sum(_run_entry(entry, r0, r1).info.nbytes for entry, r0, r1 in runs)
     units = []
     done = 0
@@ -70,12 +71,23 @@ def plan_units(entries: Sequence[Entry], chunk: int, world: int) -> list[Unit]:
     return units
 
 
-def _row_runs(info: TensorInfo, chunk: int) -> list[tuple[int, int]]:
+def _row_runs(info: TensorInfo, chunk: int, lo: int, hi: int) -> list[tuple[int, int]]:
     if not info.shape:
         return [(0, 1)]
-    rows = info.shape[0]
-    per = max(1, chunk // (info.nbytes // rows))
-    return [(r0, min(r0 + per, rows)) for r0 in range(0, rows, per)]
+    per = max(1, chunk // (info.nbytes // info.shape[0]))
+    return [(r0, min(r0 + per, hi)) for r0 in range(lo, hi, per)]
+
+
+def needed_rows(info: TensorInfo, parts: Sequence[tuple[Axis, ...] | None]) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` spanning every rank's part (``lo == hi``: no rank needs a byte)."""
+    if not info.nbytes:
+        return 0, 0
+    spans = [(axes[0].start, axes[0].start + (axes[0].count - 1) * axes[0].step + 1) if axes
+             else (0, 1) for axes in parts
+             if axes is not None and all(axis.count for axis in axes)]
+    if not spans:
+        return 0, 0
+    return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
 def _run_entry(entry: Entry, r0: int, r1: int) -> Entry:
@@ -95,9 +107,10 @@ def exchange(peers: Peers, layout: Layout, wanted: Wanted, local: dict[str, torc
     read; an error while moving data surfaces on the other ranks as the group's timeout at worst.
     """
     chunk = max(ALIGN, budget // CHUNKS_IN_BUDGET)
-    needed = [entry for entry in iter_entries(layout, wanted) if entry.info.nbytes
-              and any(axes is not None for axes in wanted[entry.name])]
-    units = plan_units(needed, chunk, peers.world)
+    spans = [(entry, *needed_rows(entry.info, wanted[entry.name]))
+             for entry in iter_entries(layout, wanted)]
+    units = plan_units([(entry, lo, hi) for entry, lo, hi in spans if hi > lo], chunk,
+                       peers.world)
     by_owner = [[unit for unit in units if unit.owner == owner] for owner in range(peers.world)]
     mine = by_owner[peers.rank]
     traffic = Traffic(read=sum(unit.run.info.nbytes for unit in mine))

@@ -21,7 +21,7 @@ from ..format import TensorInfo
 from ..io import NAMES, Strategy, make_strategy
 from ..io.auto import choose, gather
 from ..place import parse_device
-from .collective import exchange
+from .collective import Traffic, exchange
 from .direct import read_direct
 from .parts import Axis, normalize, part_shape
 from .plan import Index, PlanFn
@@ -120,15 +120,7 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
                                copying=mode == "collective" or target.type != "cpu",
                                report=report)
             if mode == "collective":
-                wanted = {entry.name: [_axes(indices[rank][entry.name], entry.info)
-                                       for rank in range(peers.world)]
-                          for entry in iter_entries(layout)}
-                for entry in needed:
-                    axes = wanted[entry.name][peers.rank]
-                    assert axes is not None
-                    local[entry.name] = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch,
-                                                    device=target)
-                traffic = exchange(peers, layout, wanted, local, reader, budget)
+                traffic = _collective(peers, layout, indices, reader, budget, target, local)
                 report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
                 report.bytes_received = traffic.received
             else:
@@ -162,6 +154,21 @@ def _indices(layout: Layout, plan: PlanFn, rank: int, world: int) -> dict[str, I
             normalize(index, entry.info)
         out[entry.name] = index
     return out
+
+
+def _collective(peers: Peers, layout: Layout, indices: dict[int, dict[str, Index | None]],
+                reader: Strategy, budget: int, device: torch.device,
+                local: dict[str, torch.Tensor]) -> Traffic:
+    """Allocate this rank's parts, then fill them from every rank's reads."""
+    wanted: dict[str, list[tuple[Axis, ...] | None]] = {}
+    for entry in iter_entries(layout):
+        wanted[entry.name] = [_axes(indices[rank][entry.name], entry.info)
+                              for rank in range(peers.world)]
+        axes = wanted[entry.name][peers.rank]
+        if axes is not None:
+            local[entry.name] = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch,
+                                            device=device)
+    return exchange(peers, layout, wanted, local, reader, budget)
 
 
 def _axes(index: Index | None, info: TensorInfo) -> tuple[Axis, ...] | None:
