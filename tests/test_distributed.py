@@ -31,7 +31,7 @@ from weightlift.distributed import (
     llama_plan,
     load_sharded,
 )
-from weightlift.distributed.direct import extents
+from weightlift.distributed.direct import extents, gather
 from weightlift.distributed.parts import normalize, part_in_rows
 from weightlift.errors import PlacementError, ReadError
 from weightlift.format import DTYPES, TensorInfo
@@ -426,3 +426,16 @@ def test_a_rank_dying_mid_load_stops_the_others_by_the_group_timeout(
     survivor = torch.load(tmp_path / "collective_dies-0.pt", weights_only=False)
     assert survivor.get("error") is not None, "rank 0 finished a load its peer left"
     assert survivor["seconds"] < timeout.total_seconds() + 10
+
+
+@pytest.mark.parametrize("ranges", [
+    [(110, 114), (120, 124), (130, 134)],          # evenly spaced: one strided copy
+    [(110, 114), (116, 120), (150, 154)],          # one length, uneven spacing: one gather
+    [(100, 101), (105, 120), (190, 200)],          # mixed lengths: range by range
+])
+def test_gather_copies_ranges_in_order(ranges: list[tuple[int, int]]) -> None:
+    src = torch.randint(0, 256, (100,), dtype=torch.uint8)  # holds file bytes 100..199
+    want = torch.cat([src[a - 100:b - 100] for a, b in ranges])
+    dest = torch.empty_like(want)
+    gather(src, 100, ranges, dest)
+    assert torch.equal(dest, want)

@@ -110,13 +110,17 @@ def read_direct(layout: Layout, indices: Mapping[str, Index | None], strategy: S
 
 def gather(src: torch.Tensor, base: int, ranges: Sequence[Range], dest: torch.Tensor) -> None:
     """Copy ``ranges`` (file offsets; ``src`` holds the file from ``base`` on) one after another
-    into ``dest``; evenly spaced ranges of one length are a single strided copy."""
+    into ``dest``. Ranges of one length (what a slice is made of) take a single strided copy when
+    evenly spaced, else one gather; only mixed lengths copy range by range."""
     length = ranges[0][1] - ranges[0][0]
-    step = ranges[1][0] - ranges[0][0] if len(ranges) > 1 else length
-    if all(end - start == length and start == ranges[0][0] + i * step
-           for i, (start, end) in enumerate(ranges)):
-        rows = src.as_strided((len(ranges), length), (step, 1),
-                              src.storage_offset() + ranges[0][0] - base)
-        dest.view(len(ranges), length).copy_(rows)
+    if any(end - start != length for start, end in ranges):
+        torch.cat([src[start - base:end - base] for start, end in ranges], out=dest)
         return
-    torch.cat([src[start - base:end - base] for start, end in ranges], out=dest)
+    rows = dest.view(len(ranges), length)
+    step = ranges[1][0] - ranges[0][0] if len(ranges) > 1 else length
+    if all(start == ranges[0][0] + i * step for i, (start, _) in enumerate(ranges)):
+        rows.copy_(src.as_strided((len(ranges), length), (step, 1),
+                                  src.storage_offset() + ranges[0][0] - base))
+        return
+    starts = torch.tensor([start - base for start, _ in ranges], dtype=torch.int64)
+    torch.index_select(src.unfold(0, length, 1), 0, starts, out=rows)

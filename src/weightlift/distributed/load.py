@@ -116,9 +116,7 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
                              checkpoint_bytes=layout.total_bytes)
         local: dict[str, torch.Tensor] = {}
         try:
-            reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed),
-                               copying=mode == "collective" or target.type != "cpu",
-                               report=report)
+            reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed), report)
             if mode == "collective":
                 traffic = _collective(peers, layout, indices, reader, budget, target, local)
                 report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
@@ -175,16 +173,19 @@ def _axes(index: Index | None, info: TensorInfo) -> tuple[Axis, ...] | None:
     return None if index is None else normalize(index, info)
 
 
-def _strategy(strategy: str | Strategy, layout: Layout, nbytes: int, *, copying: bool,
-              report: ShardReport) -> Strategy:
+def _strategy(strategy: str | Strategy, layout: Layout, nbytes: int, report: ShardReport
+              ) -> Strategy:
     """The requested (or ``auto``-chosen) strategy, prepared as ``load`` does (``stream`` where
-    O_DIRECT fails)."""
+    O_DIRECT fails).
+
+    Both modes hand read buffers to their consumer before the strategy is told they are consumed,
+    so a mapping must not drop its pages then (``copying=False``)."""
     if isinstance(strategy, Strategy):
         chosen, report.reason = strategy, "given as an object"
     elif strategy == "auto":
-        choice = choose(gather(layout.shards, total_bytes=nbytes, device="cpu", copying=copying))
-        chosen, report.reason = make_strategy(choice.strategy, copying=copying), choice.reason
+        choice = choose(gather(layout.shards, total_bytes=nbytes, device="cpu", copying=False))
+        chosen, report.reason = make_strategy(choice.strategy), choice.reason
     else:
-        chosen, report.reason = make_strategy(strategy, copying=copying), "requested"
+        chosen, report.reason = make_strategy(strategy), "requested"
     report.strategy = chosen.name
     return prepare(chosen, layout, report)  # type: ignore[arg-type]  # uses .strategy, .fallbacks
