@@ -1,4 +1,5 @@
-"""weightlift doctor through the CLI entry point: a checkpoint on tmpfs vs. one on a disk file system.
+"""weightlift doctor through the CLI entry point: a checkpoint on tmpfs vs. one on a disk file
+system.
 
 Oracles are independent of the code under test: /proc/self/mounts read here, an O_DIRECT open
 and read done here, getrlimit, and the page cache state the test sets up (written to tmpfs,

@@ -370,7 +370,8 @@ def test_weightlift_torch_does_not_shadow_torch() -> None:
     assert sys.modules["weightlift.torch"] is wtorch
     assert wtorch.torch is torch
     for module in pkgutil.walk_packages(weightlift.__path__, "weightlift."):
-        if module.name.startswith(("weightlift.bench", "weightlift.distributed", "weightlift.__main__")):
+        if module.name.startswith(("weightlift.bench", "weightlift.distributed",
+                                   "weightlift.__main__")):
             continue  # heavy optional parts; they import torch the same way
         loaded = importlib.import_module(module.name)
         if "torch" in vars(loaded) and loaded is not wtorch and module.name != "weightlift":

@@ -64,9 +64,12 @@ def to_numpy(tensor: torch.Tensor, dtype_name: str) -> np.ndarray:
 class safe_open:  # noqa: N801 - the name safetensors users already import
     """Open a checkpoint lazily; tensors are read when asked for.
 
-    ``framework``: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only). ``device``: a torch
-    device, a device string, or a CUDA index like the reference's ``device=0``. ``strategy``: how
-    bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``).
+    ``framework``: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only). ``device``: a
+    torch device, a device string, or a CUDA index like the reference's ``device=0``.
+    ``strategy``: how bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``).
+
+    Slices are read with one strategy prepared on first use and kept until ``close``. Unlike the
+    reference, a handle refuses use after its ``with`` block, slices included.
     """
 
     def __init__(self, filename: Source, framework: str = "pt",

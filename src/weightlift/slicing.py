@@ -42,7 +42,8 @@ class Axis:
 
 @dataclass(frozen=True)
 class SlicePlan:
-    """What ``tensor[index]`` is: its ``shape`` and the file ``ranges`` holding its bytes in order."""
+    """What ``tensor[index]`` is: its ``shape``, and the file ``ranges`` holding its bytes in
+    order."""
 
     shape: tuple[int, ...]
     ranges: tuple[Range, ...]
