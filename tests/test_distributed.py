@@ -439,3 +439,18 @@ def test_gather_copies_ranges_in_order(ranges: list[tuple[int, int]]) -> None:
     dest = torch.empty_like(want)
     gather(src, 100, ranges, dest)
     assert torch.equal(dest, want)
+
+
+def test_a_transformers_checkpoint_loads_sharded_in_both_modes(llama_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """The shards and index ``save_pretrained`` writes, names and layout as real models have."""
+    full: dict[str, torch.Tensor] = {}
+    for file in sorted(llama_dir.glob("*.safetensors")):
+        full.update(load_file(str(file)))
+    run_group(2, llama_dir, tmp_path, ["direct", "collective"])
+    for scenario in ("direct", "collective"):
+        for rank in range(2):
+            result = torch.load(tmp_path / f"{scenario}-{rank}.pt", weights_only=False)
+            assert "error" not in result, result.get("trace")
+            assert_bit_exact(result["state"], expected_llama(full, rank, 2))
+            assert result["report"]["checkpoint_bytes"] == nbytes(full)
