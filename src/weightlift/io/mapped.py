@@ -42,6 +42,7 @@ class MmapStrategy(Strategy):
                 self.maps.append(mmap.mmap(shard.fd, shard.header.file_size,
                                            access=mmap.ACCESS_COPY))
             except (OSError, ValueError) as exc:
+                shard.check_unchanged()  # a file that shrank since its header was read: say so
                 raise ReadError(f"cannot map the file: {exc}", path=shard.path) from exc
 
     def view(self, shard: int, start: int, end: int) -> torch.Tensor:
@@ -65,9 +66,10 @@ class MmapStrategy(Strategy):
                 if exc.errno != errno.EINVAL:
                     # EFAULT/EIO: a page could not be read (I/O error, file truncated). Touching
                     # it would raise SIGBUS and kill the process; report it instead.
-                    raise ReadError(f"reading the mapped range [{lo}, {end}) failed: "
-                                    f"{exc.strerror or exc}", path=self.shards[shard].path
-                                    ) from exc
+                    why = ("a page could not be read: I/O error, or the file shrank"
+                           if exc.errno == errno.EFAULT else exc.strerror or str(exc))
+                    raise ReadError(f"read of {end - lo} bytes at offset {lo} (mapped) failed: "
+                                    f"{why}", path=self.shards[shard].path) from exc
                 self.populate_ok = False  # kernel older than 5.14: touch the pages instead
         mm = self.maps[shard]
         for offset in range(lo, end, PAGE):
