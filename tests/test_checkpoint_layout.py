@@ -21,13 +21,15 @@ from safetensors.torch import save_file
 from weightlift.checkpoint import Layout, iter_entries, resolve
 from weightlift.errors import CheckpointError, FormatError
 
+from test_format_validation import safetensors_view as reference_view
+
 INDEX = "model.safetensors.index.json"
 
 
 def safetensors_view(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """name → (dtype, shape) as the safetensors package reads ``path``."""
-    with safe_open(str(path), "pt") as f:
-        return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    view = reference_view(path)
+    assert isinstance(view, dict), view
+    return view
 
 
 def layout_view(layout: Layout) -> dict[str, tuple[str, list[int]]]:

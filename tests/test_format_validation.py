@@ -267,10 +267,21 @@ def test_shape_size_overflow_is_rejected(tmp_path: Path, shape: list[int]) -> No
     assert str(shape) in str(err)
 
 
-def test_huge_dimensions_after_a_zero_are_accepted(tmp_path: Path) -> None:
-    blob = safetensors_bytes({"w": entry("U8", [0, 2**40, 2**40], [0, 0])})
+def test_huge_dimensions_before_a_zero_are_accepted(tmp_path: Path) -> None:
+    blob = safetensors_bytes({"w": entry("U8", [2**40, 2**20, 0], [0, 0])})
     header = assert_accepted(tmp_path, blob)
     assert header.tensors[0].numel == 0 and header.tensors[0].nbytes == 0
+
+
+@pytest.mark.parametrize("shape", [[0, 2**40, 2**40], [0, 2**63], [2**64 - 1, 0]])
+def test_empty_tensor_torch_cannot_hold_is_rejected_deliberately(tmp_path: Path,
+                                                                  shape: list[int]) -> None:
+    # Valid safetensors, but torch keeps sizes and strides in int64: torch.empty(shape) fails.
+    blob = safetensors_bytes({"w": entry("U8", shape, [0, 0])})
+    assert_rejected(tmp_path, blob, "cannot be a torch tensor", tensor="w", oracle=False)
+    assert isinstance(safetensors_view(tmp_path / "model.safetensors"), dict)
+    with pytest.raises((RuntimeError, TypeError)):
+        torch.empty(shape, dtype=torch.uint8)
 
 
 @pytest.mark.parametrize("offsets", [[0, 1.0], [0.0, 1], ["0", 1], [None, 1], [True, 1], [-1, 0]])

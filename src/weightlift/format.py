@@ -26,6 +26,8 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_DIMS = 64
 #: numel × itemsize must fit in the reference implementation's usize.
 MAX_TENSOR_BYTES = 2**64 - 1
+#: torch sizes and strides are int64.
+TORCH_INDEX_MAX = 2**63 - 1
 #: The reference parser (serde_json) refuses JSON nested deeper than this, even in ignored fields.
 MAX_JSON_DEPTH = 127
 #: Integers the reference parser reads as integers; others become floats (so invalid as sizes).
@@ -321,6 +323,7 @@ def _parse_entry(name: str, entry: Any, data_start: int, path: str) -> TensorInf
     shape = _parse_shape(entry["shape"], name, path)
     begin, end = _parse_offsets(entry["data_offsets"], name, path)
     nbytes = _checked_nbytes(shape, dtype, name, path)
+    _check_torch_strides(shape, name, path)
     if end - begin != nbytes:
         raise FormatError(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
                           f"{list(shape)} of {dtype.name} needs {nbytes}", path=path, tensor=name)
@@ -340,6 +343,18 @@ def _checked_nbytes(shape: tuple[int, ...], dtype: DType, name: str, path: str) 
         raise FormatError(f"shape {list(shape)} of {dtype.name} is too large: numel × element "
                           "size overflows 64 bits", path=path, tensor=name)
     return count * dtype.itemsize
+
+
+def _check_torch_strides(shape: tuple[int, ...], name: str, path: str) -> None:
+    """torch keeps sizes and contiguous strides in int64: an empty tensor such as
+    ``[0, 2**40, 2**40]`` is valid safetensors but no torch tensor, so refuse it here rather than
+    fail in the middle of a load."""
+    stride = 1
+    for dim in reversed(shape):
+        if dim > TORCH_INDEX_MAX or stride > TORCH_INDEX_MAX:
+            raise FormatError(f"shape {list(shape)} cannot be a torch tensor: a size or stride "
+                              f"exceeds 2**63 - 1", path=path, tensor=name)
+        stride *= max(dim, 1)
 
 
 def _parse_dtype(value: Any, name: str, path: str) -> DType:
