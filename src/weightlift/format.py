@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ MAX_TENSOR_BYTES = 2**64 - 1
 TORCH_INDEX_MAX = 2**63 - 1
 #: The reference parser (serde_json) refuses JSON nested deeper than this, even in ignored fields.
 MAX_JSON_DEPTH = 127
+#: Where a JSON string may hold a UTF-16 surrogate escape; a header without one needs no check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: Integers the reference parser reads as integers; others become floats (so invalid as sizes).
 _INT_RANGE = range(-(2**63), 2**64)
 
@@ -206,16 +209,20 @@ def _decode_json(raw: bytes, path: str) -> dict[str, Any]:
         raise FormatError(f"header is not valid UTF-8 (byte {exc.start})", path=path) from None
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise FormatError(f"header has the key {key!r} twice", path=path)
-            out[key] = value
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise FormatError(f"header has the key {key!r} twice", path=path)
+                seen.add(key)
         return out
 
     def integer(literal: str) -> int | float:
         # As serde_json: integers outside i64/u64 (and "-0") are floats, so never a valid size;
         # and Python's int() would refuse literals over 4300 digits with a bare ValueError.
+        if len(literal) < 19 and literal != "-0":  # the common case, inside i64 for sure
+            return int(literal)
         if len(literal) <= 21:
             value = int(literal)
             if value in _INT_RANGE and literal != "-0":
@@ -239,7 +246,7 @@ def _decode_json(raw: bytes, path: str) -> dict[str, Any]:
         raise FormatError("header JSON is nested too deeply", path=path) from None
     if not isinstance(obj, dict):
         raise FormatError(f"header is {_json_kind(obj)}, not a JSON object", path=path)
-    _check_json_values(obj, path)
+    _check_json_values(obj, raw, path)
     return obj
 
 
@@ -247,32 +254,32 @@ def _reject_constant(name: str, path: str) -> None:
     raise FormatError(f"header contains the non-standard JSON constant {name}", path=path)
 
 
-def _check_json_values(obj: dict[str, Any], path: str) -> None:
+def _check_json_values(obj: dict[str, Any], raw: bytes, path: str) -> None:
     """Refuse what the reference parser refuses anywhere in the header, ignored fields included:
     nesting deeper than ``MAX_JSON_DEPTH`` and strings with an unpaired ``\\uD800``-style escape
-    (not text, so not encodable as UTF-8)."""
+    (not text, so not encodable as UTF-8). Only containers are visited: this runs on every load."""
+    texts = _SURROGATE_ESCAPE.search(raw) is not None
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value, path)
-            continue
-        if not isinstance(value, (dict, list)):
-            continue
         if depth > MAX_JSON_DEPTH:
             raise FormatError(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep",
                               path=path)
         if isinstance(value, dict):
-            for key, item in value.items():
-                _check_text(key, path)
-                stack.append((item, depth + 1))
+            if texts:
+                for key in value:
+                    _check_text(key, path)
+            items = value.values()
         else:
-            stack.extend((item, depth + 1) for item in value)
+            items = value
+        for item in items:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+            elif texts and isinstance(item, str):
+                _check_text(item, path)
 
 
 def _check_text(value: str, path: str) -> None:
-    if value.isascii():
-        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
