@@ -202,20 +202,30 @@ def test_directory_in_a_list(tmp_path: Path) -> None:
     assert_refused([tmp_path], CheckpointError, "is a directory, not a safetensors file", tmp_path)
 
 
-def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
-    fifo = tmp_path / "model.safetensors"
-    os.mkfifo(fifo)
-
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Turn a blocking open (a FIFO waits for a writer) into a failure instead of a hung run."""
     def hung(*_: object) -> None:
-        raise AssertionError("opening a FIFO blocked")
+        raise AssertionError("resolve blocked on a FIFO")
 
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(10)
     try:
-        assert_refused(fifo, CheckpointError, "not a regular file", fifo)
+        yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, no_hang: None) -> None:
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    assert_refused(fifo, CheckpointError, "not a regular file", fifo)
+
+
+def test_fifo_index_is_refused_without_waiting_for_a_writer(tmp_path: Path, no_hang: None) -> None:
+    os.mkfifo(tmp_path / INDEX)
+    assert_refused(tmp_path, CheckpointError, "index is not a regular file", tmp_path / INDEX)
 
 
 def test_empty_directory(tmp_path: Path) -> None:

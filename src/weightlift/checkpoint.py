@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,10 @@ def _resolve_dir(directory: Path) -> Layout:
 
 def _read_index(index_path: Path) -> dict[str, Any]:
     try:
-        size = index_path.stat().st_size
+        info = index_path.stat()
+        if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer
+            raise CheckpointError("index is not a regular file", path=index_path)
+        size = info.st_size
         if size > MAX_INDEX_BYTES:
             raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit",
                                   path=index_path)
