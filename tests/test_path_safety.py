@@ -1,0 +1,134 @@
+"""Index and path safety at every entry point: an index naming a shard outside the checkpoint
+directory (``..``, an absolute path, a symlinked file or directory) is refused by ``load``,
+``stream``, ``open`` and the ``weightlift info`` / ``load`` commands alike, before any
+tensor is read; a symlink that stays inside is fine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import weightlift
+from conftest import assert_same
+from test_faults import no_leaks
+from weightlift.cli import main
+from weightlift.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+
+
+def shard(path: Path, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(4, 5, generator=g) for name in names}
+    save_file(tensors, path)
+    return tensors
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """(checkpoint directory, a file outside it, the checkpoint's tensors)."""
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    tensors = shard(directory / "model-1.safetensors", ["a", "b"], 0)
+    tensors |= shard(directory / "model-2.safetensors", ["c"], 1)
+    write_index(directory, {"a": "model-1.safetensors", "b": "model-1.safetensors",
+                            "c": "model-2.safetensors"})
+    outside = tmp_path / "secret.safetensors"
+    shard(outside, ["stolen"], 2)
+    return directory, outside, tensors
+
+
+def write_index(directory: Path, weight_map: dict[str, str]) -> Path:
+    index = directory / INDEX
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def escape(directory: Path, outside: Path, how: str) -> str:
+    """Make a shard name that leads to ``outside`` in the way ``how`` says."""
+    if how == "dotdot":
+        return f"../{outside.name}"
+    if how == "dotdot-inside-a-path":
+        (directory / "sub").mkdir()
+        return f"sub/../../{outside.name}"
+    if how == "backslashes":
+        return f"..\\{outside.name}"
+    if how == "absolute":
+        return str(outside)
+    if how == "symlinked-file":
+        (directory / "link.safetensors").symlink_to(outside)
+        return "link.safetensors"
+    if how == "symlinked-directory":
+        (directory / "elsewhere").symlink_to(outside.parent)
+        return f"elsewhere/{outside.name}"
+    raise ValueError(how)
+
+
+ESCAPES = ["dotdot", "dotdot-inside-a-path", "backslashes", "absolute", "symlinked-file",
+           "symlinked-directory"]
+
+
+def _stream(source: Path) -> object:
+    return list(weightlift.stream(source))
+
+
+def _open(source: Path) -> object:
+    with weightlift.open(source) as checkpoint:
+        return checkpoint.get_tensor("stolen")
+
+
+ENTRY_POINTS: dict[str, Callable[[Path], object]] = {
+    "load": weightlift.load,
+    "stream": _stream,
+    "open": _open,
+}
+
+
+@pytest.mark.parametrize("via", ["directory", "index"])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("how", ESCAPES)
+def test_an_escaping_shard_is_refused_by_the_api(layout: tuple[Path, Path, dict], how: str,
+                                                 entry: str, via: str) -> None:
+    directory, outside, _ = layout
+    name = escape(directory, outside, how)
+    index = write_index(directory, {"a": "model-1.safetensors", "b": "model-1.safetensors",
+                                    "c": "model-2.safetensors", "stolen": name})
+    source = directory if via == "directory" else index
+    with no_leaks():
+        with pytest.raises(CheckpointError) as info:
+            ENTRY_POINTS[entry](source)
+    assert info.value.path == str(index)
+    assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["info", "load"])
+@pytest.mark.parametrize("how", ESCAPES)
+def test_an_escaping_shard_is_refused_by_the_cli(layout: tuple[Path, Path, dict], how: str,
+                                                 command: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    directory, outside, _ = layout
+    name = escape(directory, outside, how)
+    index = write_index(directory, {"a": "model-1.safetensors", "stolen": name})
+    assert main([command, str(directory)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("weightlift: error:") and len(err.splitlines()) == 1
+    assert str(index) in err and repr(name) in err
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_symlink_that_stays_inside_is_followed(layout: tuple[Path, Path, dict],
+                                                 entry: str) -> None:
+    directory, _, tensors = layout
+    (directory / "real").mkdir()
+    (directory / "model-2.safetensors").rename(directory / "real" / "model-2.safetensors")
+    (directory / "model-2.safetensors").symlink_to(directory / "real" / "model-2.safetensors")
+    if entry == "open":
+        with weightlift.open(directory) as checkpoint:
+            assert_same({"c": checkpoint.get_tensor("c")}, {"c": tensors["c"]})
+    else:
+        assert_same(dict(ENTRY_POINTS[entry](directory)), tensors)  # type: ignore[arg-type]
