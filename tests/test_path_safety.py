@@ -6,18 +6,21 @@ tensor is read; a symlink that stays inside is fine."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import weightlift
 from conftest import assert_same
 from test_faults import no_leaks
 from weightlift.cli import main
-from weightlift.errors import CheckpointError
+from weightlift.errors import CheckpointError, WeightliftError
 
 INDEX = "model.safetensors.index.json"
 
@@ -132,3 +135,43 @@ def test_a_symlink_that_stays_inside_is_followed(layout: tuple[Path, Path, dict]
             assert_same({"c": checkpoint.get_tensor("c")}, {"c": tensors["c"]})
     else:
         assert_same(dict(ENTRY_POINTS[entry](directory)), tensors)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing shard names. Longer hunt: WEIGHTLIFT_FUZZ_EXAMPLES=5000 pytest tests/test_path_safety.py
+
+SEGMENTS = ["..", ".", "", "sub", "link.safetensors", "elsewhere", "inside.safetensors",
+            "model-1.safetensors", "secret.safetensors", "ckpt", "\x00", "~", "%2e%2e"]
+
+shard_names = st.builds(
+    lambda root, parts, sep: root + sep.join(parts),
+    st.sampled_from(["", "/", "\\", "//", "C:\\"]),
+    st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6),
+    st.sampled_from(["/", "\\"]),
+)
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory with every kind of way out: symlinks to a file and a directory
+    outside, a sub-directory, and an inside symlink."""
+    root = tmp_path_factory.mktemp("playground")
+    directory = root / "ckpt"
+    (directory / "sub").mkdir(parents=True)
+    shard(directory / "model-1.safetensors", ["a"], 0)
+    shard(root / "secret.safetensors", ["stolen"], 2)
+    (directory / "link.safetensors").symlink_to(root / "secret.safetensors")
+    (directory / "elsewhere").symlink_to(root)
+    (directory / "inside.safetensors").symlink_to(directory / "model-1.safetensors")
+    return directory
+
+
+@settings(max_examples=int(os.environ.get("WEIGHTLIFT_FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=shard_names)
+def test_no_shard_name_reaches_a_file_outside(playground: Path, name: str) -> None:
+    """Whatever the index names, the tensor that lives only outside is never loaded: the index
+    is refused (the name escapes, or names a shard without that tensor)."""
+    write_index(playground, {"a": "model-1.safetensors", "stolen": name})
+    with pytest.raises(WeightliftError):
+        weightlift.load(playground)
