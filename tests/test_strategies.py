@@ -117,9 +117,18 @@ def test_auto_explains_its_choice_where_o_direct_is_refused(checkpoint: Path, no
     assert facts.direct_refused is not None and "O_DIRECT" in facts.direct_refused
 
 
-def test_auto_on_a_cold_checkpoint_reads_around_the_cache(checkpoint: Path) -> None:
-    if weightlift.io.auto.direct_refusal(weightlift.checkpoint.resolve(checkpoint).shards):
-        pytest.skip("this file system refuses O_DIRECT")
+def test_auto_on_a_cold_checkpoint_reads_around_the_cache(checkpoint: Path,
+                                                          tmp_path: Path) -> None:
+    # A fresh copy: pages some earlier test still maps could not be evicted.
+    copy = tmp_path / "model.safetensors"
+    shutil.copyfile(checkpoint, copy)
+    fd = os.open(copy, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be evicted
+    os.close(fd)
+    checkpoint = copy
+    with weightlift.checkpoint.resolve(checkpoint) as layout:
+        if weightlift.io.auto.direct_refusal(layout.shards):
+            pytest.skip("this file system refuses O_DIRECT")
     probes.evict(checkpoint)
     reports: list[weightlift.LoadReport] = []
     state = weightlift.load(checkpoint, on_report=reports.append)
