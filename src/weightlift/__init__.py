@@ -2,10 +2,15 @@
 
     import weightlift
     state = weightlift.load("path/to/checkpoint", device="cuda")
+
+Drop-ins: ``weightlift.safe_open`` (like ``safetensors.safe_open``) and
+``weightlift.torch.load_file``. Tensor-parallel loading: ``weightlift.distributed``.
 """
 
 from .api import Checkpoint, TensorDescription, load, open, stream
+from .compat import safe_open
 from .errors import CheckpointError, FormatError, PlacementError, ReadError, WeightliftError
+from .load_into import LoadIntoResult, load_into
 from .report import LoadReport
 
 __version__ = "0.1.0"
@@ -14,12 +19,15 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "FormatError",
+    "LoadIntoResult",
     "LoadReport",
     "PlacementError",
     "ReadError",
     "TensorDescription",
     "WeightliftError",
     "load",
+    "load_into",
     "open",
+    "safe_open",
     "stream",
 ]

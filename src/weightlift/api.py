@@ -1,7 +1,7 @@
 """The public loading API: ``load``, ``stream`` and ``open``.
 
 Every call runs the same four steps: resolve the source (parse + validate), choose a strategy and
-plan, read, place. ``_run`` is that path once; the public functions only differ in what they keep.
+plan, read, place. ``run_load`` is that path once; the public functions only differ in what they keep.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = Non
     ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
     the ``LoadReport`` (which also turns on memory sampling).
     """
-    return dict(_run(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
+    return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
                      on_report=on_report, streaming=False))
 
@@ -56,7 +56,7 @@ def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = N
     Tensors of CPU loads may share one buffer with their small neighbours (no copy was made).
     Closing the generator early stops the reads and releases everything at once.
     """
-    return _run(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
+    return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
                 streaming=True)
 
@@ -99,7 +99,7 @@ class Checkpoint:
 
     def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
                    dtype: DType = None) -> torch.Tensor:
-        for _, tensor in _run(self.layout, keys=[name], device=device, strategy=strategy,
+        for _, tensor in run_load(self.layout, keys=[name], device=device, strategy=strategy,
                               dtype=dtype, streaming=False, choices=self._choices):
             return tensor
         raise AssertionError("unreachable: a selected tensor is always yielded")
@@ -137,7 +137,7 @@ def parse_dtype(dtype: DType) -> torch.dtype | None:
     raise PlacementError(f"unknown dtype {dtype!r}")
 
 
-def _run(source: Source | Layout, *, keys: list[str] | None, device: Device, strategy: str,
+def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device, strategy: str,
          dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
@@ -163,7 +163,7 @@ def _run(source: Source | Layout, *, keys: list[str] | None, device: Device, str
         report = LoadReport(source=layout.index_path or layout.shards[0].path if layout.shards
                             else layout.root, device=str(target), strategy=choice.strategy,
                             reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
-        reader = _prepare(make_strategy(choice.strategy, copying=copying), layout, report)
+        reader = prepare_strategy(make_strategy(choice.strategy, copying=copying), layout, report)
         sink = make_sink(target, to_dtype, destinations) if copying else None
         monitor = Monitor([s.path for s in layout.shards]) if on_report is not None else None
         progress = _progress(on_progress, total)
@@ -200,7 +200,7 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
     return choice
 
 
-def _prepare(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
+def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
     """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
     try:
         strategy.prepare(layout.shards)

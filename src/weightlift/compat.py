@@ -110,7 +110,7 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
     def get_tensors(self) -> dict[str, Array]:
         """Every tensor, in file order, read as one load."""
         layout = self._layout()
-        tensors = api._run(layout, keys=None, device=self.device, strategy=self.strategy,
+        tensors = api.run_load(layout, keys=None, device=self.device, strategy=self.strategy,
                            dtype=None, streaming=False)
         return {name: self._convert(tensor, layout.entries[name]) for name, tensor in tensors}
 
@@ -158,8 +158,8 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
                 facts = gather(layout.shards, total_bytes=layout.total_bytes,
                                device=self.device.type, copying=False)
                 name = choose(facts).strategy
-            # _prepare falls back to stream where O_DIRECT is refused, as loads do.
-            self._reader = api._prepare(make_strategy(name), layout,
+            # prepare_strategy falls back to stream where O_DIRECT is refused, as loads do.
+            self._reader = api.prepare_strategy(make_strategy(name), layout,
                                         SimpleNamespace(strategy=name, fallbacks=[]))
         return self._reader
 

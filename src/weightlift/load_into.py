@@ -171,7 +171,7 @@ def _names(names: list[str], limit: int = 8) -> str:
 def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.device,
           strategy: str) -> None:
     with torch.no_grad():
-        for _ in api._run(layout, keys=list(destinations), device=device, strategy=strategy,
+        for _ in api.run_load(layout, keys=list(destinations), device=device, strategy=strategy,
                           dtype=None, streaming=False, destinations=destinations):
             pass
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from ..api import _prepare as prepare
+from ..api import prepare_strategy as prepare
 from ..budget import resolve_budget
 from ..checkpoint import Layout, Source, iter_entries, resolve
 from ..format import TensorInfo
