@@ -95,10 +95,13 @@ class Monitor:
         while not self._stop.wait(self.interval):
             self.rss_peak = max(self.rss_peak, probes.rss_bytes())
             if time.monotonic() >= next_cache:
+                began = time.monotonic()
                 cache = self._cache()
                 if cache is not None and self.cache_peak is not None:
                     self.cache_peak = max(self.cache_peak, cache)
-                next_cache = time.monotonic() + self.cache_interval
+                # mincore costs ~10 ms per GB: spend at most a tenth of one core on it.
+                cost = time.monotonic() - began
+                next_cache = time.monotonic() + max(self.cache_interval, 9 * cost)
 
     def finish(self, report: LoadReport) -> None:
         """Stop sampling and fill the memory fields of ``report``."""
