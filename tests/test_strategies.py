@@ -185,3 +185,22 @@ def test_streaming_stays_within_the_budget(checkpoint: Path, strategy: str) -> N
     assert measured["rss_growth"] <= budget + margin, measured
     assert measured["cache_peak_growth"] <= budget + margin, measured
     assert measured["cache_growth"] <= 1 << 20, measured
+
+
+def test_stream_keeps_what_was_cached_before_and_drops_what_it_read(checkpoint: Path,
+                                                                   tmp_path: Path) -> None:
+    copy = tmp_path / "model.safetensors"
+    shutil.copyfile(checkpoint, copy)
+    fd = os.open(copy, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    probes.evict(copy)
+    half = copy.stat().st_size // 2
+    with open(copy, "rb") as f:  # warm the first half only
+        f.read(half)
+    before = probes.resident_bytes(copy)
+    assert before >= half - (1 << 20)
+    state = weightlift.load(copy, strategy="stream")
+    after = probes.resident_bytes(copy)
+    assert abs(after - before) <= 1 << 20, (before, after)
+    assert_same(state, load_file(copy))

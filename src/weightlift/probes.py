@@ -48,32 +48,36 @@ _LIBC = _libc()
 # Page cache and process memory
 
 
-def resident_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of ``path`` currently in the page cache (mincore on a fresh read-only mapping).
+def resident_pages(fd: int) -> np.ndarray:
+    """Per page of the open file ``fd``: is it in the page cache? (mincore on a fresh mapping.)
 
     Mapping the file does not fault any page in, so the probe does not disturb what it measures.
     """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return np.zeros(0, dtype=bool)
+    addr = _LIBC.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    try:
+        vec = np.zeros((size + PAGE_SIZE - 1) // PAGE_SIZE, dtype=np.uint8)
+        if _LIBC.mincore(addr, size, vec.ctypes.data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mincore failed: {os.strerror(err)}")
+    finally:
+        _LIBC.munmap(addr, size)
+    return (vec & 1).astype(bool)
+
+
+def resident_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of ``path`` currently in the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        addr = _LIBC.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap failed: {os.strerror(err)}", os.fspath(path))
-        try:
-            pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-            vec = (ctypes.c_ubyte * pages)()
-            if _LIBC.mincore(addr, size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore failed: {os.strerror(err)}", os.fspath(path))
-            resident = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
-        finally:
-            _LIBC.munmap(addr, size)
+        return min(int(np.count_nonzero(resident_pages(fd))) * PAGE_SIZE, size)
     finally:
         os.close(fd)
-    return min(resident * PAGE_SIZE, size)
 
 
 def evict(path: str | os.PathLike[str]) -> None:

@@ -2,7 +2,8 @@
 
 Needs neither mmap nor O_DIRECT nor pinned memory, so it works on every file system. The kernel's
 read-ahead still helps; ``POSIX_FADV_DONTNEED`` on each consumed range keeps the page cache from
-growing with the checkpoint.
+growing with the checkpoint. Pages that were cached before the load stay: they are someone
+else's working set.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from .. import probes
 from ..checkpoint import Shard
 from .base import PAGE, Strategy, host_view, pread_into
 
@@ -24,37 +27,63 @@ class StreamStrategy(Strategy):
     def __init__(self, evict: bool = True) -> None:
         super().__init__()
         self.evict = evict
+        self.cached_before: list[np.ndarray | None] = []
 
     def prepare(self, shards: Sequence[Shard]) -> None:
         super().prepare(shards)
+        # Pages cached before the load are someone else's: only drop the ones we bring in.
+        self.cached_before = []
         for shard in shards:
             _fadvise(shard.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self.cached_before.append(_cached_pages(shard.fd) if self.evict else None)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         s = self.shards[shard]
         pread_into(s.fd, host_view(dest), start, s.path)
         if self.evict:
             # Read bytes are in their destination now; pages wholly inside the range can go.
-            self._drop(s.fd, start, start + dest.numel(), inward=True)
+            self._drop(shard, start, start + dest.numel(), inward=True)
 
     def consumed(self, shard: int, start: int, end: int) -> None:
         if self.evict:
-            self._drop(self.shards[shard].fd, start, end, inward=False)
+            self._drop(shard, start, end, inward=False)
 
     def close(self) -> None:
         if self.evict:
-            for shard in self.shards:
+            for index, shard in enumerate(self.shards):
                 if shard.fd >= 0:
-                    _fadvise(shard.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    self._drop(index, 0, shard.header.file_size, inward=False)
 
-    @staticmethod
-    def _drop(fd: int, start: int, end: int, inward: bool) -> None:
+    def _drop(self, shard: int, start: int, end: int, inward: bool) -> None:
         if inward:
-            lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+            lo, hi = -(-start // PAGE), end // PAGE
         else:
-            lo, hi = start // PAGE * PAGE, -(-end // PAGE) * PAGE
-        if hi > lo:
-            _fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            lo, hi = start // PAGE, -(-end // PAGE)
+        if hi <= lo:
+            return
+        fd = self.shards[shard].fd
+        cached = self.cached_before[shard] if shard < len(self.cached_before) else None
+        if cached is None:
+            _fadvise(fd, lo * PAGE, (hi - lo) * PAGE, os.POSIX_FADV_DONTNEED)
+            return
+        for run_lo, run_hi in _runs_of_false(cached[lo:hi]):
+            _fadvise(fd, (lo + run_lo) * PAGE, (run_hi - run_lo) * PAGE, os.POSIX_FADV_DONTNEED)
+
+
+def _cached_pages(fd: int) -> np.ndarray | None:
+    """The file's cached pages, or None when none are (the common cold case: drop everything)."""
+    try:
+        pages = probes.resident_pages(fd)
+    except OSError:
+        return None
+    return pages if pages.any() else None
+
+
+def _runs_of_false(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``[lo, hi)`` index ranges where ``flags`` is False."""
+    padded = np.concatenate(([True], flags, [True])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
 def _fadvise(fd: int, offset: int, length: int, advice: int) -> None:
