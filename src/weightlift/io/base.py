@@ -101,6 +101,8 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 #: Buffers at least this large get their own anonymous mapping.
 OWN_MAPPING = 1 << 20
+#: Transparent huge page size on x86-64 and most arm64 kernels.
+HUGE_PAGE = 2 << 20
 
 
 def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
@@ -112,7 +114,14 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
     """
     if pin or nbytes < OWN_MAPPING:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes)
+    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        # Reads fault every page of a fresh buffer in; 2 MiB pages make that 512× fewer faults.
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False

@@ -21,8 +21,10 @@ from .base import PAGE, Strategy, host_view, pread_into
 
 class StreamStrategy(Strategy):
     name = "stream"
-    in_flight = 4
-    read_size = 8 << 20
+    # Buffered reads do best with many small requests in flight: on this project's virtio disk
+    # 16 × 2 MiB reached ~2 GB/s cold where 4 × 8 MiB stayed near 1.2 GB/s.
+    in_flight = 16
+    read_size = 2 << 20
 
     def __init__(self, evict: bool = True) -> None:
         super().__init__()
