@@ -38,10 +38,14 @@ def _libc() -> ctypes.CDLL:
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
 _LIBC = _libc()
+#: libc with mmap/munmap/mincore/madvise typed, for modules that map files themselves.
+LIBC = _LIBC
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,18 +8,48 @@ result, which is why ``auto`` picks this only when the checkpoint is already cac
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from ..checkpoint import Shard
 from ..errors import ReadError
+from ..probes import LIBC
 from .base import PAGE, Strategy
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class Mapping:
+    """A private (copy-on-write) mapping of a whole file that holds no file descriptor.
+
+    Python's ``mmap`` keeps a duplicate descriptor for the mapping's lifetime, so every live
+    zero-copy tensor would keep its file open. Here the memory is unmapped when the last tensor
+    viewing it (and this object) is gone, and the descriptor is the shard's, closed with it.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        addr = LIBC.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.size = addr, size
+        self.memory = (ctypes.c_ubyte * size).from_address(addr)
+        weakref.finalize(self.memory, LIBC.munmap, addr, size)
+
+    def madvise(self, advice: int, start: int, length: int) -> None:
+        if LIBC.madvise(self.addr + start, length, advice) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def byte(self, offset: int) -> int:
+        return self.memory[offset]
 
 
 class MmapStrategy(Strategy):
@@ -32,15 +62,14 @@ class MmapStrategy(Strategy):
         super().__init__()
         #: Drop mapped pages and page cache once a range is consumed (device targets).
         self.release = release
-        self.maps: list[mmap.mmap] = []
+        self.maps: list[Mapping] = []
         self.populate_ok = True
 
     def prepare(self, shards: Sequence[Shard]) -> None:
         super().prepare(shards)
         for shard in shards:
             try:
-                self.maps.append(mmap.mmap(shard.fd, shard.header.file_size,
-                                           access=mmap.ACCESS_COPY))
+                self.maps.append(Mapping(shard.fd, shard.header.file_size))
             except (OSError, ValueError) as exc:
                 shard.check_unchanged()  # a file that shrank since its header was read: say so
                 raise ReadError(f"cannot map the file: {exc}", path=shard.path) from exc
@@ -48,7 +77,7 @@ class MmapStrategy(Strategy):
     def view(self, shard: int, start: int, end: int) -> torch.Tensor:
         if end == start:
             return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self.maps[shard], dtype=torch.uint8, count=end - start,
+        return torch.frombuffer(self.maps[shard].memory, dtype=torch.uint8, count=end - start,
                                 offset=start)
 
     def populate(self, shard: int, start: int, end: int) -> None:
@@ -71,9 +100,9 @@ class MmapStrategy(Strategy):
                     raise ReadError(f"read of {end - lo} bytes at offset {lo} (mapped) failed: "
                                     f"{why}", path=self.shards[shard].path) from exc
                 self.populate_ok = False  # kernel older than 5.14: touch the pages instead
-        mm = self.maps[shard]
+        mapping = self.maps[shard]
         for offset in range(lo, end, PAGE):
-            mm[offset]
+            mapping.byte(offset)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         self.populate(shard, start, start + dest.numel())  # an I/O error raises, not SIGBUS
