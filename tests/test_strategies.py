@@ -49,6 +49,17 @@ def test_auto_uses_stream_where_o_direct_is_refused() -> None:
     assert "tmpfs says no" in choice.reason
 
 
+def test_auto_streams_past_the_uncached_rest_when_it_exceeds_the_budget() -> None:
+    """95% cached, but the 5% mmap would leave behind a stream() is larger than the budget."""
+    cached = int(4 * GiB * 0.95)
+    assert choose(facts(resident_bytes=cached, streaming=True, budget=64 << 20)).strategy == "direct"
+    refused = choose(facts(resident_bytes=cached, streaming=True, budget=64 << 20,
+                           direct_refused="no"))
+    assert refused.strategy == "stream" and "beyond the host-memory budget" in refused.reason
+    assert choose(facts(resident_bytes=cached, streaming=True, budget=1 * GiB)).strategy == "mmap"
+    assert choose(facts(resident_bytes=cached, budget=64 << 20)).strategy == "mmap"
+
+
 def test_auto_uses_stream_for_a_partly_cached_checkpoint() -> None:
     assert choose(facts(resident_bytes=2 * GiB)).strategy == "stream"
 

@@ -157,7 +157,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
             e.info.dtype.torch.is_floating_point and e.info.dtype.torch != to_dtype
             for e in entries if to_dtype is not None)
         total = sum(e.info.nbytes for e in entries)
-        choice = _decide(strategy, layout, total, target.type, copying, choices)
+        choice = _decide(strategy, layout, total, target.type, copying, streaming, budget,
+                         choices)
         if choice.warning:
             warnings.warn(choice.warning, ResourceWarning, stacklevel=3)
         report = LoadReport(source=layout.index_path or layout.shards[0].path if layout.shards
@@ -188,13 +189,15 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
 
 
 def _decide(strategy: str, layout: Layout, total: int, device: str, copying: bool,
-            choices: dict[tuple[str, bool], Choice] | None) -> Choice:
+            streaming: bool, budget: int, choices: dict[tuple[str, bool], Choice] | None
+            ) -> Choice:
     if strategy != "auto":
         return Choice(strategy, "requested", None)  # type: ignore[arg-type]
     key = (device, copying)
     if choices is not None and key in choices:
         return choices[key]
-    choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying))
+    choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying,
+                           streaming=streaming, budget=budget))
     if choices is not None:
         choices[key] = choice
     return choice

@@ -34,6 +34,8 @@ class Facts:
     file_bytes: int         # total size of the files
     available: int          # MemAvailable, capped by a cgroup limit
     direct_refused: str | None  # why O_DIRECT does not work here, None if it does
+    streaming: bool = False     # tensors are handed out and dropped (``stream()``), not kept
+    budget: int | None = None   # the host-memory budget of the load
 
     @property
     def residency(self) -> float:
@@ -55,6 +57,12 @@ def choose(facts: Facts) -> Choice:
     if not facts.copying and facts.total_bytes > facts.available:
         warning = (f"the result ({format_bytes(facts.total_bytes)}) is larger than available "
                    f"memory ({format_bytes(facts.available)}); the load may swap or be killed")
+    uncached = facts.file_bytes - facts.resident_bytes
+    if (facts.residency >= WARM and facts.streaming and not facts.copying
+            and facts.budget is not None and uncached > facts.budget):
+        # Zero-copy tensors would leave the uncached rest in the page cache, beyond the budget.
+        return _cold(facts, f"{cached}, but the other {format_bytes(uncached)} would stay "
+                     "cached behind a stream, beyond the host-memory budget", warning)
     if facts.residency >= WARM:
         if facts.copying:
             why = "copying straight out of the mapped cache is fastest, no reads needed"
@@ -64,6 +72,10 @@ def choose(facts: Facts) -> Choice:
     if facts.residency > PARTLY_WARM:
         return Choice("stream", f"{cached}: buffered reads reuse the cached part and drop the "
                       "cache behind them", facts, warning)
+    return _cold(facts, cached, warning)
+
+
+def _cold(facts: Facts, cached: str, warning: str | None) -> Choice:
     if facts.direct_refused is None:
         return Choice("direct", f"{cached} and O_DIRECT works here: parallel reads that bypass "
                       "the page cache and leave nothing behind", facts, warning)
@@ -83,7 +95,8 @@ def direct_refusal(shards: Sequence[Shard]) -> str | None:
     return None
 
 
-def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: bool) -> Facts:
+def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: bool,
+           streaming: bool = False, budget: int | None = None) -> Facts:
     resident = 0
     for shard in shards:
         try:
@@ -98,4 +111,6 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
         file_bytes=sum(shard.header.file_size for shard in shards),
         available=available_memory(),
         direct_refused=direct_refusal(shards),
+        streaming=streaming,
+        budget=budget,
     )
