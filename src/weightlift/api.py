@@ -197,7 +197,7 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
     if choices is not None and key in choices:
         return choices[key]
     choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying,
-                           streaming=streaming, budget=budget))
+                           streaming=streaming, budget=budget, probe_direct=False))
     if choices is not None:
         choices[key] = choice
     return choice

@@ -74,6 +74,34 @@ def resident_pages(fd: int) -> np.ndarray:
     return (vec & 1).astype(bool)
 
 
+def sampled_resident_bytes(fd: int, samples: int = 1024) -> int:
+    """Page-cache residency of ``fd`` estimated from ``samples`` evenly spaced pages.
+
+    A decision needs the fraction, not every page: mincore over a whole file costs ~10 ms per GB,
+    a second for a 100 GB checkpoint, where this costs about a millisecond at any size.
+    """
+    size = os.fstat(fd).st_size
+    pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    if pages <= samples:
+        return min(int(np.count_nonzero(resident_pages(fd))) * PAGE_SIZE, size)
+    addr = _LIBC.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    try:
+        flag = (ctypes.c_ubyte * 1)()
+        hits = 0
+        for i in range(samples):
+            page = i * pages // samples
+            if _LIBC.mincore(addr + page * PAGE_SIZE, PAGE_SIZE, flag) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore failed: {os.strerror(err)}")
+            hits += flag[0] & 1
+    finally:
+        _LIBC.munmap(addr, size)
+    return size * hits // samples
+
+
 def resident_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes of ``path`` currently in the page cache."""
     fd = os.open(path, os.O_RDONLY)

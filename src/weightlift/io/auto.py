@@ -96,21 +96,26 @@ def direct_refusal(shards: Sequence[Shard]) -> str | None:
 
 
 def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: bool,
-           streaming: bool = False, budget: int | None = None) -> Facts:
+           streaming: bool = False, budget: int | None = None, probe_direct: bool = True
+           ) -> Facts:
+    """Measure the facts. ``probe_direct=False`` skips the O_DIRECT probe where the answer cannot
+    matter (a cached checkpoint loaded to keep), saving a load a few milliseconds."""
     resident = 0
     for shard in shards:
         try:
-            resident += probes.resident_bytes(shard.path)
+            resident += probes.sampled_resident_bytes(shard.fd)
         except OSError:
             pass  # unknown residency counts as cold
+    file_bytes = sum(shard.header.file_size for shard in shards)
+    needed = probe_direct or streaming or not file_bytes or resident / file_bytes < WARM
     return Facts(
         device=device,
         copying=copying,
         total_bytes=total_bytes,
         resident_bytes=resident,
-        file_bytes=sum(shard.header.file_size for shard in shards),
+        file_bytes=file_bytes,
         available=available_memory(),
-        direct_refused=direct_refusal(shards),
+        direct_refused=direct_refusal(shards) if needed else "not probed: checkpoint cached",
         streaming=streaming,
         budget=budget,
     )
