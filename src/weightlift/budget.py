@@ -24,10 +24,14 @@ def available_memory() -> int:
 
 
 def default_budget(available: int | None = None) -> int:
-    """1/32 of available memory, at least 64 MiB and at most 512 MB."""
+    """1/8 of available memory, at least 64 MiB and at most 512 MB.
+
+    Under a 1.5 GiB cgroup that is ~190 MiB: enough for ~24 reads in flight. (1/32 gave 64 MiB
+    there, and O_DIRECT loads ran ~25% slower for want of requests in flight.)
+    """
     if available is None:
         available = available_memory()
-    return max(min(DEFAULT_CAP, available // 32), 64 << 20)
+    return max(min(DEFAULT_CAP, available // 8), 64 << 20)
 
 
 def resolve_budget(value: int | str | None) -> int:

@@ -37,12 +37,16 @@ Progress = Callable[[int], None]
 
 def ring_shape(budget: int, strategy: Strategy) -> tuple[int, int]:
     """(slot size, slot count) for a copying load: as many reads in flight as the budget allows."""
-    slot = strategy.read_size
+    wanted = min(MAX_SLOTS, 2 * strategy.in_flight)
+    # A small budget gets smaller slots before fewer of them: reads in flight are what keep
+    # the storage busy.
+    slot = min(strategy.read_size, budget // wanted - 3 * ALIGN) // ALIGN * ALIGN
+    slot = max(slot, MIN_SLOT)
     count = budget // (slot + 3 * ALIGN)
     if count < 2:
         slot = max(MIN_SLOT, (budget // 2 - 3 * ALIGN) // ALIGN * ALIGN)
         count = 2
-    return slot, min(count, MAX_SLOTS, 2 * strategy.in_flight)
+    return slot, min(count, wanted)
 
 
 def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *,
@@ -70,7 +74,12 @@ def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *
 
 def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
          window: int | None, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
-    blocks = deque(plan_blocks(entries, strategy.read_size))
+    read_size = strategy.read_size
+    if window is not None:
+        # Within a small window, smaller reads keep as many in flight as a large one would.
+        read_size = min(read_size, window // (2 * strategy.in_flight)) // ALIGN * ALIGN
+        read_size = max(MIN_SLOT, read_size)
+    blocks = deque(plan_blocks(entries, read_size))
     pending: deque[tuple[Block, torch.Tensor, list[Future[None]]]] = deque()
     ahead = 0       # bytes submitted but not yet handed out
     reads = 0       # reads submitted but not yet collected

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategy", choices=NAMES, default="auto")
     parser.add_argument("--dtype", help="convert floating tensors, e.g. float16 or bf16")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
-                        help="host-memory budget, e.g. 512MB (default: min(512MB, RAM/32))")
+                        help="host-memory budget, e.g. 512MB (default: min(512MB, available/8))")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true",
