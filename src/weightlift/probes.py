@@ -144,6 +144,22 @@ def meminfo() -> dict[str, int]:
     return info
 
 
+def file_system(path: str) -> str | None:
+    """``device (type)`` of the mount holding ``path``: the storage the numbers describe."""
+    best: tuple[int, str] | None = None
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                device, mount, fstype = line.split()[:3]
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and (best is None or len(mount) > best[0]):
+                    best = (len(mount), f"{device} ({fstype}) at {mount}")
+    except OSError:
+        return None
+    return best[1] if best else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory cgroups (v1 "memory" controller or the v2 unified hierarchy)
 

@@ -285,23 +285,7 @@ def machine_info(files: Sequence[str]) -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "memory": probes.meminfo().get("MemTotal"),
         "kernel": platform.release(), "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "file_system": file_system(files[0]) if files else None,
+        "file_system": probes.file_system(files[0]) if files else None,
         "memory_cgroup": how if available else f"unavailable: {how}",
         "versions": versions,
     }
-
-
-def file_system(path: str) -> str | None:
-    """``device (type)`` of the mount holding ``path``: the storage the numbers describe."""
-    best: tuple[int, str] | None = None
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for line in f:
-                device, mount, fstype = line.split()[:3]
-                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-                if inside and (best is None or len(mount) > best[0]):
-                    best = (len(mount), f"{device} ({fstype}) at {mount}")
-    except OSError:
-        return None
-    return best[1] if best else None

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import probes
-from ..bench.runner import file_system
 from ..checkpoint import resolve
 from ..io.auto import choose, gather
 from ..units import format_bytes
@@ -93,7 +92,7 @@ def checkpoint(source: str, cuda: bool) -> dict[str, Any]:
             auto[device] = {"strategy": choice.strategy, "reason": choice.reason,
                             "warning": choice.warning}
         assert facts is not None
-        where = file_system(first)
+        where = probes.file_system(first)
         return {
             "path": layout.index_path or first,
             "files": len(layout.shards),
