@@ -421,7 +421,14 @@ def test_a_rank_dying_mid_load_stops_the_others_by_the_group_timeout(
     """No agreement is possible with a process that is gone: the backend's error or the group's
     timeout ends the survivors' wait (the watchdog would catch a hang)."""
     timeout = timedelta(seconds=5)
-    run_group(2, checkpoint, tmp_path, ["collective_dies"], timeout=timeout)
+    try:
+        run_group(2, checkpoint, tmp_path, ["collective_dies"], timeout=timeout)
+    except mp.ProcessExitedException as exc:
+        # gloo may tear the survivor down itself ("terminate called without an active
+        # exception", SIGABRT) once its peer's socket closes: that ends the wait too, which is
+        # the guarantee here; anything else (a Python error, another signal) is a failure.
+        assert exc.error_index == 0 and exc.signal_name == "SIGABRT", exc
+        return
     assert not (tmp_path / "collective_dies-1.pt").exists()  # rank 1 died before saving
     survivor = torch.load(tmp_path / "collective_dies-0.pt", weights_only=False)
     assert survivor.get("error") is not None, "rank 0 finished a load its peer left"

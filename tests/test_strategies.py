@@ -195,7 +195,10 @@ def test_streaming_stays_within_the_budget(checkpoint: Path, strategy: str) -> N
     assert measured["bytes"] > 3 * budget
     margin = 16 << 20  # one 6 MiB tensor being summed, allocator slack
     assert measured["rss_growth"] <= budget + margin, measured
-    assert measured["cache_peak_growth"] <= budget + margin, measured
+    # Pages of reads still in flight (16 × up to 2 MiB) and the kernel's read-ahead are cached
+    # until each read returns and drops them; a stream that kept the cache would reach ~96 MiB.
+    in_flight = 32 << 20
+    assert measured["cache_peak_growth"] <= budget + margin + in_flight, measured
     assert measured["cache_growth"] <= 1 << 20, measured
 
 
