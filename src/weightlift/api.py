@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import resolve_budget
-from .checkpoint import Entry, Layout, Source, iter_entries, resolve
+from .checkpoint import Layout, Source, iter_entries, resolve
 from .errors import PlacementError
 from .format import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
@@ -192,7 +192,7 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
             streaming: bool, budget: int, choices: dict[tuple[str, bool], Choice] | None
             ) -> Choice:
     if strategy != "auto":
-        return Choice(strategy, "requested", None)  # type: ignore[arg-type]
+        return Choice(strategy, "requested", None)
     key = (device, copying)
     if choices is not None and key in choices:
         return choices[key]

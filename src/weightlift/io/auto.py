@@ -46,7 +46,7 @@ class Facts:
 class Choice:
     strategy: str
     reason: str
-    facts: Facts
+    facts: Facts | None     # None when the caller named the strategy
     #: Set when the load will probably not fit in memory whatever the strategy.
     warning: str | None = None
 
