@@ -263,22 +263,23 @@ def cgroup_memory_limit() -> int | None:
     return min(limits) if limits else None
 
 
-def cgroup_usage() -> int | None:
-    """Current memory charged to this process's own group (page cache included), or None."""
+def _own_group_value(v1: str, v2: str) -> int | None:
+    """An integer file of this process's own memory group (``v1`` or ``v2`` name), or None."""
     h = _own_hierarchy()
     group = _own_group(h) if h is not None else None
     if h is None or group is None:
         return None
-    return _read_int(group / ("memory.usage_in_bytes" if h.version == 1 else "memory.current"))
+    return _read_int(group / (v1 if h.version == 1 else v2))
+
+
+def cgroup_usage() -> int | None:
+    """Current memory charged to this process's own group (page cache included), or None."""
+    return _own_group_value("memory.usage_in_bytes", "memory.current")
 
 
 def cgroup_peak() -> int | None:
     """Peak memory charged to this process's own group (page cache included); None at the root."""
-    h = _own_hierarchy()
-    group = _own_group(h) if h is not None else None
-    if h is None or group is None:
-        return None
-    return _read_int(group / ("memory.max_usage_in_bytes" if h.version == 1 else "memory.peak"))
+    return _own_group_value("memory.max_usage_in_bytes", "memory.peak")
 
 
 _counter = itertools.count()
