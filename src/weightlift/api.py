@@ -164,8 +164,11 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         report = LoadReport(source=layout.index_path or layout.shards[0].path if layout.shards
                             else layout.root, device=str(target), strategy=choice.strategy,
                             reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
-        reader = prepare_strategy(make_strategy(choice.strategy, copying=copying), layout, report)
         sink = make_sink(target, to_dtype, destinations) if copying else None
+        reader = make_strategy(choice.strategy, copying=copying)
+        if sink is not None and sink.pinned:
+            reader.pin_device = target  # probe O_DIRECT with the page-locked memory it will get
+        reader = prepare_strategy(reader, layout, report)
         monitor = Monitor([s.path for s in layout.shards]) if on_report is not None else None
         progress = _progress(on_progress, total)
         started = time.perf_counter()
@@ -207,15 +210,18 @@ def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> 
     """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
     try:
         strategy.prepare(layout.shards)
-        return strategy
     except Unavailable as exc:
         message = f"{strategy.name} is unavailable ({exc}); falling back to stream"
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         report.fallbacks.append(message)
         report.strategy = "stream"
         fallback = make_strategy("stream")
+        fallback.pin_device = strategy.pin_device
         fallback.prepare(layout.shards)
         return fallback
+    if strategy.pin_refused is not None:
+        report.fallbacks.append(strategy.pin_refused)
+    return strategy
 
 
 def _progress(callback: ProgressCallback | None, total: int) -> Callable[[int], None] | None:

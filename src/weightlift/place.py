@@ -8,13 +8,17 @@ converting dtype piece by piece, on the device for accelerator targets, never as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from .checkpoint import Entry
 from .errors import PlacementError
 from .format import TensorInfo
+from .io.base import host_buffer
 from .plan import Piece
 
 
@@ -98,57 +102,122 @@ class Sink:
             self._copy(dst.view(torch.uint8)[piece.begin:piece.end], src)
             return
         size = info.dtype.itemsize
-        self._convert(dst[piece.begin // size:piece.end // size],
-                      typed_view(src, info.dtype.torch))
+        self._convert(dst[piece.begin // size:piece.end // size], src, info.dtype.torch)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
-    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
+    def _convert(self, dst: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype) -> None:
+        """Fill ``dst`` from ``raw`` (uint8 bytes of ``dtype`` values), converting."""
+        dst.copy_(typed_view(raw, dtype))
+
+    #: Ring slots are page-locked, so copies out of them can run asynchronously.
+    pinned = False
+
+    def slot(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
+        """A host buffer for the ring (page-locked if ``pinned``)."""
+        return host_buffer(nbytes, pin=pinned)
 
     def fence(self) -> object | None:
         """Something to wait on before the source slot may be reused (None: already safe)."""
         return None
+
+    def drain(self) -> None:
+        """Wait for every copy queued so far, fenced or not (copies here are synchronous)."""
+
+    def release_slots(self) -> None:
+        """The ring's slots are gone; give back what an allocator cached for them."""
 
     def finish(self, entry: Entry) -> torch.Tensor:
         return self.targets.pop(entry.name)
 
 
 class AcceleratorSink(Sink):
-    """CUDA/ROCm: copies from pinned slots run on a side stream and overlap the next reads."""
+    """CUDA/ROCm: copies from pinned slots run on a side stream and overlap the next reads.
+
+    Everything touching the side stream runs with the target device current, so a load to
+    ``cuda:1`` never creates a context on GPU 0. New destinations are allocated on the side stream
+    (the caching allocator then orders their reuse on it, so the copies never wait for work queued
+    on the caller's stream) and handed over with ``record_stream`` on the consumer's stream.
+    Destinations given by the caller are written only after work already queued on its stream.
+
+        sink = AcceleratorSink(torch.device("cuda", 1), torch.float16)
+
+    ``runtime`` is the ``torch.cuda`` module (tests pass a recording stand-in).
+    """
+
+    pinned = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None = None,
-                 destinations: Mapping[str, torch.Tensor] | None = None) -> None:
+                 destinations: Mapping[str, torch.Tensor] | None = None, *,
+                 runtime: ModuleType | Any | None = None) -> None:
         super().__init__(device, dtype, destinations)
-        self.stream = torch.cuda.Stream(device=device)
-        # Destinations are allocated on the current stream; copies must come after that.
-        self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.cuda = torch.cuda if runtime is None else runtime
+        with self.cuda.device(device):
+            self.stream = self.cuda.Stream(device=device)
+            if destinations is not None:
+                # The caller's tensors may still be in use by work queued on its stream: once.
+                self.stream.wait_stream(self.cuda.current_stream(device))
+
+    @contextmanager
+    def _side(self) -> Iterator[None]:
+        with self.cuda.device(self.device), self.cuda.stream(self.stream):
+            yield
+
+    def _make(self, entry: Entry) -> torch.Tensor:
+        if self.destinations is not None:
+            return super()._make(entry)
+        with self._side():
+            return super()._make(entry)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        with torch.cuda.stream(self.stream):
+        with self._side():
             dst.copy_(src, non_blocking=True)
 
-    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        with torch.cuda.stream(self.stream):
-            # Move the source bytes as they are, then convert on the device.
-            dst.copy_(src.to(self.device, non_blocking=True))
+    def _convert(self, dst: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype) -> None:
+        with self._side():
+            # Move the bytes as they are, then view and convert on the device: a fresh device
+            # buffer is aligned for any dtype, so odd source offsets need no host copy.
+            dst.copy_(raw.to(self.device, non_blocking=True).view(dtype))
 
-    def target(self, entry: Entry) -> torch.Tensor:
-        new = entry.name not in self.targets
-        dst = super().target(entry)
-        if new:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        return dst
+    def slot(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
+        # Page-locked memory is registered with the current device's context: the target's.
+        with self.cuda.device(self.device):
+            return host_buffer(nbytes, pin=pinned)
 
     def fence(self) -> object | None:
-        event = torch.cuda.Event()
-        event.record(self.stream)
+        with self.cuda.device(self.device):
+            event = self.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning
+            event.record(self.stream)
         return event
 
+    def drain(self) -> None:
+        with self.cuda.device(self.device):
+            self.stream.synchronize()
+
+    def release_slots(self) -> None:
+        release_pinned_cache()
+
     def finish(self, entry: Entry) -> torch.Tensor:
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return super().finish(entry)
+        dst = super().finish(entry)
+        with self.cuda.device(self.device):
+            consumer = self.cuda.current_stream(self.device)
+            consumer.wait_stream(self.stream)
+            if self.destinations is None:
+                # Freed by the consumer, the block must not return to the side stream's pool
+                # while the consumer's queued work may still read it.
+                dst.record_stream(consumer)
+        return dst
+
+
+def release_pinned_cache() -> bool:
+    """Return torch's cached, unused page-locked host blocks to the OS; False if this torch
+    cannot. Blocks still in use (another load's ring, the caller's tensors) are kept."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is None:
+        return False
+    empty()
+    return True
 
 
 def make_sink(device: torch.device, dtype: torch.dtype | None,

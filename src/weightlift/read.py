@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .checkpoint import Entry, Layout
-from .io.base import Strategy, aligned_window, host_buffer
+from .io.base import Strategy, aligned_window
 from .place import Sink, as_tensor, wait
 from .plan import Block, Chunk, plan_blocks, plan_chunks
 
@@ -35,18 +35,55 @@ MAX_SLOTS = 32
 Progress = Callable[[int], None]
 
 
-def ring_shape(budget: int, strategy: Strategy) -> tuple[int, int]:
-    """(slot size, slot count) for a copying load: as many reads in flight as the budget allows."""
+#: Slack around a ring slot: reads of aligned extents around a chunk stay in memory we own.
+SLACK = 3 * ALIGN
+
+
+def pinned_footprint(nbytes: int) -> int:
+    """Bytes torch's caching host allocator takes for a page-locked request of ``nbytes``.
+
+    It rounds every request up to a power of two (``PowerOf2Ceil`` in
+    ``ATen/core/CachingHostAllocator.h``, torch 2.13; only requests above the configurable
+    ``pinned_max_round_threshold`` are taken as they are), so ``2**k + 1`` bytes take ``2**(k+1)``.
+    """
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def ring_bytes(slot: int, count: int, *, pinned: bool) -> int:
+    """Host memory a ring of ``count`` slots of ``slot`` bytes really takes (slack included)."""
+    each = slot + SLACK
+    return count * (pinned_footprint(each) if pinned else each)
+
+
+def ring_shape(budget: int, strategy: Strategy, *, pinned: bool = False) -> tuple[int, int]:
+    """(slot size, slot count) for a copying load: as many reads in flight as the budget allows.
+
+    ``pinned``: slots are page-locked through torch's allocator, so each takes a power of two;
+    slots are sized so the rounded sizes fit the budget (``ring_bytes(*shape, pinned=True)``).
+
+        ring_shape(8 << 20, make_strategy("direct"), pinned=True)  # → (249856, 32): 32 × 256 KiB
+    """
     wanted = min(MAX_SLOTS, 2 * strategy.in_flight)
+    if pinned:
+        each = _floor_power_of_two(min(strategy.read_size + SLACK, budget // wanted))
+        each = max(each, MIN_SLOT)
+        count = budget // each
+        if count < 2:
+            each, count = max(MIN_SLOT, _floor_power_of_two(budget // 2)), 2
+        return each - SLACK, min(count, wanted)
     # A small budget gets smaller slots before fewer of them: reads in flight are what keep
     # the storage busy.
-    slot = min(strategy.read_size, budget // wanted - 3 * ALIGN) // ALIGN * ALIGN
+    slot = min(strategy.read_size, budget // wanted - SLACK) // ALIGN * ALIGN
     slot = max(slot, MIN_SLOT)
-    count = budget // (slot + 3 * ALIGN)
+    count = budget // (slot + SLACK)
     if count < 2:
-        slot = max(MIN_SLOT, (budget // 2 - 3 * ALIGN) // ALIGN * ALIGN)
+        slot = max(MIN_SLOT, (budget // 2 - SLACK) // ALIGN * ALIGN)
         count = 2
     return slot, min(count, wanted)
+
+
+def _floor_power_of_two(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
 
 
 def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *,
@@ -125,14 +162,17 @@ def _submit_block(block: Block, strategy: Strategy, pool: ThreadPoolExecutor
 
 def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor, sink: Sink,
           budget: int, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
-    slot_size, count = ring_shape(budget, strategy)
+    # Pinned slots let host→device copies run asynchronously while the next reads land, unless
+    # the strategy found it cannot read into page-locked memory here.
+    pinned = sink.pinned and not strategy.zero_copy and strategy.pin_refused is None
+    slot_size, count = ring_shape(budget, strategy, pinned=pinned)
     chunks = deque(plan_chunks(entries, slot_size))
-    pin = sink.device.type == "cuda"
     free: list[torch.Tensor] = []
     if not strategy.zero_copy:
-        # Pinned slots let host→device copies run asynchronously while the next reads land.
-        free = [host_buffer(slot_size + 3 * ALIGN, pin=pin) for _ in range(min(count, len(chunks)))]
-    fenced: deque[tuple[torch.Tensor | None, object | None]] = deque()
+        free = [sink.slot(slot_size + SLACK, pinned=pinned)
+                for _ in range(min(count, len(chunks)))]
+    had_slots = bool(free)
+    fenced: deque[tuple[torch.Tensor, object | None]] = deque()
     pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Future[None]]] = deque()
     try:
         while chunks or pending:
@@ -142,7 +182,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                     if not free and fenced:
                         done_slot, fence = fenced.popleft()
                         wait(fence)
-                        free.append(done_slot)  # type: ignore[arg-type]
+                        free.append(done_slot)
                     if not free:
                         break
                     slot = free.pop()
@@ -155,7 +195,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
             for piece in chunk.pieces:
                 lo = piece.entry.info.start + piece.begin - chunk.start
                 sink.place(piece, src[lo:lo + piece.end - piece.begin])
-            fence = sink.fence()
+            fence = sink.fence()  # one per chunk, covering all its pieces
             if slot is not None:
                 fenced.append((slot, fence))
             else:
@@ -168,8 +208,15 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                     yield piece.entry, sink.finish(piece.entry)
     finally:
         _cancel(future for _, _, _, future in pending)
-        for _, fence in fenced:
-            wait(fence)  # no device copy may still read a slot when it is freed
+        # Every copy queued so far, including those of a chunk whose placing raised before its
+        # fence: none may still read a slot or write a destination once they are freed.
+        sink.drain()
+        if had_slots:
+            free.clear()
+            fenced.clear()
+            pending.clear()
+            slot = src = done_slot = None  # noqa: F841 - the last references to ring slots
+            sink.release_slots()
 
 
 def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,

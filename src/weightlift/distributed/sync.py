@@ -8,6 +8,7 @@ the others a ``RankFailed`` that carries it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,46 @@ class RankFailed(WeightliftError):
                          f"too ({listed})")
 
 
+def backends(backend: str) -> dict[str, str]:
+    """Which backend moves tensors of which device type, from ``dist.get_backend``'s string.
+
+        backends("cpu:gloo,cuda:nccl")  # → {"cpu": "gloo", "cuda": "nccl"}
+        backends("nccl")                # → {"cuda": "nccl"}
+        backends("gloo")                # → {"cpu": "gloo"}  (gloo's CUDA support stages via host)
+    """
+    found: dict[str, str] = {}
+    for part in backend.lower().replace(" ", "").split(","):
+        if not part:
+            continue
+        if ":" in part:
+            device, name = part.split(":", 1)
+            found[device] = name
+        elif part == "nccl":
+            found["cuda"] = part
+        else:
+            found["cpu"] = part
+    return found
+
+
+def nccl_device(bound: torch.device | None, current: int, local_rank: int | None, *,
+                rank: int) -> torch.device:
+    """The GPU this rank's NCCL collectives use: the group's bound device (``device_id=`` of
+    ``init_process_group``) if any, else the current device — unless that is plainly another
+    rank's (``LOCAL_RANK`` set by the launcher names a different one), which would make every rank
+    of a node use one GPU and NCCL fail or hang.
+
+        nccl_device(None, 3, 3, rank=3)  # → device(type="cuda", index=3)
+    """
+    if bound is not None:
+        return torch.device(bound)
+    if local_rank is not None and local_rank != current:
+        raise WeightliftError(
+            f"rank {rank}: NCCL collectives would run on cuda:{current}, but LOCAL_RANK is "
+            f"{local_rank}; call torch.cuda.set_device({local_rank}) before the load, or pass "
+            f"device_id=torch.device('cuda', {local_rank}) to init_process_group")
+    return torch.device("cuda", current)
+
+
 @dataclass(frozen=True)
 class Peers:
     """This rank's view of a process group: its rank, the size, and where collective tensors live."""
@@ -44,10 +85,16 @@ class Peers:
             raise WeightliftError("a sharded load needs an initialised process group: call "
                                   "torch.distributed.init_process_group first (e.g. under torchrun)")
         backend = str(dist.get_backend(group))
+        rank = dist.get_rank(group)
         device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        return cls(group, dist.get_rank(group), dist.get_world_size(group), device)
+        if backends(backend).get("cuda") == "nccl":
+            bound = getattr(group if group is not None else dist.group.WORLD,
+                            "bound_device_id", None)
+            local = os.environ.get("LOCAL_RANK")
+            device = nccl_device(bound, torch.cuda.current_device(),
+                                 int(local) if local is not None and local.isdigit() else None,
+                                 rank=rank)
+        return cls(group, rank, dist.get_world_size(group), device)
 
     def global_rank(self, rank: int) -> int:
         """The default-group rank collectives take as ``src`` for group rank ``rank``."""

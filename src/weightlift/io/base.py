@@ -39,6 +39,12 @@ class Strategy(ABC):
 
     def __init__(self) -> None:
         self.shards: Sequence[Shard] = ()
+        #: Set before ``prepare`` by a load whose reads land in page-locked ring slots for this
+        #: device, so a strategy that can fail there (O_DIRECT) probes with such memory.
+        self.pin_device: torch.device | None = None
+        #: Why reads into page-locked memory fail here (None: they work); the ring is then
+        #: pageable and host→device copies no longer overlap the reads.
+        self.pin_refused: str | None = None
 
     def prepare(self, shards: Sequence[Shard]) -> None:
         """Set up per-file state; raise ``Unavailable`` if this strategy cannot read these files."""

@@ -50,12 +50,24 @@ class DirectStrategy(Strategy):
             raise
 
     def _probe(self, fd: int, shard: Shard) -> None:
-        """Some file systems accept O_DIRECT at open() and refuse it at read(); find out now."""
-        probe = aligned_buffer(ALIGN, 0, ALIGN)
+        """Some file systems accept O_DIRECT at open() and refuse it at read(); find out now.
+
+        A device load reads into page-locked slots, and some stacks refuse O_DIRECT into
+        page-locked memory (EFAULT, "Bad address") though they accept it into pageable memory:
+        probe that kind too, and say so in ``pin_refused`` (the load then uses pageable slots).
+        """
         try:
-            os.preadv(fd, [raw_memory(probe.data_ptr(), ALIGN)], 0)
+            _probe_read(fd, aligned_buffer(ALIGN, 0, ALIGN))
         except OSError as exc:
             raise Unavailable(f"{shard.path}: O_DIRECT reads fail here ({exc.strerror})") from None
+        if self.pin_device is None or self.pin_refused is not None:
+            return
+        try:
+            _probe_read(fd, pinned_probe_buffer(self.pin_device))
+        except OSError as exc:
+            self.pin_refused = (f"{shard.path}: O_DIRECT reads into page-locked memory fail here "
+                                f"({exc.strerror or exc}); reading into pageable slots instead, "
+                                "so host-to-device copies do not overlap the reads")
 
     def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
         return aligned_buffer(nbytes, file_offset, ALIGN)
@@ -92,3 +104,13 @@ class DirectStrategy(Strategy):
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _probe_read(fd: int, probe: torch.Tensor) -> None:
+    os.preadv(fd, [raw_memory(probe.data_ptr(), ALIGN)], 0)
+
+
+def pinned_probe_buffer(device: torch.device) -> torch.Tensor:
+    """One aligned block of page-locked memory, as ring slots for ``device`` are allocated."""
+    with torch.cuda.device(device):
+        return aligned_buffer(ALIGN, 0, ALIGN, pin=True)
