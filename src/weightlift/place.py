@@ -122,6 +122,11 @@ class Sink:
         """Something to wait on before the source slot may be reused (None: already safe)."""
         return None
 
+    def wait(self, fence: object | None) -> None:
+        """Block until ``fence`` (from ``fence()``) has passed."""
+        if fence is not None:
+            fence.synchronize()  # type: ignore[attr-defined]
+
     def drain(self) -> None:
         """Wait for every copy queued so far, fenced or not (copies here are synchronous)."""
 
@@ -178,7 +183,11 @@ class AcceleratorSink(Sink):
         with self._side():
             # Move the bytes as they are, then view and convert on the device: a fresh device
             # buffer is aligned for any dtype, so odd source offsets need no host copy.
-            dst.copy_(raw.to(self.device, non_blocking=True).view(dtype))
+            dst.copy_(self._upload(raw).view(dtype))
+
+    def _upload(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw``'s bytes in a fresh device buffer, copied on the current (side) stream."""
+        return raw.to(self.device, non_blocking=True)
 
     def slot(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
         # Page-locked memory is registered with the current device's context: the target's.
@@ -191,12 +200,17 @@ class AcceleratorSink(Sink):
             event.record(self.stream)
         return event
 
+    def wait(self, fence: object | None) -> None:
+        with self.cuda.device(self.device):  # no runtime call may touch GPU 0's context
+            super().wait(fence)
+
     def drain(self) -> None:
         with self.cuda.device(self.device):
             self.stream.synchronize()
 
     def release_slots(self) -> None:
-        release_pinned_cache()
+        with self.cuda.device(self.device):
+            release_pinned_cache()
 
     def finish(self, entry: Entry) -> torch.Tensor:
         dst = super().finish(entry)
@@ -225,8 +239,3 @@ def make_sink(device: torch.device, dtype: torch.dtype | None,
     if device.type == "cuda":
         return AcceleratorSink(device, dtype, destinations)
     return Sink(device, dtype, destinations)
-
-
-def wait(fence: object | None) -> None:
-    if fence is not None:
-        fence.synchronize()  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import Entry, Layout
 from .io.base import Strategy, aligned_window
-from .place import Sink, as_tensor, wait
+from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
 
 #: Ring slots and read extents are aligned to this for O_DIRECT.
@@ -181,7 +181,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                 if not strategy.zero_copy:
                     if not free and fenced:
                         done_slot, fence = fenced.popleft()
-                        wait(fence)
+                        sink.wait(fence)
                         free.append(done_slot)
                     if not free:
                         break
@@ -199,7 +199,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
             if slot is not None:
                 fenced.append((slot, fence))
             else:
-                wait(fence)  # the mapping's pages are released next; the copy must be done
+                sink.wait(fence)  # the mapping's pages are released next; the copy must be done
             strategy.consumed(chunk.shard, chunk.start, chunk.end)
             if progress is not None:
                 progress(chunk.nbytes)
