@@ -333,3 +333,17 @@ def test_sharded_loads_over_nccl_on_two_gpus(tmp_path: Path) -> None:
         for mode in ("direct", "collective"):
             assert result[f"{mode}.devices"] == [f"cuda:{rank}"]
             assert_same(result[mode], {k: v.contiguous() for k, v in want.items()})
+
+
+def test_tensor_by_tensor_reads_reuse_pinned_blocks_and_close_returns_them(
+        racy: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, ref = racy
+    torch.accelerator.empty_host_cache()
+    allocs = torch.cuda.host_memory_stats()["num_host_alloc"]
+    with weightlift.open(path) as ckpt:
+        for name in list(ref)[:6]:
+            assert bytes_of(ckpt.get_tensor(name, device="cuda").cpu()) == bytes_of(ref[name])
+        stats = torch.cuda.host_memory_stats()
+        assert stats["allocated_bytes.current"] > 0  # cached for the next get_tensor
+        assert stats["num_host_alloc"] - allocs < 6 * 2  # reused, not a new ring per tensor
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] == 0

@@ -467,3 +467,24 @@ def test_peers_use_nccl_on_the_bound_device(monkeypatch: pytest.MonkeyPatch, bac
     monkeypatch.setenv("LOCAL_RANK", "1")
     peers = sync.Peers.of(FakeGroup())  # type: ignore[arg-type]
     assert peers.device == device
+
+
+def test_tensor_by_tensor_reads_keep_the_pinned_cache_until_close(
+        odd_checkpoint: tuple[Path, dict[str, torch.Tensor]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Checkpoint.get_tensor`` reuses the cached slots between calls; ``close`` returns them."""
+    path, ref = odd_checkpoint
+    sink = RecordingSink(_destinations(ref))
+    sink.keep_slots = True
+    _run(path, sink, "direct")
+    assert sink.fake.calls("side.synchronize") and not sink.released
+
+    import weightlift.api as api
+    released: list[bool] = []
+    monkeypatch.setattr(api, "release_pinned_cache", lambda: released.append(True))
+    with api.open(path) as ckpt:
+        ckpt.get_tensor("odd")  # a CPU read pins nothing
+    assert released == []
+    with api.open(path) as ckpt:
+        ckpt._pinned = True  # as after get_tensor(device="cuda")
+    assert released == [True]

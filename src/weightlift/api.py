@@ -19,7 +19,7 @@ from .errors import PlacementError
 from .format import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
-from .place import make_sink, parse_device
+from .place import make_sink, parse_device, release_pinned_cache
 from .read import read_tensors
 from .report import LoadReport, Monitor
 
@@ -79,6 +79,7 @@ class Checkpoint:
     def __init__(self, source: Source) -> None:
         self.layout = resolve(source)
         self._choices: dict[tuple[str, bool], Choice] = {}
+        self._pinned = False
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -99,8 +100,12 @@ class Checkpoint:
 
     def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
                    dtype: DType = None) -> torch.Tensor:
+        # Reading tensor by tensor, keep torch's pinned blocks cached between calls (one
+        # allocation, not one per tensor); ``close()`` gives them back.
+        self._pinned = self._pinned or torch.device(device).type == "cuda"
         for _, tensor in run_load(self.layout, keys=[name], device=device, strategy=strategy,
-                              dtype=dtype, streaming=False, choices=self._choices):
+                              dtype=dtype, streaming=False, choices=self._choices,
+                              keep_pinned=True):
             return tensor
         raise AssertionError("unreachable: a selected tensor is always yielded")
 
@@ -112,6 +117,9 @@ class Checkpoint:
 
     def close(self) -> None:
         self.layout.close()
+        if self._pinned:
+            self._pinned = False
+            release_pinned_cache()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -141,7 +149,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
          dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
-         choices: dict[tuple[str, bool], Choice] | None = None
+         choices: dict[tuple[str, bool], Choice] | None = None, keep_pinned: bool = False
          ) -> Iterator[tuple[str, torch.Tensor]]:
     if strategy not in NAMES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
@@ -165,6 +173,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                             else layout.root, device=str(target), strategy=choice.strategy,
                             reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
         sink = make_sink(target, to_dtype, destinations) if copying else None
+        if sink is not None:
+            sink.keep_slots = keep_pinned
         reader = make_strategy(choice.strategy, copying=copying)
         if sink is not None and sink.pinned:
             reader.pin_device = target  # probe O_DIRECT with the page-locked memory it will get

@@ -113,6 +113,8 @@ class Sink:
 
     #: Ring slots are page-locked, so copies out of them can run asynchronously.
     pinned = False
+    #: Keep what the allocator cached for the slots after the load (the next one reuses it).
+    keep_slots = False
 
     def slot(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
         """A host buffer for the ring (page-locked if ``pinned``)."""
@@ -209,6 +211,8 @@ class AcceleratorSink(Sink):
             self.stream.synchronize()
 
     def release_slots(self) -> None:
+        if self.keep_slots:
+            return
         with self.cuda.device(self.device):
             release_pinned_cache()
 
