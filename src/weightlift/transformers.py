@@ -169,6 +169,12 @@ def _target(model: PreTrainedModel, keys: set[str]) -> tuple[torch.nn.Module, Ca
     return model, lambda name: name
 
 
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name (tied ones twice)."""
+    return [*module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False)]
+
+
 def _ignored(model: PreTrainedModel, unexpected: list[str]) -> list[str]:
     patterns = [*COMPUTED_KEYS, *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     ignore = re.compile("|".join(f"({p})" for p in patterns))
@@ -213,11 +219,10 @@ def from_pretrained(source: str | os.PathLike[str], *, model_class: Any = None,
     module, model_name = _target(model, keys)
     result = load_into(module, weights, strict=False, strategy=strategy, device=target_device,
                        max_host_memory=max_host_memory)
-    _materialise(model, target_device)  # head weights a base-model checkpoint lacks
     missing = {model_name(name) for name in result.missing_keys}
-    loaded = [t for name, t in [*model.named_parameters(remove_duplicate=False),
-                                *model.named_buffers(remove_duplicate=False)]
-              if name not in missing]
+    missing.update(name for name, t in _named_tensors(model) if t.is_meta)  # e.g. a new head
+    _materialise(model, target_device)
+    loaded = [t for name, t in _named_tensors(model) if name not in missing]
     compute_unloaded(model, loaded)
     model.tie_weights()
     model.eval()
