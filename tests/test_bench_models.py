@@ -1,5 +1,5 @@
-"""The bench's ``model`` scenario: synthetic checkpoints build as a Llama, both model loaders
-return the checkpoint's bytes, and only they run in that scenario."""
+"""The bench's ``model`` scenario: synthetic checkpoints build as a Llama, and only the model
+loaders run in that scenario (test_bench checks every loader's bytes in its scenarios)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import weightlift
-from weightlift.bench import child, synthetic
-from weightlift.bench.loaders import LOADERS, Job, model_loaders
+from weightlift.bench import runner, synthetic
+from weightlift.bench.loaders import LOADERS, model_loaders
 from weightlift.cli import main
 
 SIZE = 4_000_000
@@ -48,24 +48,29 @@ def test_a_checkpoint_cached_before_config_json_gets_it_without_a_rewrite(tmp_pa
     assert config["num_attention_heads"] * config["head_dim"] == config["hidden_size"]
 
 
-@pytest.mark.parametrize("name", ["weightlift from_pretrained", "transformers from_pretrained"])
-def test_model_loaders_return_the_checkpoint_bytes(name: str, checkpoint: Path) -> None:
-    assert name in model_loaders() and LOADERS[name].scenarios == ("model",)
-    files = tuple(str(p) for p in synthetic.shard_paths(checkpoint))
-    result = child.measure(Job(str(checkpoint), files, "model", "cpu"), name, verify=True)
-    assert result["status"] == "ok"
-    assert result["bytes"] == synthetic.planned_bytes(SIZE)
+def test_bench_cli_runs_only_model_loaders_in_the_model_scenario(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[str, str, bool]] = []
 
+    def run_one(run: runner.Run, settings: runner.Settings, *, verify: bool = False,
+                in_group: bool | None = None) -> runner.RunResult:
+        # The child processes are covered above; here only which runs the CLI asks for.
+        asked.append((run.loader, run.scenario, verify))
+        return runner.RunResult(run.loader, run.scenario, run.cache, run.rep, "ok",
+                                seconds=1.0, bytes=1)
 
-def test_bench_cli_runs_only_model_loaders_in_the_model_scenario(checkpoint: Path,
-                                                                  tmp_path: Path) -> None:
+    monkeypatch.setattr(runner, "run_one", run_one)
     out = tmp_path / "bench.json"
-    assert main(["bench", str(checkpoint), "--scenario", "model", "--cache", "warm",
-                 "--reps", "1", "--strategies", "auto", "--no-raw", "--no-verify",
-                 "--json", str(out)]) == 0
+    assert main(["bench", str(checkpoint), "--scenario", "to_cpu,model", "--cache", "warm",
+                 "--reps", "1", "--strategies", "auto", "--no-raw", "--json", str(out)]) == 0
+    models = set(model_loaders())
+    assert models == {"weightlift from_pretrained", "transformers from_pretrained"}
+    assert all(LOADERS[name].scenarios == ("model",) for name in models)
+    assert {(loader, scenario) for loader, scenario, _ in asked} == {
+        ("weightlift auto", "to_cpu"), *((name, "model") for name in models)}
+    assert sum(verify for *_, verify in asked) == 1 + len(models), "each verified once"
     runs = json.loads(out.read_text())["runs"]
-    assert sorted(run["loader"] for run in runs) == sorted(model_loaders())
-    assert all(run["scenario"] == "model" and run["status"] == "ok" for run in runs)
+    assert {run["loader"] for run in runs if run["scenario"] == "model"} == models
 
 
 def test_model_scenario_needs_a_config(tmp_path: Path, checkpoint: Path) -> None:
