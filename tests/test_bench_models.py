@@ -15,12 +15,7 @@ from weightlift.bench import runner, synthetic
 from weightlift.bench.loaders import LOADERS, model_loaders
 from weightlift.cli import main
 
-SIZE = 4_000_000
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.synthetic_checkpoint(SIZE, cache_dir=tmp_path_factory.mktemp("cache"))
+from test_bench import SIZE, checkpoint  # noqa: F401 - the shared synthetic checkpoint fixture
 
 
 def test_synthetic_config_builds_the_llama_the_checkpoint_holds(checkpoint: Path) -> None:

@@ -244,3 +244,15 @@ def test_without_transformers_the_error_says_what_to_install(
     with pytest.raises(WeightliftError, match=r"pip install 'weightlift\[transformers\]'"):
         from_pretrained(families["gpt2"])
     assert transformers.__name__ == "transformers"
+
+
+def test_a_given_config_is_used_and_left_unchanged(families: dict[str, Path]) -> None:
+    config = transformers.AutoConfig.from_pretrained(families["llama-tied"])
+    before = config.to_dict()
+    got = from_pretrained(families["llama-tied"], config=config, dtype=torch.bfloat16,
+                          attn_implementation="eager")
+    assert config.to_dict() == before
+    assert got.config._attn_implementation == "eager" and got.dtype == torch.bfloat16
+    want = AutoModelForCausalLM.from_pretrained(families["llama-tied"], dtype=torch.bfloat16,
+                                                attn_implementation="eager")
+    assert_same_model(got, want)

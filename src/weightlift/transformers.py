@@ -13,8 +13,10 @@ these functions runs: it is not a dependency of weightlift (``pip install 'weigh
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -119,8 +121,6 @@ def build_on_meta(model_class: Any, config: PretrainedConfig, dtype: torch.dtype
 
 def is_transformers_model(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a transformers ``PreTrainedModel`` (never imports transformers)."""
-    import sys
-
     transformers = sys.modules.get("transformers")
     base = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
     return base is not None and isinstance(module, base)
@@ -202,18 +202,17 @@ def from_pretrained(source: str | os.PathLike[str], *, model_class: Any = None,
     matched like transformers matches them; tensors the checkpoint lacks are initialised by the
     model (with a warning), keys the model does not use are reported in a warning.
     """
+    from .api import open as open_checkpoint
     from .load_into import load_into
     from .place import parse_device
 
     target_device = parse_device(device)
-    config = load_config(source) if config is None else config
+    # Building sets config.dtype: the caller's config stays as it was (as in transformers).
+    config = load_config(source) if config is None else copy.deepcopy(config)
     torch_dtype = resolve_dtype(dtype, config, source)
     cls = model_class if model_class is not None else model_class_for(config)
     model = build_on_meta(cls, config, torch_dtype, **model_kwargs)
     weights = resolve_source(source) or source
-
-    from .api import open as open_checkpoint
-
     with open_checkpoint(weights) as checkpoint:
         keys = set(checkpoint.keys())
     module, model_name = _target(model, keys)
