@@ -25,6 +25,7 @@ from weightlift.errors import CheckpointError, PlacementError, WeightliftError
 from weightlift.transformers import from_pretrained
 
 load_into_module = sys.modules["weightlift.load_into"]
+wl_transformers = sys.modules["weightlift.transformers"]
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 7, 1, 64, 23, 11]])
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -167,8 +168,41 @@ class FloatAllocations(TorchDispatchMode):
         return out
 
 
-def test_parameters_are_allocated_once_and_only_after_the_build(
+@pytest.mark.parametrize("strategy", ["mmap", "stream"])
+def test_parameters_are_the_loaded_tensors_never_a_second_copy(
+        llama_dir: Path, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_load, real_build = wl_transformers.load, wl_transformers.build_on_meta
+    built: list[torch.nn.Module] = []
+    loaded: dict[str, torch.Tensor] = {}
+    seen: list[bool] = []
+
+    def recording_build(*args: object, **kwargs: object) -> torch.nn.Module:
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def recording_load(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        seen.append(all(t.is_meta for t in [*built[0].parameters(), *built[0].buffers()]))
+        state = real_load(*args, **kwargs)
+        loaded.update(state)
+        return state
+
+    monkeypatch.setattr(wl_transformers, "build_on_meta", recording_build)
+    monkeypatch.setattr(wl_transformers, "load", recording_load)
+    with FloatAllocations() as allocations:
+        model = from_pretrained(llama_dir, strategy=strategy)
+    assert seen == [True], "the model reached the load with real storage"
+    # Every parameter is a loaded tensor itself (same storage), not a copy of one.
+    storages = {t.untyped_storage().data_ptr() for t in loaded.values()}
+    assert all(p.untyped_storage().data_ptr() in storages for p in model.parameters())
+    assert len(loaded) == len(list(model.parameters()))
+    # Nothing parameter-sized was allocated besides: only the computed buffers.
+    assert allocations.bytes <= sum(b.numel() * b.element_size() for b in model.buffers())
+    assert_same_model(model, LlamaForCausalLM.from_pretrained(llama_dir))
+
+
+def test_on_a_device_parameters_are_created_only_after_the_build(
         llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copying path (used for accelerators) on the CPU: one fresh tensor per parameter."""
     real_load_into = load_into_module.load_into
     seen: list[bool] = []
 
@@ -176,7 +210,8 @@ def test_parameters_are_allocated_once_and_only_after_the_build(
         seen.append(all(t.is_meta for t in [*module.parameters(), *module.buffers()]))
         return real_load_into(module, *args, **kwargs)
 
-    monkeypatch.setattr(load_into_module, "load_into", checking_load_into)
+    monkeypatch.setattr(wl_transformers, "load_into", checking_load_into)
+    monkeypatch.setattr(wl_transformers, "copies_into_place", lambda device: True)
     with FloatAllocations() as allocations:
         model = from_pretrained(llama_dir)
     assert seen == [True], "the model reached the load with real storage"
@@ -184,6 +219,7 @@ def test_parameters_are_allocated_once_and_only_after_the_build(
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     # Every parameter's storage is made once (filled in place); the rest is the computed buffers.
     assert params <= allocations.bytes <= params + buffers
+    assert_same_model(model, LlamaForCausalLM.from_pretrained(llama_dir))
 
 
 def test_load_into_a_meta_built_transformers_model_computes_its_buffers(

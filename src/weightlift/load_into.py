@@ -216,12 +216,17 @@ def _install(plan: _Plan, target: torch.device | None) -> None:
         elif tensor.device != home:
             replacements.append((slot, tensor.to(home)))
     for slot, tensor in replacements:
-        value: torch.Tensor = tensor
-        if slot.is_parameter:
-            value = torch.nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
-        for owner, attr in slot.owners:
-            table = owner._parameters if slot.is_parameter else owner._buffers
-            table[attr] = value
+        put(slot, tensor)
 
 
-__all__ = ["LoadIntoResult", "load_into", "module_slots"]
+def put(slot: Slot, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the slot's parameter or buffer under every name it has."""
+    value: torch.Tensor = tensor
+    if slot.is_parameter:
+        value = torch.nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
+    for owner, attr in slot.owners:
+        table = owner._parameters if slot.is_parameter else owner._buffers
+        table[attr] = value
+
+
+__all__ = ["LoadIntoResult", "load_into", "module_slots", "put"]

@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .api import load
+from .api import open as open_checkpoint
 from .errors import CheckpointError, PlacementError, WeightliftError
 from .hub import resolve_source
+from .load_into import LoadIntoResult, _check, load_into, module_slots, put
+from .place import parse_device
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PretrainedConfig, PreTrainedModel
@@ -94,8 +98,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: PretrainedConfig,
             configured = getattr(torch, configured, None)
         if isinstance(configured, torch.dtype):
             return configured
-        from .api import open as open_checkpoint
-
         with open_checkpoint(source) as checkpoint:
             for name in checkpoint.keys():
                 stored = checkpoint.layout.entries[name].info.dtype.torch
@@ -141,16 +143,51 @@ def compute_unloaded(model: PreTrainedModel, loaded: Iterable[torch.Tensor]) -> 
 
 def _materialise(model: torch.nn.Module, device: torch.device) -> None:
     """Fresh (uninitialised) storage on ``device`` for the tensors still on ``meta``."""
-    from .load_into import module_slots
-
     for slot in module_slots(model):
-        if not slot.tensor.is_meta:
+        if slot.tensor.is_meta:
+            put(slot, torch.empty(slot.tensor.shape, dtype=slot.tensor.dtype, device=device))
+
+
+def _adopt(module: torch.nn.Module, weights: str | os.PathLike[str], dtype: torch.dtype,
+           strategy: str, max_host_memory: int | str | None) -> LoadIntoResult:
+    """CPU: ``weightlift.load`` the tensors and make them the module's own, without a copy.
+
+    The loaded tensors become the parameters (views of the file mapping when ``auto`` picks
+    ``mmap`` for a warm checkpoint, as transformers does; buffers read in parallel when cold), so
+    no parameter storage is ever allocated next to them.
+    """
+    with open_checkpoint(weights) as checkpoint:
+        infos = {name: checkpoint.layout.entries[name].info for name in checkpoint.keys()}
+    chosen, missing, problems = {}, [], []
+    known: set[str] = set()
+    for slot in module_slots(module):
+        if not slot.persistent:
+            missing.extend(slot.names if slot.tensor.is_meta else [])
             continue
-        value: torch.Tensor = torch.empty(slot.tensor.shape, dtype=slot.tensor.dtype, device=device)
-        if slot.is_parameter:
-            value = torch.nn.Parameter(value, requires_grad=slot.tensor.requires_grad)
-        for owner, attr in slot.owners:
-            (owner._parameters if slot.is_parameter else owner._buffers)[attr] = value
+        known.update(slot.names)
+        present = [name for name in slot.names if name in infos]
+        if not present:
+            missing.extend(slot.names)
+            continue
+        problem = _check(present[0], infos[present[0]], slot.tensor)
+        if problem:
+            problems.append(problem)
+        chosen[present[0]] = slot
+    if problems:
+        raise PlacementError(f"cannot load into {type(module).__name__}: " + "; ".join(problems),
+                             path=weights)
+    state = load(weights, keys=list(chosen), dtype=dtype, strategy=strategy,
+                 max_host_memory=max_host_memory)
+    for name, slot in chosen.items():
+        tensor = state.pop(name)
+        put(slot, tensor if tensor.dtype == slot.tensor.dtype else tensor.to(slot.tensor.dtype))
+    return LoadIntoResult(missing, sorted(set(infos) - known))
+
+
+def copies_into_place(device: torch.device) -> bool:
+    """Whether the weights are copied from the read buffers into fresh tensors on ``device``
+    (accelerators), rather than the loaded CPU tensors becoming the parameters themselves."""
+    return device.type != "cpu"
 
 
 def _target(model: PreTrainedModel, keys: set[str]) -> tuple[torch.nn.Module, Callable[[str], str]]:
@@ -202,10 +239,6 @@ def from_pretrained(source: str | os.PathLike[str], *, model_class: Any = None,
     matched like transformers matches them; tensors the checkpoint lacks are initialised by the
     model (with a warning), keys the model does not use are reported in a warning.
     """
-    from .api import open as open_checkpoint
-    from .load_into import load_into
-    from .place import parse_device
-
     target_device = parse_device(device)
     # Building sets config.dtype: the caller's config stays as it was (as in transformers).
     config = load_config(source) if config is None else copy.deepcopy(config)
@@ -216,8 +249,11 @@ def from_pretrained(source: str | os.PathLike[str], *, model_class: Any = None,
     with open_checkpoint(weights) as checkpoint:
         keys = set(checkpoint.keys())
     module, model_name = _target(model, keys)
-    result = load_into(module, weights, strict=False, strategy=strategy, device=target_device,
-                       max_host_memory=max_host_memory)
+    if not copies_into_place(target_device):
+        result = _adopt(module, weights, torch_dtype, strategy, max_host_memory)
+    else:  # copied from the read buffers straight to the device
+        result = load_into(module, weights, strict=False, strategy=strategy,
+                           device=target_device, max_host_memory=max_host_memory)
     missing = {model_name(name) for name in result.missing_keys}
     missing.update(name for name, t in _named_tensors(model) if t.is_meta)  # e.g. a new head
     _materialise(model, target_device)
