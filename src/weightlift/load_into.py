@@ -79,8 +79,9 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
 
     A meta tensor the checkpoint does not hold (e.g. a non-persistent buffer) has no value to
     load. In a transformers model it is computed after the load as transformers computes it
-    (rotary ``inv_freq``, ``position_ids``; see ``weightlift.transformers``). In other modules it
-    is reported as missing, and created uninitialised when ``strict=False``.
+    (rotary ``inv_freq``, ``position_ids``; see ``weightlift.transformers``), and with
+    ``strict=False`` missing weights are initialised by the model's own ``_init_weights``. In
+    other modules it is reported as missing, and created uninitialised when ``strict=False``.
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
