@@ -247,8 +247,8 @@ def test_cache_states_are_set_before_each_run(checkpoint: Path) -> None:
 # loaders and the child, in process (fast) and as a real child (once)
 
 
-@pytest.mark.parametrize("name", [n for n in LOADERS if LOADERS[n].kind != "reference"])
-@pytest.mark.parametrize("scenario", ["to_cpu", "device"])
+@pytest.mark.parametrize(("name", "scenario"), [(n, s) for n in LOADERS for s in LOADERS[n].scenarios
+                                               if LOADERS[n].kind != "reference"])
 def test_every_loader_returns_the_safetensors_bytes(name: str, scenario: str,
                                                     checkpoint: Path) -> None:
     why = LOADERS[name].unavailable()

@@ -62,8 +62,8 @@ def module_slots(module: torch.nn.Module) -> list[Slot]:
 
 
 def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
-              strategy: str = "auto", device: str | torch.device | None = None
-              ) -> LoadIntoResult:
+              strategy: str = "auto", device: str | torch.device | None = None,
+              max_host_memory: int | str | None = None) -> LoadIntoResult:
     """Copy a checkpoint into ``module``'s parameters and buffers, in place.
 
         with torch.device("meta"):
@@ -74,18 +74,46 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
     the checkpoint lacks or the reverse (otherwise return them). Shapes must always match; floating
     dtypes are converted to the module's, other dtypes must match. Tied weights are loaded once,
     from whichever of their names the checkpoint holds. Tensors on ``meta`` are created on
-    ``device`` (default CPU) and filled; with ``device`` set, every tensor ends up there. A meta
-    tensor the checkpoint does not hold (e.g. a non-persistent buffer) cannot be given values: it
-    is reported as missing, and created uninitialised when ``strict=False``.
+    ``device`` (default CPU) and filled; with ``device`` set, every tensor ends up there.
+    ``max_host_memory`` bounds the host memory of the reads (see ``weightlift.load``).
+
+    A meta tensor the checkpoint does not hold (e.g. a non-persistent buffer) has no value to
+    load. In a transformers model it is computed after the load as transformers computes it
+    (rotary ``inv_freq``, ``position_ids``; see ``weightlift.transformers``), and with
+    ``strict=False`` missing weights are initialised by the model's own ``_init_weights``. In
+    other modules it is reported as missing, and created uninitialised when ``strict=False``.
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
         slots = module_slots(module)
-        plan = _match(module, slots, layout, target, strict)
+        computed = _computed_buffers(module, slots)
+        plan = _match(module, [s for s in slots if id(s) not in computed], layout, target, strict)
         for group, destinations in plan.by_device.items():
-            _read(layout, destinations, parse_device(group), strategy)
+            _read(layout, destinations, parse_device(group), strategy, max_host_memory)
+        plan.unloaded.extend(s for s in slots if id(s) in computed)
         _install(plan, target)
+        if computed:
+            _compute(module, plan)
     return LoadIntoResult(plan.missing, plan.unexpected)
+
+
+def _computed_buffers(module: torch.nn.Module, slots: list[Slot]) -> set[int]:
+    """The meta non-persistent buffers of a transformers model: its own init code computes them."""
+    from .transformers import is_transformers_model
+
+    if not is_transformers_model(module):
+        return set()
+    return {id(s) for s in slots if s.tensor.is_meta and not s.persistent}
+
+
+def _compute(module: torch.nn.Module, plan: "_Plan") -> None:
+    """Let a transformers model compute what was not loaded; what was loaded stays as it is."""
+    from .transformers import compute_unloaded
+
+    unloaded = {name for slot in plan.unloaded for name in slot.names}
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    compute_unloaded(module, [t for name, t in named if name not in unloaded])  # type: ignore[arg-type]
 
 
 @dataclass
@@ -156,8 +184,9 @@ def _key_message(kind: str, plan: _Plan) -> str:
         parts.append(f"missing key(s) in the checkpoint: {_names(absent)}")
     if meta:
         parts.append(f"non-persistent buffer(s) on the meta device, which no checkpoint holds: "
-                     f"{_names(meta)}; create them on a real device, or pass strict=False and "
-                     "initialise them after the load")
+                     f"{_names(meta)}; build the module with its buffers on a real device (only "
+                     "the parameters on meta), or pass strict=False and set them after the load "
+                     "(a transformers model: weightlift.transformers.from_pretrained does it)")
     if plan.unexpected:
         parts.append(f"unexpected key(s) in the checkpoint: {_names(plan.unexpected)}")
     return "; ".join(parts)
@@ -169,10 +198,11 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 
 def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.device,
-          strategy: str) -> None:
+          strategy: str, max_host_memory: int | str | None = None) -> None:
     with torch.no_grad():
         for _ in api.run_load(layout, keys=list(destinations), device=device, strategy=strategy,
-                          dtype=None, streaming=False, destinations=destinations):
+                          dtype=None, streaming=False, destinations=destinations,
+                          max_host_memory=max_host_memory):
             pass
 
 
@@ -187,12 +217,17 @@ def _install(plan: _Plan, target: torch.device | None) -> None:
         elif tensor.device != home:
             replacements.append((slot, tensor.to(home)))
     for slot, tensor in replacements:
-        value: torch.Tensor = tensor
-        if slot.is_parameter:
-            value = torch.nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
-        for owner, attr in slot.owners:
-            table = owner._parameters if slot.is_parameter else owner._buffers
-            table[attr] = value
+        put(slot, tensor)
 
 
-__all__ = ["LoadIntoResult", "load_into", "module_slots"]
+def put(slot: Slot, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the slot's parameter or buffer under every name it has."""
+    value: torch.Tensor = tensor
+    if slot.is_parameter:
+        value = torch.nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
+    for owner, attr in slot.owners:
+        table = owner._parameters if slot.is_parameter else owner._buffers
+        table[attr] = value
+
+
+__all__ = ["LoadIntoResult", "load_into", "module_slots", "put"]

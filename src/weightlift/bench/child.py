@@ -177,6 +177,8 @@ def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = Fals
     result: dict[str, Any] = {"status": "ok"}
     if loader.choice is not None:  # before the clock: what auto will pick, and why
         result["strategy"], result["reason"] = loader.choice(job)
+    if loader.prepare is not None:
+        loader.prepare()
     usage_before = probes.cgroup_usage()
     sampler = Sampler(job.files, sample=sample)
     with warnings.catch_warnings(record=True) as caught:

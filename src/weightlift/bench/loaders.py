@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import models
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -29,7 +30,7 @@ class Job:
 
     source: str                    # the checkpoint directory (or file)
     files: tuple[str, ...]         # its shard files, in index order
-    scenario: str                  # "to_cpu" or "device"
+    scenario: str                  # "to_cpu", "device" or "model" (a whole transformers model)
     device: str                    # where tensors end up: "cpu", or "cuda" in the device scenario
     budget: int | None = None      # weightlift's max_host_memory (None: its default)
 
@@ -37,7 +38,7 @@ class Job:
 @dataclass(frozen=True)
 class Loader:
     name: str
-    kind: str                      # "weightlift", "peer" or "reference"
+    kind: str                      # "weightlift", "peer", "reference" or "model"
     run: Callable[[Job], Tensors]
     modules: tuple[str, ...] = ()  # what must be importable
     check: Callable[[], str | None] | None = None  # why it cannot run here, or None
@@ -45,12 +46,17 @@ class Loader:
     choice: Callable[[Job], tuple[str, str]] | None = None
     #: references only: read the files, discard the data, return the bytes read.
     raw: Callable[[tuple[str, ...]], int] | None = None
+    #: the scenarios this loader runs in.
+    scenarios: tuple[str, ...] = ("to_cpu", "device")
+    #: run before the clock and the memory baseline (e.g. importing a large library).
+    prepare: Callable[[], None] | None = None
 
     def unavailable(self) -> str | None:
         """Why this loader cannot run on this machine, or None when it can."""
         for module in self.modules:
             if importlib.util.find_spec(module) is None:
-                return f"{module} is not installed (pip install 'weightlift[bench]')"
+                extra = "transformers" if self.kind == "model" else "bench"
+                return f"{module} is not installed (pip install 'weightlift[{extra}]')"
         return self.check() if self.check is not None else None
 
 
@@ -226,6 +232,21 @@ LOADERS: dict[str, Loader] = {
     RAW_BUFFERED: Loader(RAW_BUFFERED, "reference", lambda job: iter(()),
                          raw=lambda files: raw_read(files, direct=False)),
 }
+
+
+#: Time to a usable transformers model (the ``model`` scenario, see bench/models.py).
+LOADERS.update({
+    "weightlift from_pretrained": Loader("weightlift from_pretrained", "model",
+                                         models.weightlift_model, ("transformers",),
+                                         scenarios=(models.SCENARIO,), prepare=models.prepare),
+    "transformers from_pretrained": Loader("transformers from_pretrained", "model",
+                                           models.transformers_model, ("transformers",),
+                                           scenarios=(models.SCENARIO,), prepare=models.prepare),
+})
+
+
+def model_loaders() -> list[str]:
+    return [name for name, loader in LOADERS.items() if loader.kind == "model"]
 
 
 def weightlift_loaders() -> list[str]:

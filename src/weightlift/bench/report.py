@@ -64,7 +64,7 @@ def summarize_runs(results: Sequence[RunResult]) -> list[Row]:
             strategy=most_common([r.strategy for r in ok]),
             reason=most_common([r.reason for r in ok]),
         ))
-    return sorted(rows, key=lambda row: (_order(row.scenario, ("to_cpu", "device")),
+    return sorted(rows, key=lambda row: (_order(row.scenario, ("to_cpu", "device", "model")),
                                          _order(row.cache, ("cold", "warm"))))
 
 

@@ -25,6 +25,8 @@ from ..errors import WeightliftError
 from .loaders import LOADERS
 
 SCENARIOS = ("to_cpu", "device")
+#: Every scenario: the default ones, and ``model`` (time to a usable transformers model).
+ALL_SCENARIOS = (*SCENARIOS, "model")
 CACHES = ("cold", "warm")
 
 
@@ -230,8 +232,9 @@ def benchmark(settings: Settings, loaders: Sequence[str], *, scenarios: Sequence
     checks = []
     if verify:
         checks = [Run(name, scenario, "warm", -1) for name in usable for scenario in scenarios
-                  if LOADERS[name].kind != "reference"]
-    runs = interleave(usable, scenarios, caches, reps)
+                  if LOADERS[name].kind != "reference" and scenario in LOADERS[name].scenarios]
+    runs = [run for run in interleave(usable, scenarios, caches, reps)
+            if run.scenario in LOADERS[run.loader].scenarios]
     total = len(checks) + len(runs)
     for i, run in enumerate(checks):
         if on_start is not None:

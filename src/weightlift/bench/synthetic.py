@@ -36,6 +36,7 @@ SHARD_TARGET = 1000**3
 #: bytes (numpy draws uint16 in pairs from 32-bit outputs); an odd one would not.
 CHUNK_ELEMENTS = 8 << 20
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
 BF16_ONE = 0x3F80
 
 ProgressCallback = Callable[[int, int], None]
@@ -114,6 +115,36 @@ def layer_specs(config: Config, i: int) -> list[Spec]:
     ]
 
 
+def head_dim(hidden: int) -> int:
+    """Attention head width: Llama's 128, narrower for toy sizes so there are 8+ heads (a multiple
+    of 4, as the key/value width is a quarter of the hidden size)."""
+    return min(128, hidden // 8)
+
+
+def model_config(config: Config) -> dict[str, object]:
+    """A ``LlamaConfig``-compatible ``config.json`` for the checkpoint's shapes, so transformers
+    (and ``weightlift.transformers.from_pretrained``) can build the model it holds."""
+    heads = config.hidden // head_dim(config.hidden)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.hidden, "intermediate_size": config.intermediate,
+        "num_hidden_layers": config.layers, "num_attention_heads": heads,
+        "num_key_value_heads": heads // 4, "head_dim": head_dim(config.hidden),
+        "vocab_size": config.vocab, "max_position_embeddings": 4096, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+        "dtype": "bfloat16", "torch_dtype": "bfloat16",
+    }
+
+
+def write_model_config(directory: Path, config: Config) -> None:
+    """``config.json``, written whole or not at all (checkpoints cached before it existed get it
+    on their next use without being rewritten)."""
+    staging = directory / f".{CONFIG_NAME}.{os.getpid()}"
+    staging.write_text(json.dumps(model_config(config), indent=2))
+    staging.rename(directory / CONFIG_NAME)
+
+
 def tensor_specs(config: Config) -> list[Spec]:
     """Every tensor of a Llama (untied embeddings), in the order transformers saves them."""
     specs = [Spec("model.embed_tokens.weight", (config.vocab, config.hidden))]
@@ -186,7 +217,8 @@ def write_checkpoint(directory: Path, size: int, *, seed: int = 0,
                      on_progress: ProgressCallback | None = None) -> Path:
     """Write a checkpoint of about ``size`` bytes into ``directory`` (which must exist): shards
     plus the HF index; each shard is fsync'ed so it can be evicted from the page cache."""
-    shards = shard_specs(tensor_specs(config_for(size)))
+    config = config_for(size)
+    shards = shard_specs(tensor_specs(config))
     total = sum(s.nbytes for shard in shards for s in shard)
     weight_map: dict[str, str] = {}
     done = 0
@@ -205,6 +237,7 @@ def write_checkpoint(directory: Path, size: int, *, seed: int = 0,
             os.fsync(f.fileno())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    write_model_config(directory, config)
     return directory
 
 
@@ -231,6 +264,8 @@ def synthetic_checkpoint(size: int, *, seed: int = 0, cache_dir: Path | None = N
     target = root / (f"synthetic-llama-v{VERSION}-h{config.hidden}-l{config.layers}"
                      f"-seed{seed}")
     if (target / INDEX_NAME).is_file():
+        if not (target / CONFIG_NAME).is_file():
+            write_model_config(target, config)
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))

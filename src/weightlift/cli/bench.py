@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import WEIGHTLIFT_STRATEGIES, peer_loaders, reference_loaders
-from ..bench.runner import CACHES, SCENARIOS, Run, Session, Settings, benchmark
+from ..bench.loaders import (WEIGHTLIFT_STRATEGIES, model_loaders, peer_loaders,
+                             reference_loaders)
+from ..bench.models import SCENARIO as MODEL, needs_config
+from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..units import format_bytes, parse_size
 from .progress import byte_progress, stderr
@@ -39,9 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("source", nargs="?", help="checkpoint to load (file, index or directory)")
     parser.add_argument("--synthetic", type=parse_size, metavar="SIZE",
                         help="generate a synthetic checkpoint of about SIZE (default 1GB)")
-    parser.add_argument("--scenario", type=_choices(SCENARIOS), default=list(SCENARIOS),
+    parser.add_argument("--scenario", type=_choices(ALL_SCENARIOS), default=list(SCENARIOS),
                         help="to_cpu (keep a CPU state dict), device (copy each tensor to a "
-                             "device destination and drop it); default both")
+                             "device destination and drop it), model (time to a usable "
+                             "transformers model: weightlift.transformers.from_pretrained "
+                             "against transformers' from_pretrained; needs config.json); "
+                             "default to_cpu,device")
     parser.add_argument("--cache", type=_choices(CACHES), default=list(CACHES),
                         help="cold (pages evicted first), warm (in page cache); default both")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per loader (default 3)")
@@ -107,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         loaders += peer_loaders()
     if not args.no_raw:
         loaders += reference_loaders()
+    if MODEL in args.scenario:
+        why = needs_config(source)
+        if why is not None:
+            raise SystemExit(f"weightlift bench: --scenario model builds the model: {why}")
+        loaders += model_loaders()
     settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
                         device=device_target())
     session = measure(settings, loaders, scenarios=args.scenario, caches=args.cache,
