@@ -101,7 +101,7 @@ def test_metadata_count_that_cannot_fit() -> None:
 
 
 def test_key_length_beyond_the_file() -> None:
-    raw = build(n_kv=1, alignment=1) + struct.pack("<Q", 2**63) + b"abc"
+    raw = build(n_kv=1, alignment=1) + struct.pack("<Q", 2**63) + b"abcdefgh"
     refused(raw, "metadata key #0", "claims 9223372036854775808 bytes")
 
 
