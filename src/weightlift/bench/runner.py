@@ -230,7 +230,7 @@ def benchmark(settings: Settings, loaders: Sequence[str], *, scenarios: Sequence
     checks = []
     if verify:
         checks = [Run(name, scenario, "warm", -1) for name in usable for scenario in scenarios
-                  if LOADERS[name].kind != "reference"]
+                  if LOADERS[name].kind != "reference" and LOADERS[name].verifiable]
     runs = interleave(usable, scenarios, caches, reps)
     total = len(checks) + len(runs)
     for i, run in enumerate(checks):
