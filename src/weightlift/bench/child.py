@@ -166,32 +166,27 @@ class Verify:
             raise AssertionError(f"{len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}")
 
 
-class VerifyGGUF:
+class VerifyGGUF(Verify):
     """Compares every tensor's bytes with what gguf-py's ``GGUFReader`` reads."""
 
-    def __init__(self, files: Sequence[str]) -> None:
+    def __init__(self, files: Sequence[str]) -> None:  # noqa: D107 - no safetensors here
         from gguf import GGUFReader
 
-        self.want = {t.name: t for path in files for t in GGUFReader(path).tensors}
+        self.where = {t.name: t for path in files for t in GGUFReader(path).tensors}
         self.seen: set[str] = set()
         self.bytes = 0
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.want:
+        if name not in self.where:
             raise AssertionError(f"unexpected tensor {name!r}")
         import numpy as np
 
-        want = np.ascontiguousarray(self.want[name].data).reshape(-1).view(np.uint8)
+        want = np.ascontiguousarray(self.where[name].data).reshape(-1).view(np.uint8)
         got = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         if not np.array_equal(got, want):
             raise AssertionError(f"{name}: bytes differ from gguf-py's GGUFReader")
         self.seen.add(name)
         self.bytes += tensor.nbytes
-
-    def finish(self) -> None:
-        missing = set(self.want) - self.seen
-        if missing:
-            raise AssertionError(f"{len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}")
 
 
 def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = False,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ggml import GGML_TYPES_BY_NAME, GGMLType
+from . import synthetic
 
 VERSION = 1
 ALIGNMENT = 32
@@ -37,14 +38,8 @@ ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class Config:
-    hidden: int
-    layers: int
-    vocab: int
-
-    @property
-    def kv(self) -> int:
-        return self.hidden // 4
+class Config(synthetic.Config):
+    """``synthetic.Config`` with the feed-forward width rounded to whole 256-element blocks."""
 
     @property
     def intermediate(self) -> int:
@@ -208,9 +203,7 @@ def write_gguf(path: Path, size: int, *, seed: int = 0,
 def synthetic_gguf(size: int, *, seed: int = 0, cache_dir: Path | None = None,
                    on_progress: ProgressCallback | None = None) -> Path:
     """The cached synthetic GGUF for ``size``, written on first use (atomically renamed)."""
-    from .synthetic import cache_root
-
-    root = cache_dir if cache_dir is not None else cache_root()
+    root = cache_dir if cache_dir is not None else synthetic.cache_root()
     config = config_for(size)
     target = root / (f"synthetic-gguf-v{VERSION}-h{config.hidden}-l{config.layers}-seed{seed}"
                      "-Q4_K_M.gguf")
