@@ -272,3 +272,29 @@ def test_cli_info_and_load(mixed: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert cli_main(["load", str(mixed), "--strategy", "stream", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tensors"] == len(GGUFReader(mixed).tensors)
+
+
+def test_hub_cache_entries_with_a_gguf_split_set(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_hub import add_snapshot
+
+    files = tmp_path / "files"
+    files.mkdir()
+    write_gguf(files / "q.gguf", mixed_tensors(5)[:5], split_max_tensors=2)
+    cache = tmp_path / "hub"
+    repo_dir = add_snapshot(cache, "org/tiny-gguf", files, "c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    parts = sorted(files.glob("*.gguf"))
+    for source in ("hf://org/tiny-gguf", "hf://org/tiny-gguf/q-00002-of-00003.gguf", repo_dir):
+        assert_matches_reader(weightlift.load(source), *parts)
+
+
+def test_a_big_endian_file_from_gguf_py_is_refused(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "be.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("t", np.ones(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FormatError, match="big-endian GGUF file"):
+        weightlift.load(tmp_path / "be.gguf")

@@ -71,6 +71,11 @@ def test_a_valid_hand_made_file_parses() -> None:
     assert header.metadata["k"] == 1
 
 
+def test_version_2_parses() -> None:
+    header = parse(build([u32_kv("k", 1)], [tinfo("t", [8])], b"\0" * 32, version=2))
+    assert [t.name for t in header.tensors] == ["t"]
+
+
 def test_bad_magic() -> None:
     refused(build(magic=b"GGML"), "bad magic", "offset 0")
 
