@@ -23,7 +23,6 @@ table until a caller reads that key.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import struct
@@ -34,7 +33,7 @@ from typing import Any
 
 from ..errors import FormatError
 from ..format import DTYPE_OF_TORCH, DTYPES, Header, TensorInfo, _pread_exact
-from ..ggml import GGML_TYPES, GGMLType
+from ..ggml import GGML_TYPES
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -462,11 +461,6 @@ def check_split(headers: list[Header]) -> None:
         if promised != total:
             raise FormatError(f"'{SPLIT_TENSORS}' says {promised} tensors but the {count} parts "
                               f"hold {total}", path=header.path)
-
-
-def logical_numel(info: TensorInfo) -> int:
-    """Elements of the logical (unpacked) tensor."""
-    return math.prod(info.ggml_shape if info.ggml_shape is not None else info.shape)
 
 
 __all__ = ["GGUFArray", "GGUFMetadata", "VALUE_TYPES", "check_split", "is_gguf",
