@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from .budget import resolve_budget
 from .checkpoint import Layout, Source, iter_entries, resolve
 from .errors import PlacementError
 from .format import DTYPES
+from .ggml import GGMLType
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
 from .place import make_sink, parse_device, release_pinned_cache
@@ -71,6 +73,10 @@ class TensorDescription:
     nbytes: int
     file: str
     offset: int
+    #: GGUF only: the GGML type name (``"Q4_K"``, ``"F32"``) and the logical shape; ``shape``
+    #: is the stored one (``uint8`` rows of packed bytes for quantized types).
+    ggml_type: str | None = None
+    ggml_shape: tuple[int, ...] | None = None
 
 
 class Checkpoint:
@@ -85,14 +91,27 @@ class Checkpoint:
         """Tensor names in file order."""
         return [entry.name for entry in iter_entries(self.layout)]
 
-    def metadata(self) -> dict[str, str] | None:
+    def metadata(self) -> Mapping[str, Any] | None:
+        """safetensors: ``__metadata__`` (str → str). GGUF: key → Python value (int, float, bool,
+        str, list), a ``GGUFMetadata`` mapping that decodes big arrays only when read."""
         return self.layout.metadata
 
     def info(self, name: str) -> TensorDescription:
         entry = next(iter_entries(self.layout, [name]))
         shard = self.layout.shards[entry.shard]
+        ggml = entry.info.ggml
         return TensorDescription(name, entry.info.dtype.name, entry.info.shape, entry.info.nbytes,
-                                 shard.path, entry.info.start)
+                                 shard.path, entry.info.start, ggml.name if ggml else None,
+                                 entry.info.ggml_shape)
+
+    def ggml_type(self, name: str) -> GGMLType | None:
+        """The GGML type of a GGUF tensor (id, block and type sizes), None for safetensors; for
+        kernels that consume packed weights::
+
+            with weightlift.open("m.gguf") as ckpt:
+                kind = ckpt.ggml_type("blk.0.attn_q.weight")   # GGMLType(id=12, name='Q4_K', ...)
+        """
+        return next(iter_entries(self.layout, [name])).info.ggml
 
     @property
     def total_bytes(self) -> int:

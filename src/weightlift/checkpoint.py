@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from .errors import CheckpointError, ReadError
-from .format import Header, TensorInfo, open_regular, read_header
+from .format import Header, TensorInfo, open_regular
+from .formats import read_any_header
+from .formats.gguf import check_split, is_gguf, split_parts
 from .hub import resolve_source, trusted_root
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -81,7 +83,7 @@ class Layout:
     """The resolved checkpoint: open shards and every tensor's location. Close it when done."""
 
     def __init__(self, root: str, shards: list[Shard], entries: dict[str, Entry],
-                 metadata: dict[str, str] | None, index_path: str | None = None) -> None:
+                 metadata: Mapping[str, Any] | None, index_path: str | None = None) -> None:
         self.root = root
         self.shards = shards
         self.entries = entries
@@ -91,6 +93,11 @@ class Layout:
     @property
     def total_bytes(self) -> int:
         return sum(e.info.nbytes for e in self.entries.values())
+
+    @property
+    def format(self) -> str:
+        """``"gguf"`` or ``"safetensors"``."""
+        return "gguf" if self.shards and is_gguf(self.shards[0].header) else "safetensors"
 
     def close(self) -> None:
         for shard in self.shards:
@@ -118,6 +125,8 @@ def resolve(source: Source) -> Layout:
             raise CheckpointError("no such file or directory", path=path)
         if path.name.endswith(".index.json"):
             return _resolve_index(path)
+        if path.name.endswith(".gguf"):
+            return _resolve_gguf(path)
         return _open_files([path], root=str(path.parent))
     files = [Path(p) for p in source]
     if not files:
@@ -140,10 +149,45 @@ def _resolve_dir(directory: Path) -> Layout:
     if single.is_file():
         return _open_files([single], root=str(directory))
     loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    if not loose:
-        raise CheckpointError("holds no *.safetensors file and no *.safetensors.index.json",
+    if loose:
+        return _open_files(loose, root=str(directory))
+    ggufs = sorted(p for p in directory.glob("*.gguf") if p.is_file())
+    firsts = [p for p in ggufs if (split_parts(str(p)) or [str(p)])[0] == str(p)]
+    if len(firsts) == 1:
+        return _resolve_gguf(firsts[0])
+    if firsts:
+        names = ", ".join(p.name for p in firsts)
+        raise CheckpointError(f"holds several GGUF checkpoints ({names}); pass the one to load",
                               path=directory)
-    return _open_files(loose, root=str(directory))
+    raise CheckpointError("holds no *.safetensors file, no *.safetensors.index.json and no "
+                          "*.gguf file", path=directory)
+
+
+def _resolve_gguf(path: Path) -> Layout:
+    """A GGUF file, or the whole split set (``x-00001-of-00003.gguf``) any part of it names."""
+    parts = split_parts(str(path))
+    if parts is None:
+        layout = _open_files([path], root=str(path.parent))
+        meta = layout.metadata
+        if meta is not None and meta.get("split.count", 1) != 1:
+            layout.close()
+            raise CheckpointError(f"is one part of a split set of {meta['split.count']} files "
+                                  "but is not named like one (name-00001-of-0000N.gguf); "
+                                  "restore the part names", path=path)
+        return layout
+    missing = [p for p in parts if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"split set of {len(parts)} files lacks "
+                              f"{', '.join(os.path.basename(p) for p in missing)}; download the "
+                              "missing part(s)", path=path)
+    layout = _open_files([Path(p) for p in parts], root=str(path.parent))
+    try:
+        check_split([s.header for s in layout.shards])
+        layout.metadata = layout.shards[0].header.metadata
+    except BaseException:
+        layout.close()
+        raise
+    return layout
 
 
 def _read_index(index_path: Path) -> dict[str, Any]:
@@ -263,7 +307,7 @@ def _open_shard(path: Path) -> Shard:
     fd = open_regular(spath, CheckpointError)
     try:
         stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
-        return Shard(spath, fd, read_header(spath, fd=fd), stamp)
+        return Shard(spath, fd, read_any_header(spath, fd), stamp)
     except BaseException:
         os.close(fd)
         raise

@@ -15,11 +15,14 @@ import re
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import FormatError, WeightliftError
+
+if TYPE_CHECKING:
+    from .ggml import GGMLType
 
 #: Headers larger than this are refused before any allocation (the reference uses the same cap).
 MAX_HEADER_BYTES = 100_000_000
@@ -75,13 +78,19 @@ SUBBYTE_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: absolute byte range ``[start, end)`` in its file."""
+    """Where one tensor lives: absolute byte range ``[start, end)`` in its file.
+
+    GGUF tensors also carry their GGML type and logical shape (``ggml_shape``); a quantized one
+    is stored as ``uint8`` of shape ``(*ggml_shape[:-1], row_bytes)``.
+    """
 
     name: str
     dtype: DType
     shape: tuple[int, ...]
     start: int
     end: int
+    ggml: GGMLType | None = None
+    ggml_shape: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:

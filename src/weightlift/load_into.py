@@ -70,7 +70,8 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
             model = LlamaForCausalLM(config)
         weightlift.load_into(model, "Llama-3-8B/", device="cuda")
 
-    Names must match the module's ``state_dict`` keys. ``strict``: raise when the module has keys
+    Names must match the module's ``state_dict`` keys; GGUF files of Llama, Mistral and Qwen2
+    are mapped from llama.cpp's names (see ``weightlift.gguf_into``). ``strict``: raise when the module has keys
     the checkpoint lacks or the reverse (otherwise return them). Shapes must always match; floating
     dtypes are converted to the module's, other dtypes must match. Tied weights are loaded once,
     from whichever of their names the checkpoint holds. Tensors on ``meta`` are created on
@@ -85,6 +86,10 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
+        if layout.format == "gguf":  # llama.cpp names and q/k layout: see gguf_into
+            from .gguf_into import load_gguf_into
+            return load_gguf_into(module, layout, strict=strict, strategy=strategy,
+                                  target=target)
         slots = module_slots(module)
         computed = _computed_buffers(module, slots)
         plan = _match(module, [s for s in slots if id(s) not in computed], layout, target, strict)

@@ -124,6 +124,8 @@ class Scratch:
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         n = tensor.nbytes
+        if n > self.buffer.numel():  # a dequantizing loader's tensors outgrow the packed ones
+            self.buffer = torch.zeros(n, dtype=torch.uint8)
         if n:
             self.buffer[:n].copy_(tensor.reshape(-1).view(torch.uint8))
         self.bytes += n
@@ -164,12 +166,36 @@ class Verify:
             raise AssertionError(f"{len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}")
 
 
+class VerifyGGUF(Verify):
+    """Compares every tensor's bytes with what gguf-py's ``GGUFReader`` reads."""
+
+    def __init__(self, files: Sequence[str]) -> None:  # noqa: D107 - no safetensors here
+        from gguf import GGUFReader
+
+        self.where = {t.name: t for path in files for t in GGUFReader(path).tensors}
+        self.seen: set[str] = set()
+        self.bytes = 0
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.where:
+            raise AssertionError(f"unexpected tensor {name!r}")
+        import numpy as np
+
+        want = np.ascontiguousarray(self.where[name].data).reshape(-1).view(np.uint8)
+        got = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if not np.array_equal(got, want):
+            raise AssertionError(f"{name}: bytes differ from gguf-py's GGUFReader")
+        self.seen.add(name)
+        self.bytes += tensor.nbytes
+
+
 def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = False,
             sample: bool = True) -> dict[str, Any]:
     """Run one load and return what the parent needs (one JSON object)."""
     loader = LOADERS[loader_name]
     if verify:
-        sink: Any = Verify(job.files)
+        gguf = bool(job.files) and job.files[0].endswith(".gguf")
+        sink: Any = VerifyGGUF(job.files) if gguf else Verify(job.files)
     elif job.scenario == "device" and job.device == "cpu":
         sink = Scratch(largest)
     else:

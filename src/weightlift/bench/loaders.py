@@ -50,6 +50,11 @@ class Loader:
     scenarios: tuple[str, ...] = ("to_cpu", "device")
     #: run before the clock and the memory baseline (e.g. importing a large library).
     prepare: Callable[[], None] | None = None
+    #: the checkpoint formats it reads.
+    formats: tuple[str, ...] = ("safetensors",)
+    #: whether its tensors can be checked bit for bit against the format's reference reader
+    #: (not so for loaders that dequantize).
+    verifiable: bool = True
 
     def unavailable(self) -> str | None:
         """Why this loader cannot run on this machine, or None when it can."""
@@ -170,6 +175,68 @@ def _fastsafetensors(job: Job) -> Tensors:
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF peers
+
+
+def _gguf_reader(copy: bool) -> Callable[[Job], Tensors]:
+    """gguf-py's ``GGUFReader`` (memory-maps the file) + ``torch.from_numpy``: views of the
+    mapping (the child touches every page), or with a copy into fresh memory."""
+    def run(job: Job) -> Tensors:
+        import warnings
+
+        import numpy as np
+        from gguf import GGUFReader
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # from_numpy of a read-only mapping
+            for path in job.files:
+                for t in GGUFReader(path).tensors:
+                    data = np.array(t.data) if copy else t.data
+                    yield t.name, _to_device(torch.from_numpy(data), job)
+
+    return run
+
+
+def _to_device(tensor: torch.Tensor, job: Job) -> torch.Tensor:
+    return tensor if job.device == "cpu" else tensor.to(job.device)
+
+
+def _transformers_gguf(job: Job) -> Tensors:
+    """transformers' GGUF path: every tensor dequantized to float32 with numpy, names mapped."""
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    path = job.files[0]
+    config = AutoConfig.from_pretrained(os.path.dirname(path) or ".",
+                                        gguf_file=os.path.basename(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    for name in list(state):
+        yield name, _to_device(state.pop(name), job)
+
+
+def _weightlift_bf16(job: Job) -> Tensors:
+    """weightlift dequantizing inside the load (``dtype=torch.bfloat16``)."""
+    import weightlift
+
+    options = dict(max_host_memory=job.budget, dtype=torch.bfloat16)
+    if job.scenario == "to_cpu":
+        yield from _drain(weightlift.load(job.source, **options))
+    else:
+        yield from weightlift.stream(job.source, device=job.device, **options)
+
+
+def _dequant_missing() -> str | None:
+    if importlib.util.find_spec("weightlift.dequant") is None:
+        return "this weightlift has no weightlift.dequant (GGML dequantization)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # the storage ceiling
 
 RAW_BLOCK = 16 << 20
@@ -214,10 +281,13 @@ RAW_BUFFERED = "raw buffered read"
 
 #: weightlift's strategies, in the order tables list them.
 WEIGHTLIFT_STRATEGIES = ("auto", "direct", "stream", "mmap")
+BOTH = ("safetensors", "gguf")
+TRANSFORMERS_GGUF = "transformers load_gguf_checkpoint (fp32)"
+WEIGHTLIFT_BF16 = "weightlift auto → bf16"
 
 LOADERS: dict[str, Loader] = {
     **{f"weightlift {s}": Loader(f"weightlift {s}", "weightlift", _weightlift(s),
-                                 choice=_choice(s))
+                                 choice=_choice(s), formats=BOTH)
        for s in WEIGHTLIFT_STRATEGIES},
     "safetensors load_file": Loader("safetensors load_file", "peer",
                                     _safetensors_load_file("mmap"), ("safetensors",)),
@@ -227,10 +297,19 @@ LOADERS: dict[str, Loader] = {
     "runai-model-streamer": Loader("runai-model-streamer", "peer", _runai,
                                    ("runai_model_streamer",)),
     "fastsafetensors": Loader("fastsafetensors", "peer", _fastsafetensors, ("fastsafetensors",)),
+    "gguf-py GGUFReader": Loader("gguf-py GGUFReader", "peer", _gguf_reader(False), ("gguf",),
+                                 formats=("gguf",)),
+    "gguf-py GGUFReader + copy": Loader("gguf-py GGUFReader + copy", "peer", _gguf_reader(True),
+                                        ("gguf",), formats=("gguf",)),
+    TRANSFORMERS_GGUF: Loader(TRANSFORMERS_GGUF, "peer", _transformers_gguf,
+                              ("gguf", "transformers", "accelerate"), formats=("gguf",),
+                              verifiable=False),
+    WEIGHTLIFT_BF16: Loader(WEIGHTLIFT_BF16, "weightlift", _weightlift_bf16,
+                            check=_dequant_missing, formats=("gguf",), verifiable=False),
     RAW: Loader(RAW, "reference", lambda job: iter(()), check=_direct_refused,
-                raw=lambda files: raw_read(files, direct=True)),
+                raw=lambda files: raw_read(files, direct=True), formats=BOTH),
     RAW_BUFFERED: Loader(RAW_BUFFERED, "reference", lambda job: iter(()),
-                         raw=lambda files: raw_read(files, direct=False)),
+                         raw=lambda files: raw_read(files, direct=False), formats=BOTH),
 }
 
 
@@ -249,13 +328,17 @@ def model_loaders() -> list[str]:
     return [name for name, loader in LOADERS.items() if loader.kind == "model"]
 
 
-def weightlift_loaders() -> list[str]:
-    return [name for name, loader in LOADERS.items() if loader.kind == "weightlift"]
+def weightlift_loaders(fmt: str = "safetensors") -> list[str]:
+    return [name for name, loader in LOADERS.items()
+            if loader.kind == "weightlift" and fmt in loader.formats]
+
 
 
 def reference_loaders() -> list[str]:
     return [name for name, loader in LOADERS.items() if loader.kind == "reference"]
 
 
-def peer_loaders() -> list[str]:
-    return [name for name, loader in LOADERS.items() if loader.kind == "peer"]
+def peer_loaders(fmt: str = "safetensors") -> list[str]:
+    """The peers that read ``fmt`` ("safetensors" or "gguf")."""
+    return [name for name, loader in LOADERS.items()
+            if loader.kind == "peer" and fmt in loader.formats]

@@ -232,7 +232,8 @@ def benchmark(settings: Settings, loaders: Sequence[str], *, scenarios: Sequence
     checks = []
     if verify:
         checks = [Run(name, scenario, "warm", -1) for name in usable for scenario in scenarios
-                  if LOADERS[name].kind != "reference" and scenario in LOADERS[name].scenarios]
+                  if LOADERS[name].kind != "reference" and LOADERS[name].verifiable
+                  and scenario in LOADERS[name].scenarios]
     runs = [run for run in interleave(usable, scenarios, caches, reps)
             if run.scenario in LOADERS[run.loader].scenarios]
     total = len(checks) + len(runs)

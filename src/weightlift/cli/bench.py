@@ -11,11 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import (WEIGHTLIFT_STRATEGIES, model_loaders, peer_loaders,
-                             reference_loaders)
+from ..bench.loaders import (TRANSFORMERS_GGUF, WEIGHTLIFT_BF16, WEIGHTLIFT_STRATEGIES,
+                             model_loaders, peer_loaders, reference_loaders)
 from ..bench.models import SCENARIO as MODEL, needs_config
 from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
+from ..bench.synthetic_gguf import planned_bytes as gguf_planned_bytes
+from ..bench.synthetic_gguf import synthetic_gguf
+from ..checkpoint import resolve
 from ..units import format_bytes, parse_size
 from .progress import byte_progress, stderr
 
@@ -41,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("source", nargs="?", help="checkpoint to load (file, index or directory)")
     parser.add_argument("--synthetic", type=parse_size, metavar="SIZE",
                         help="generate a synthetic checkpoint of about SIZE (default 1GB)")
+    parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                        help="the synthetic checkpoint's format: gguf writes a Llama-shaped "
+                             "Q4_K_M-like file (peers: gguf-py, transformers)")
+    parser.add_argument("--dequant-peer-limit", type=parse_size, metavar="SIZE",
+                        default=2 * 1000**3,
+                        help="GGUF: run transformers' (slow, fp32) dequantizing loader only on "
+                             "checkpoints up to SIZE (default 2GB)")
     parser.add_argument("--scenario", type=_choices(ALL_SCENARIOS), default=list(SCENARIOS),
                         help="to_cpu (keep a CPU state dict), device (copy each tensor to a "
                              "device destination and drop it), model (time to a usable "
@@ -74,11 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def checkpoint_source(source: str | None, size: int | None, cache_dir: Path | None,
-                      quiet: bool = False) -> str:
+                      quiet: bool = False, fmt: str = "safetensors") -> str:
     """The checkpoint to measure: the one given, or a cached synthetic one of ``size``."""
     if source is not None:
         return source
     size = size or 1000**3
+    if fmt == "gguf":
+        with byte_progress(f"generating synthetic GGUF (~{format_bytes(size)})",
+                           gguf_planned_bytes(size), quiet=quiet) as progress:
+            return str(synthetic_gguf(size, cache_dir=cache_dir, on_progress=progress))
     with byte_progress(f"generating synthetic checkpoint (~{format_bytes(size)})",
                        planned_bytes(size), quiet=quiet) as progress:
         return str(synthetic_checkpoint(size, cache_dir=cache_dir, on_progress=progress))
@@ -106,10 +120,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("weightlift bench: give SOURCE or --synthetic, not both")
     if args.reps < 1:
         raise SystemExit("weightlift bench: --reps must be at least 1")
-    source = checkpoint_source(args.source, args.synthetic, args.cache_dir)
+    source = checkpoint_source(args.source, args.synthetic, args.cache_dir, fmt=args.format)
+    with resolve(source) as layout:
+        fmt, total = layout.format, layout.total_bytes
     loaders = [f"weightlift {s}" for s in args.strategies]
+    if fmt == "gguf":
+        loaders.append(WEIGHTLIFT_BF16)
     if args.peers:
-        loaders += peer_loaders()
+        loaders += peer_loaders(fmt)
+        if TRANSFORMERS_GGUF in loaders and total > args.dequant_peer_limit:
+            loaders.remove(TRANSFORMERS_GGUF)
+            stderr.print(f"{TRANSFORMERS_GGUF}: skipped, the checkpoint is over "
+                         f"--dequant-peer-limit {format_bytes(args.dequant_peer_limit)}")
     if not args.no_raw:
         loaders += reference_loaders()
     if MODEL in args.scenario:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from ..checkpoint import iter_entries, resolve
+from ..formats.gguf import GGUFMetadata
 from ..units import format_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("info", help="describe a checkpoint: tensors, bytes, dtypes, shards")
-    parser.add_argument("source", help="a .safetensors file, an index .json or a directory")
+    parser.add_argument("source", help="a .safetensors or .gguf file, an index .json or a directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.set_defaults(func=run)
@@ -27,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
         dtypes: Counter[str] = Counter()
         dtype_bytes: defaultdict[str, int] = defaultdict(int)
         for entry in entries:
-            dtypes[entry.info.dtype.name] += 1
-            dtype_bytes[entry.info.dtype.name] += entry.info.nbytes
+            kind = entry.info.ggml.name if entry.info.ggml else entry.info.dtype.name
+            dtypes[kind] += 1
+            dtype_bytes[kind] += entry.info.nbytes
         shards = [{"path": s.path, "file_bytes": s.header.file_size,
                    "tensors": len(s.header.tensors)} for s in layout.shards]
         info = {
@@ -39,18 +43,28 @@ def run(args: argparse.Namespace) -> int:
             "dtypes": {name: {"tensors": n, "bytes": dtype_bytes[name]}
                        for name, n in sorted(dtypes.items())},
             "shards": shards,
-            "metadata": layout.metadata,
+            "format": layout.format,
+            "metadata": _metadata(layout.metadata),
         }
         if args.tensors:
             info["tensor_list"] = [
                 {"name": e.name, "dtype": e.info.dtype.name, "shape": list(e.info.shape),
                  "bytes": e.info.nbytes, "file": layout.shards[e.shard].path,
-                 "offset": e.info.start} for e in entries]
+                 "offset": e.info.start,
+                 **({"ggml_type": e.info.ggml.name, "ggml_shape": list(e.info.ggml_shape or ())}
+                    if e.info.ggml else {})} for e in entries]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     _print(info)
     return 0
+
+
+def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Metadata for display: GGUF values as short texts that never decode a big array."""
+    if isinstance(metadata, GGUFMetadata):
+        return {key: metadata.describe(key) for key in metadata}
+    return None if metadata is None else dict(metadata)
 
 
 def _print(info: dict) -> None:
@@ -68,6 +82,7 @@ def _print(info: dict) -> None:
     if info["metadata"]:
         meta = Table("key", "value", title="metadata")
         for key, value in info["metadata"].items():
+            value = str(value)
             meta.add_row(key, value if len(value) < 80 else value[:77] + "...")
         console.print(meta)
     if "tensor_list" in info:
