@@ -40,6 +40,9 @@ def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
         scale = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
         scale[::7] = -scale[::7]
         blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    if name == "MXFP4":  # E8M0 exponents: 0 and 1 (subnormal scales) up to 2^72, no overflow
+        blocks[:, 0] = rng.integers(0, 200, size=n_blocks, dtype=np.uint8)
+        blocks[:2, 0] = (0, 1)
     return blocks
 
 

@@ -19,7 +19,7 @@ from .errors import PlacementError
 from .format import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
-from .place import make_sink, parse_device
+from .place import dequantizing, make_sink, parse_device
 from .read import read_tensors
 from .report import LoadReport, Monitor
 
@@ -153,7 +153,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         target = parse_device(device)
         to_dtype = parse_dtype(dtype)
         budget = resolve_budget(max_host_memory)
-        copying = destinations is not None or target.type != "cpu" or any(
+        copying = dequantizing(entries, to_dtype) or destinations is not None or (
+            target.type != "cpu") or any(
             e.info.dtype.torch.is_floating_point and e.info.dtype.torch != to_dtype
             for e in entries if to_dtype is not None)
         total = sum(e.info.nbytes for e in entries)

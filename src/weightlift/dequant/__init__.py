@@ -70,6 +70,20 @@ def check_supported(kind: GGMLType | int | str, tensor: str | None = None) -> GG
     return found
 
 
+def packed_type(info: object) -> GGMLType | None:
+    """The GGML type of a tensor record stored packed (quantized), None for any other tensor.
+
+    Reads the record's ``ggml`` field (set by the GGUF parser; absent on safetensors records).
+    """
+    kind = getattr(info, "ggml", None)
+    return kind if isinstance(kind, GGMLType) and kind.quantized else None
+
+
+def unpacked_shape(shape: tuple[int, ...], kind: GGMLType) -> tuple[int, ...]:
+    """The logical shape of packed bytes of shape ``(..., row_bytes)``: ``(..., elements)``."""
+    return (*shape[:-1], shape[-1] // kind.type_size * kind.block_size)
+
+
 def dequantize(packed: torch.Tensor, kind: GGMLType | int | str,
                dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -90,7 +104,7 @@ def dequantize(packed: torch.Tensor, kind: GGMLType | int | str,
         raise PlacementError(f"{found.name} packs {found.block_size} elements in "
                              f"{found.type_size} bytes; a last dimension of {row_bytes} bytes is "
                              "not a whole number of blocks")
-    shape = (*packed.shape[:-1], row_bytes // found.type_size * found.block_size)
+    shape = unpacked_shape(tuple(packed.shape), found)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     elif out.numel() != packed.numel() // found.type_size * found.block_size or (
@@ -107,4 +121,5 @@ def dequantize(packed: torch.Tensor, kind: GGMLType | int | str,
     return out.view(shape)
 
 
-__all__ = ["KERNELS", "check_supported", "dequantize", "ggml_type", "supports"]
+__all__ = ["KERNELS", "check_supported", "dequantize", "ggml_type", "packed_type", "supports",
+           "unpacked_shape"]
