@@ -7,6 +7,8 @@ wider types, because a block's fields sit at offsets a wider dtype cannot be vie
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -20,44 +22,45 @@ def f16(blocks: torch.Tensor, begin: int) -> torch.Tensor:
     return blocks[:, begin:begin + 2].contiguous().view(torch.float16).float()
 
 
-def u16(blocks: torch.Tensor, begin: int) -> torch.Tensor:
-    """The little-endian uint16 at byte ``begin`` of every block, as int32 ``(n_blocks, 1)``."""
-    pair = blocks[:, begin:begin + 2].to(torch.int32)
-    return pair[:, :1] | (pair[:, 1:] << 8)
+@lru_cache(maxsize=256)
+def constant(values: tuple[int | float, ...], dtype: torch.dtype, device: torch.device
+             ) -> torch.Tensor:
+    """A small constant tensor (a codebook), made once per dtype and device.
+
+    Shared between calls: never write to it."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
-def shifts(values: range | tuple[int, ...], like: torch.Tensor, shape: tuple[int, ...]
-           ) -> torch.Tensor:
-    """Shift amounts as a tensor of ``like``'s dtype and device, shaped to broadcast."""
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(shape)
+def split_bits(data: torch.Tensor, group: int, width: int) -> torch.Tensor:
+    """``width``-bit fields of runs of ``group`` bytes, lowest bits first: ``(n, bytes)`` →
+    ``(n, bytes // group, 8 // width, group)`` uint8, where ``[:, r, k, j]`` is field ``k`` of byte
+    ``j`` of run ``r``. (One shift per field, stacked: ~5× faster on the CPU than a broadcast
+    shift by a tensor of amounts.)"""
+    runs = data.reshape(data.shape[0], -1, group)
+    mask = (1 << width) - 1
+    fields = [runs & mask] + [(runs >> shift) & mask for shift in range(width, 8, width)]
+    return torch.stack(fields, dim=2)
 
 
 def nibbles(data: torch.Tensor, group: int) -> torch.Tensor:
     """ggml's 4-bit layout: each run of ``group`` bytes gives ``group`` low nibbles, then
     ``group`` high ones. ``(n, bytes)`` → ``(n, bytes // group, 2, group)`` uint8 in 0..15."""
-    n = data.shape[0]
-    split = data.reshape(n, -1, 1, group) >> shifts((0, 4), data, (1, 1, 2, 1))
-    return split & 0x0F
+    return split_bits(data, group, 4)
 
 
 def crumbs(data: torch.Tensor, group: int) -> torch.Tensor:
     """2-bit fields: each run of ``group`` bytes gives its bits 0-1, 2-3, 4-5, 6-7 in turn.
     ``(n, bytes)`` → ``(n, bytes // group, 4, group)`` uint8 in 0..3."""
-    n = data.shape[0]
-    split = data.reshape(n, -1, 1, group) >> shifts((0, 2, 4, 6), data, (1, 1, 4, 1))
-    return split & 0x03
+    return split_bits(data, group, 2)
 
 
 def bitplanes(data: torch.Tensor, group: int) -> torch.Tensor:
     """1-bit fields: each run of ``group`` bytes gives bit 0, then bit 1, … bit 7.
     ``(n, bytes)`` → ``(n, bytes // group, 8, group)`` uint8 in 0..1."""
-    n = data.shape[0]
-    split = data.reshape(n, -1, 1, group) >> shifts(range(8), data, (1, 1, 8, 1))
-    return split & 0x01
+    return split_bits(data, group, 1)
 
 
 def lookup(table: tuple[int, ...] | tuple[float, ...], index: torch.Tensor,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``table[index]`` elementwise, with the table on ``index``'s device."""
-    values = torch.tensor(table, dtype=dtype, device=index.device)
-    return values[index.to(torch.int64)]
+    return constant(table, dtype, index.device)[index.to(torch.int64)]

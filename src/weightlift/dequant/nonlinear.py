@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import f16, field, lookup, nibbles, shifts, u16
+from .bits import crumbs, f16, field, lookup, nibbles
 
 #: IQ4_NL / IQ4_XS codebook (``kvalues_iq4nl`` in ggml).
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -33,11 +33,9 @@ def iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
 def iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     d = f16(blocks, 0)
-    scales_h = u16(blocks, 2) >> shifts(range(0, 16, 2), blocks.new_empty(0, dtype=torch.int32),
-                                        (1, 8))
-    scales_l = field(blocks, 4, 8)
-    scales_l = (scales_l.reshape(n, 4, 1) >> shifts((0, 4), scales_l, (1, 1, 2))).reshape(n, 8)
-    scales = ((scales_l & 0x0F) | ((scales_h & 0x03).to(torch.uint8) << 4)).to(torch.int8) - 32
+    scales_h = crumbs(field(blocks, 2, 4), 1).reshape(n, 8)      # the u16's 2-bit fields, in order
+    scales_l = nibbles(field(blocks, 4, 8), 1).reshape(n, 8)      # low, high nibble of each byte
+    scales = (scales_l | (scales_h << 4)).to(torch.int8) - 32
     dl = (d * scales.float()).reshape(n, 8, 1)
     q = lookup(IQ4_VALUES, nibbles(field(blocks, 8, 136), 16).reshape(n, 8, 32))
     return (dl * q).reshape(n, 256)
