@@ -213,3 +213,12 @@ def test_cuda_load_dequantizes_on_the_device(checkpoint):
 
 def test_public_api_reexports_the_error():
     assert issubclass(UnsupportedQuantization, weightlift.PlacementError)
+
+
+def test_cpu_dequantizing_loads_leave_room_for_the_kernels_in_the_budget():
+    from weightlift.place import DEQUANT_WORKSPACE, ring_budget
+    cpu = torch.device("cpu")
+    assert ring_budget(64 << 20, True, cpu) == (64 << 20) - DEQUANT_WORKSPACE
+    assert ring_budget(4 << 20, True, cpu) == 3 << 20       # never more than a quarter
+    assert ring_budget(64 << 20, False, cpu) == 64 << 20
+    assert ring_budget(64 << 20, True, torch.device("meta")) == 64 << 20  # kernels run on device

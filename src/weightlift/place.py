@@ -16,6 +16,10 @@ import torch
 
 from .checkpoint import Entry
 from .dequant import check_supported, dequantize, packed_type, unpacked_shape
+
+#: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
+#: batch (~1 MiB) and the allocator's slack around them (measured 4-7 MiB in all).
+DEQUANT_WORKSPACE = 8 << 20
 from .errors import PlacementError
 from .format import TensorInfo
 from .ggml import GGMLType
@@ -191,6 +195,14 @@ def dequantizing(entries: Iterable[Entry], dtype: torch.dtype | None) -> bool:
             check_supported(kind, tensor=entry.name)
             found = True
     return found
+
+
+def ring_budget(budget: int, unpacking: bool, device: torch.device) -> int:
+    """The part of the host budget the read ring may use: all of it, except that a CPU load that
+    dequantizes leaves ``DEQUANT_WORKSPACE`` (at most a quarter) for the kernels' intermediates."""
+    if unpacking and device.type == "cpu":
+        return budget - min(DEQUANT_WORKSPACE, budget // 4)
+    return budget
 
 
 def make_sink(device: torch.device, dtype: torch.dtype | None,

@@ -38,7 +38,8 @@ def split_bits(data: torch.Tensor, group: int, width: int) -> torch.Tensor:
     shift by a tensor of amounts.)"""
     runs = data.reshape(data.shape[0], -1, group)
     mask = (1 << width) - 1
-    fields = [runs & mask] + [(runs >> shift) & mask for shift in range(width, 8, width)]
+    fields = [runs & mask] + [(runs >> shift) & mask for shift in range(width, 8 - width, width)]
+    fields.append(runs >> (8 - width))  # the top field needs no mask
     return torch.stack(fields, dim=2)
 
 
