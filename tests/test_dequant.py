@@ -9,41 +9,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from weightlift.bench.dequant import random_blocks
 from weightlift.dequant import KERNELS, dequantize, supports
 from weightlift.errors import PlacementError, UnsupportedQuantization
 from weightlift.ggml import GGML_TYPES_BY_NAME
 
-#: Byte offsets of each type's float16 scale fields; random bytes there could be NaN or inf.
-F16_FIELDS = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-    "IQ4_NL": (0,), "IQ4_XS": (0,), "MXFP4": (),
-}
 #: Types gguf-py can quantize, so real quantizer output is tested too.
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 REQUIRED = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
             "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4")
-
-
-def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
-    """``n_blocks`` valid blocks of type ``name``: random bytes, finite random float16 scales."""
-    kind = GGML_TYPES_BY_NAME[name]
-    rng = np.random.default_rng(seed)
-    if not kind.quantized:  # plain floats: finite random values
-        values = rng.standard_normal(n_blocks).astype(np.float32)
-        return quants.quantize(values, GGMLQuantizationType[name]).view(np.uint8).reshape(
-            n_blocks, kind.type_size) if name != "BF16" else (
-            torch.from_numpy(values).to(torch.bfloat16).view(torch.uint8).numpy()
-            .reshape(n_blocks, kind.type_size))
-    blocks = rng.integers(0, 256, size=(n_blocks, kind.type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[name]:
-        scale = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
-        scale[::7] = -scale[::7]
-        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
-    if name == "MXFP4":  # E8M0 exponents: 0 and 1 (subnormal scales) up to 2^72, no overflow
-        blocks[:, 0] = rng.integers(0, 200, size=n_blocks, dtype=np.uint8)
-        blocks[:2, 0] = (0, 1)
-    return blocks
 
 
 def reference(blocks: np.ndarray, name: str) -> np.ndarray:

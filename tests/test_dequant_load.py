@@ -19,13 +19,12 @@ from safetensors.torch import save_file
 
 import weightlift
 from weightlift.api import run_load
+from weightlift.bench.dequant import random_blocks
 from weightlift.checkpoint import Entry, Layout, resolve
 from weightlift.errors import UnsupportedQuantization
 from weightlift.format import TensorInfo
 from weightlift.ggml import GGML_TYPES_BY_NAME, GGMLType
 from weightlift.plan import plan_chunks
-
-from test_dequant import random_blocks
 
 
 @dataclasses.dataclass(frozen=True)

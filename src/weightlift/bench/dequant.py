@@ -21,7 +21,7 @@ import torch
 from ..dequant import KERNELS, dequantize
 from ..ggml import GGML_TYPES_BY_NAME
 
-#: Float16 scale fields per type (byte offsets), set to finite values in the random blocks.
+#: Byte offsets of each type's float16 scale fields; random bytes there could be NaN or inf.
 F16_FIELDS = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
@@ -29,17 +29,22 @@ F16_FIELDS = {
 }
 
 
-def random_blocks(name: str, nbytes: int, seed: int = 0) -> np.ndarray:
-    """About ``nbytes`` of valid blocks of quantized type ``name``, as ``(n_blocks, type_size)``."""
+def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """``n_blocks`` valid blocks of GGML type ``name`` as ``(n_blocks, type_size)`` uint8: random
+    bytes with finite random float16 scales (some negative); plain types hold finite floats."""
     kind = GGML_TYPES_BY_NAME[name]
-    n_blocks = max(1, nbytes // kind.type_size)
     rng = np.random.default_rng(seed)
+    if not kind.quantized:
+        values = torch.from_numpy(rng.standard_normal(n_blocks).astype(np.float32))
+        return values.to(kind.torch).view(torch.uint8).numpy().reshape(n_blocks, kind.type_size)
     blocks = rng.integers(0, 256, size=(n_blocks, kind.type_size), dtype=np.uint8)
     for offset in F16_FIELDS.get(name, ()):
         scale = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
+        scale[::7] = -scale[::7]
         blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
-    if name == "MXFP4":
-        blocks[:, 0] = rng.integers(100, 150, size=n_blocks, dtype=np.uint8)
+    if name == "MXFP4":  # E8M0 exponents: 0 and 1 (subnormal scales) up to 2^72, no overflow
+        blocks[:, 0] = rng.integers(0, 200, size=n_blocks, dtype=np.uint8)
+        blocks[:2, 0] = (0, 1)[:n_blocks]
     return blocks
 
 
@@ -60,7 +65,7 @@ def measure(names: Sequence[str], nbytes: int, repeat: int, device: str) -> list
         quants = None
     rows = []
     for name in names:
-        blocks = random_blocks(name, nbytes)
+        blocks = random_blocks(name, max(1, nbytes // GGML_TYPES_BY_NAME[name].type_size))
         packed = torch.from_numpy(blocks).to(device)
         row: dict[str, object] = {"type": name, "MB": blocks.nbytes / 1e6}
         for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
