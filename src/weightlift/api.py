@@ -21,7 +21,7 @@ from .format import DTYPES
 from .ggml import GGMLType
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
-from .place import make_sink, parse_device, release_pinned_cache
+from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
 from .report import LoadReport, Monitor
 
@@ -180,7 +180,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         target = parse_device(device)
         to_dtype = parse_dtype(dtype)
         budget = resolve_budget(max_host_memory)
-        copying = destinations is not None or target.type != "cpu" or any(
+        unpacking = dequantizing(entries, to_dtype)
+        copying = unpacking or destinations is not None or target.type != "cpu" or any(
             e.info.dtype.torch.is_floating_point and e.info.dtype.torch != to_dtype
             for e in entries if to_dtype is not None)
         total = sum(e.info.nbytes for e in entries)
@@ -202,7 +203,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         progress = _progress(on_progress, total)
         started = time.perf_counter()
         try:
-            tensors = read_tensors(layout, entries, reader, budget=budget, sink=sink,
+            tensors = read_tensors(layout, entries, reader, sink=sink,
+                                   budget=ring_budget(budget, unpacking, target),
                                    window=budget if streaming else None, progress=progress)
             for entry, tensor in tensors:
                 if report.time_to_first_tensor is None:

@@ -39,3 +39,7 @@ class ReadError(WeightliftError):
 
 class PlacementError(WeightliftError):
     """A tensor could not be placed: unknown device, wrong shape or dtype for a destination."""
+
+
+class UnsupportedQuantization(PlacementError):
+    """A GGML type weightlift cannot dequantize; the tensor still loads packed (without ``dtype=``)."""

@@ -4,11 +4,13 @@
 address allows it). ``Sink`` receives pieces of tensors from ring slots and copies them into
 destination tensors — fresh ones on a device, ones of another dtype, or a module's parameters —
 converting dtype piece by piece, on the device for accelerator targets, never as a second host copy.
+Packed GGML tensors loaded with a floating ``dtype`` are dequantized the same way: each piece holds
+whole blocks, and only packed bytes travel to a device, where the kernels run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -16,10 +18,16 @@ from typing import Any
 import torch
 
 from .checkpoint import Entry
+from .dequant import check_supported, dequantize, packed_type, unpacked_shape
 from .errors import PlacementError
 from .format import TensorInfo
+from .ggml import GGMLType
 from .io.base import host_buffer
 from .plan import Piece
+
+#: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
+#: batch (~1 MiB) and the allocator's slack around them (measured 4-7 MiB in all).
+DEQUANT_WORKSPACE = 8 << 20
 
 
 def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
@@ -66,8 +74,11 @@ class Sink:
         self.dtype = dtype
         self.destinations = destinations
         self.targets: dict[str, torch.Tensor] = {}
+        self.unpacking: dict[str, GGMLType] = {}  # targets filled by dequantizing packed pieces
 
     def target_dtype(self, info: TensorInfo) -> torch.dtype:
+        if self.dtype is not None and self.dtype.is_floating_point and packed_type(info):
+            return self.dtype  # dequantized
         if self.dtype is not None and info.dtype.torch.is_floating_point:
             return self.dtype  # like .to(dtype) on a state dict: integer and bool tensors keep theirs
         return info.dtype.torch
@@ -81,11 +92,18 @@ class Sink:
 
     def _make(self, entry: Entry) -> torch.Tensor:
         info = entry.info
+        shape = info.shape
+        kind = packed_type(info)
+        dtype = self.target_dtype(info) if self.destinations is None else (
+            self.destinations[entry.name].dtype)
+        if kind is not None and dtype.is_floating_point:
+            self.unpacking[entry.name] = check_supported(kind, tensor=entry.name)
+            shape = unpacked_shape(shape, kind)
         if self.destinations is None:
-            return torch.empty(info.shape, dtype=self.target_dtype(info), device=self.device)
+            return torch.empty(shape, dtype=dtype, device=self.device)
         dst = self.destinations[entry.name]
-        if tuple(dst.shape) != info.shape:
-            raise PlacementError(f"checkpoint shape {list(info.shape)} does not match the "
+        if tuple(dst.shape) != shape:
+            raise PlacementError(f"checkpoint shape {list(shape)} does not match the "
                                  f"destination's {list(dst.shape)}", tensor=entry.name)
         if not dst.is_contiguous():
             raise PlacementError("destination is not contiguous", tensor=entry.name)
@@ -98,6 +116,11 @@ class Sink:
             return
         dst = self.target(piece.entry).view(-1)
         info = piece.entry.info
+        kind = self.unpacking.get(piece.entry.name)
+        if kind is not None:  # pieces of packed tensors are whole blocks (plan_chunks)
+            lo, hi = (offset // kind.type_size * kind.block_size for offset in (piece.begin, piece.end))
+            self._dequantize(dst[lo:hi], src, kind)
+            return
         if dst.dtype == info.dtype.torch:
             self._copy(dst.view(torch.uint8)[piece.begin:piece.end], src)
             return
@@ -120,6 +143,9 @@ class Sink:
         """A host buffer for the ring (page-locked if ``pinned``)."""
         return host_buffer(nbytes, pin=pinned)
 
+    def _dequantize(self, dst: torch.Tensor, src: torch.Tensor, kind: GGMLType) -> None:
+        dequantize(src, kind, dst.dtype, out=dst)
+
     def fence(self) -> object | None:
         """Something to wait on before the source slot may be reused (None: already safe)."""
         return None
@@ -136,6 +162,7 @@ class Sink:
         """The ring's slots are gone; give back what an allocator cached for them."""
 
     def finish(self, entry: Entry) -> torch.Tensor:
+        self.unpacking.pop(entry.name, None)
         return self.targets.pop(entry.name)
 
 
@@ -196,6 +223,11 @@ class AcceleratorSink(Sink):
         with self.cuda.device(self.device):
             return host_buffer(nbytes, pin=pinned)
 
+    def _dequantize(self, dst: torch.Tensor, src: torch.Tensor, kind: GGMLType) -> None:
+        with self._side():
+            # Only the packed bytes cross the bus; the kernels run on the device.
+            dequantize(self._upload(src), kind, dst.dtype, out=dst)
+
     def fence(self) -> object | None:
         with self.cuda.device(self.device):
             event = self.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning
@@ -236,6 +268,28 @@ def release_pinned_cache() -> bool:
         return False
     empty()
     return True
+
+
+def dequantizing(entries: Iterable[Entry], dtype: torch.dtype | None) -> bool:
+    """Whether a load into ``dtype`` dequantizes some of ``entries`` (packed GGML tensors and a
+    floating dtype). Raises ``UnsupportedQuantization`` before any read for a type it cannot."""
+    if dtype is None or not dtype.is_floating_point:
+        return False
+    found = False
+    for entry in entries:
+        kind = packed_type(entry.info)
+        if kind is not None:
+            check_supported(kind, tensor=entry.name)
+            found = True
+    return found
+
+
+def ring_budget(budget: int, unpacking: bool, device: torch.device) -> int:
+    """The part of the host budget the read ring may use: all of it, except that a CPU load that
+    dequantizes leaves ``DEQUANT_WORKSPACE`` (at most a quarter) for the kernels' intermediates."""
+    if unpacking and device.type == "cpu":
+        return budget - min(DEQUANT_WORKSPACE, budget // 4)
+    return budget
 
 
 def make_sink(device: torch.device, dtype: torch.dtype | None,

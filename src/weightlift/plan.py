@@ -8,7 +8,9 @@ Two shapes of plan, for the two ways bytes reach their destination:
   file offsets that are multiples of the chunk size, so parallel reads never touch the same page.
 * ``Chunk`` — the bytes pass through a reused ring slot and are copied into destinations that
   already exist (a device, a dtype conversion, a module's parameters). A chunk is a run of whole
-  small tensors, or a piece of one large tensor cut at an element boundary.
+  small tensors, or a piece of one large tensor cut at an element boundary (packed GGML tensors:
+at a row boundary, or a block boundary when a row is larger than a chunk, so each piece can be
+dequantized on its own).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .checkpoint import Entry
+from .dequant import packed_type
 
 #: Tensors below this size are grouped with their neighbours into one read.
 SMALL_TENSOR = 1 << 20
@@ -110,6 +113,15 @@ def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 
     return blocks
 
 
+def _cut_unit(entry: Entry, chunk_size: int) -> int:
+    """Pieces of a tensor are multiples of this: an element, or a packed tensor's row or block."""
+    kind = packed_type(entry.info)
+    if kind is None:
+        return entry.info.dtype.itemsize
+    row = entry.info.shape[-1] if entry.info.shape else kind.type_size
+    return row if row <= chunk_size else kind.type_size
+
+
 def plan_chunks(entries: Iterable[Entry], chunk_size: int) -> list[Chunk]:
     """Chunks of at most ``chunk_size`` bytes for a load through a ring of that slot size."""
     chunks = []
@@ -120,7 +132,8 @@ def plan_chunks(entries: Iterable[Entry], chunk_size: int) -> list[Chunk]:
             continue
         entry = run[0]
         # Cut a large tensor at element boundaries so each piece can be converted on its own.
-        step = max(entry.info.dtype.itemsize, chunk_size - chunk_size % entry.info.dtype.itemsize)
+        unit = _cut_unit(entry, chunk_size)
+        step = max(unit, chunk_size - chunk_size % unit)
         for begin in range(0, entry.info.nbytes, step):
             end = min(begin + step, entry.info.nbytes)
             chunks.append(Chunk(entry.shard, entry.info.start + begin, entry.info.start + end,
