@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, WeightliftError
+from .errors import FormatError, MissingFileError, WeightliftError
 
 #: Headers larger than this are refused before any allocation (the reference uses the same cap).
 MAX_HEADER_BYTES = 100_000_000
@@ -133,7 +133,7 @@ def open_regular(path: str, error: type[WeightliftError] = FormatError) -> int:
     try:
         fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise error("file not found", path=path) from None
+        raise MissingFileError("file not found", path=path) from None
     except OSError as exc:
         raise error(f"cannot open: {exc.strerror}", path=path) from exc
     try:
