@@ -22,7 +22,7 @@ import torch
 
 from . import api
 from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import CheckpointError, WeightliftError
+from .errors import CheckpointError, FormatError, WeightliftError
 from .budget import resolve_budget
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
@@ -94,6 +94,8 @@ def _usage_error(message: str) -> Exception:
 
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of safetensors dtype ``name``; bfloat16 and float8 need ``ml_dtypes``."""
+    if name not in NUMPY_DTYPES:
+        raise WeightliftError(f"dtype {name} has no numpy equivalent: use framework='pt'")
     numpy_name = NUMPY_DTYPES[name]
     if hasattr(np, numpy_name):
         return np.dtype(numpy_name)
@@ -228,6 +230,10 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
         from .distributed.direct import read_direct
 
         layout = self._layout()
+        if entry.info.dtype.pack > 1:
+            raise FormatError(f"{entry.info.dtype.name} packs {entry.info.dtype.pack} elements per "
+                              "byte, so it cannot be sliced element by element; read it whole "
+                              "with get_tensor", path=layout.root, tensor=entry.name)
         rest = None
         if has_advanced(index):  # lists and tensors: read the block holding them, then index it
             index, rest = split_index(entry.info.shape, index, entry.name)

@@ -21,8 +21,8 @@ from .plan import Piece
 def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """The tensor ``info`` describes, over ``raw`` (uint8 bytes of exactly ``info.nbytes``)."""
     if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype.torch)
-    return typed_view(raw, info.dtype.torch).view(info.shape)
+        return torch.empty(info.torch_shape, dtype=info.dtype.torch)
+    return typed_view(raw, info.dtype.torch).view(info.torch_shape)
 
 
 def typed_view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,8 +64,10 @@ class Sink:
         self.targets: dict[str, torch.Tensor] = {}
 
     def target_dtype(self, info: TensorInfo) -> torch.dtype:
-        if self.dtype is not None and info.dtype.torch.is_floating_point:
-            return self.dtype  # like .to(dtype) on a state dict: integer and bool tensors keep theirs
+        if self.dtype is not None and info.dtype.torch.is_floating_point and info.dtype.pack == 1:
+            # like .to(dtype) on a state dict: integer and bool tensors keep theirs, and so do
+            # packed F4 tensors, which torch cannot convert
+            return self.dtype
         return info.dtype.torch
 
     def target(self, entry: Entry) -> torch.Tensor:
@@ -78,9 +80,10 @@ class Sink:
     def _make(self, entry: Entry) -> torch.Tensor:
         info = entry.info
         if self.destinations is None:
-            return torch.empty(info.shape, dtype=self.target_dtype(info), device=self.device)
+            return torch.empty(info.torch_shape, dtype=self.target_dtype(info),
+                               device=self.device)
         dst = self.destinations[entry.name]
-        if tuple(dst.shape) != info.shape:
+        if tuple(dst.shape) != info.torch_shape:
             raise PlacementError(f"checkpoint shape {list(info.shape)} does not match the "
                                  f"destination's {list(dst.shape)}", tensor=entry.name)
         if not dst.is_contiguous():
