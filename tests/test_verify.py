@@ -213,3 +213,23 @@ def test_cli_verify_and_load_verify(hub: Path, capsys: pytest.CaptureFixture[str
     assert "model-00002-of-00002.safetensors" in out.out + out.err and good in out.out + out.err
     assert main(["load", "--verify", "-q", f"hf://{REPO}"]) == 1
     assert "SHA-256 mismatch" in capsys.readouterr().err
+
+
+def test_the_bench_sha256_row_verifies_with_digests_computed_before(files: Path) -> None:
+    from weightlift.bench.loaders import LOADERS, VERIFIED, Job, digest_file, write_digests
+
+    shards = tuple(str(p) for p in sorted(files.glob("*.safetensors")))
+    sums = write_digests(shards)
+    assert sums == digest_file(shards) and sums.read_text().count("\n") == 2
+    try:
+        for scenario in ("to_cpu", "device"):
+            job = Job(source=str(files), files=shards, scenario=scenario, device="cpu")
+            got = {name: tensor.clone() for name, tensor in LOADERS[VERIFIED].run(job)}
+            assert_same(got, reference(files))
+        lines = sums.read_text().splitlines()
+        sums.write_text("\n".join(["0" * 64 + lines[0][64:]] + lines[1:]) + "\n")
+        job = Job(source=str(files), files=shards, scenario="to_cpu", device="cpu")
+        with pytest.raises(IntegrityError):
+            list(LOADERS[VERIFIED].run(job))
+    finally:
+        sums.unlink()

@@ -108,7 +108,7 @@ def expected_digests(layout: Layout, verify: Verify, shards: Iterable[int]) -> d
 
 def _lookup(given: Mapping[str, str], shard: Shard, root: str) -> str | None:
     for key in (shard.path, os.path.relpath(shard.path, root), os.path.basename(shard.path),
-                os.path.abspath(shard.path)):
+                os.path.abspath(shard.path), os.path.realpath(shard.path)):
         if key in given:
             return given[key]
     return None

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import WEIGHTLIFT_STRATEGIES, peer_loaders, reference_loaders
+from ..bench.loaders import (VERIFIED, WEIGHTLIFT_STRATEGIES, peer_loaders, reference_loaders,
+                             write_digests)
 from ..bench.runner import CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..units import format_bytes, parse_size
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategies", type=_choices(WEIGHTLIFT_STRATEGIES),
                         default=list(WEIGHTLIFT_STRATEGIES),
                         help="weightlift strategies to measure (default all)")
+    parser.add_argument("--sha256", action="store_true",
+                        help="also measure auto with verify= (every file's SHA-256 checked as it "
+                             "is read; digests from the HF cache, else computed before the runs)")
     parser.add_argument("--no-raw", action="store_true",
                         help="skip the raw-read reference rows (O_DIRECT and buffered)")
     parser.add_argument("--no-verify", action="store_true",
@@ -103,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("weightlift bench: --reps must be at least 1")
     source = checkpoint_source(args.source, args.synthetic, args.cache_dir)
     loaders = [f"weightlift {s}" for s in args.strategies]
+    if args.sha256:
+        loaders.append(VERIFIED)
+        _prepare_digests(source)
     if args.peers:
         loaders += peer_loaders()
     if not args.no_raw:
@@ -125,6 +132,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(rows, args.plot, title=title(session))
     return 0
+
+
+def _prepare_digests(source: str) -> None:
+    """Digests for the ``+sha256`` row where the HF cache has none, computed before timing."""
+    from ..checkpoint import resolve
+    from ..verify import hub_digest
+
+    with resolve(source) as layout:
+        files = tuple(shard.path for shard in layout.shards)
+    if not all(hub_digest(path) for path in files):
+        with stderr.status("computing SHA-256 digests for the +sha256 row"):
+            write_digests(files)
 
 
 def device_target() -> str:
