@@ -63,7 +63,7 @@ def test_demo_shows_both_scenarios_against_safetensors_and_why_auto_chose(
         assert row[3].endswith("B") and row[4].endswith("B")  # peak host memory, cache left
     assert "For a GPU, weightlift held" in out and "safetensors held" in out
     assert "Into CPU memory, weightlift took" in out
-    assert out.count("auto chose") == 2
+    assert out.count("auto chose") in (1, 2)  # once when both loads chose alike, for one reason
 
 
 def test_demo_needs_only_the_core_dependencies(tmp_path: Path) -> None:
@@ -78,5 +78,5 @@ def test_demo_needs_only_the_core_dependencies(tmp_path: Path) -> None:
                            "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("auto chose") == 2 and "pip install safetensors" in done.stdout
+    assert "auto chose" in done.stdout and "pip install safetensors" in done.stdout
     assert PEER not in done.stdout.split("safetensors is not installed")[0]

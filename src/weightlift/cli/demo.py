@@ -121,9 +121,13 @@ def story(session: Session, budget: int) -> list[str]:
                      f"safetensors' {cpu_peer.seconds:.2f} s) and left "
                      f"{format_bytes(cpu.cache_left)} of page cache where safetensors left "
                      f"{format_bytes(cpu_peer.cache_left)}.")
-    for scenario, heading, _ in SECTIONS:
-        chosen = runs.get((scenario, AUTO))
-        if chosen is not None and chosen.strategy:
+    choices = {scenario: runs[(scenario, AUTO)] for scenario, _, _ in SECTIONS
+               if (scenario, AUTO) in runs and runs[(scenario, AUTO)].strategy}
+    if len({(r.strategy, r.reason) for r in choices.values()}) == 1 and len(choices) > 1:
+        first = next(iter(choices.values()))
+        lines.append(f"auto chose {first.strategy} for both: {first.reason}")
+    else:
+        for scenario, chosen in choices.items():
             where = "for a GPU" if scenario == "device" else "into CPU memory"
             lines.append(f"auto chose {chosen.strategy} {where}: {chosen.reason}")
     for result in session.runs:
