@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def test_a_corrupted_blob_is_an_integrity_error(hub: Path, files: Path, strategy
     error = info.value
     assert shard in str(error) and good in str(error) and bad in str(error)
     assert (error.expected, error.actual) == (good, bad)
+    assert not [t for t in threading.enumerate() if t.name == "weightlift-verify"]
 
 
 def test_without_verify_the_corruption_goes_unnoticed(hub: Path) -> None:
@@ -203,7 +205,7 @@ def test_cli_verify_and_load_verify(hub: Path, capsys: pytest.CaptureFixture[str
     assert main(["verify", f"hf://{REPO}"]) == 0
     out = capsys.readouterr().out
     assert out.count(": OK (") == 2
-    assert main(["load", "--verify", "-q", f"hf://{REPO}"]) == 0
+    assert main(["load", "--verify", f"hf://{REPO}", "-q"]) == 0
     capsys.readouterr()
     blob = blob_of(hub, "model-00002-of-00002.safetensors")
     good = hashlib.sha256(blob.read_bytes()).hexdigest()
@@ -211,7 +213,7 @@ def test_cli_verify_and_load_verify(hub: Path, capsys: pytest.CaptureFixture[str
     assert main(["verify", f"hf://{REPO}"]) == 1
     out = capsys.readouterr()
     assert "model-00002-of-00002.safetensors" in out.out + out.err and good in out.out + out.err
-    assert main(["load", "--verify", "-q", f"hf://{REPO}"]) == 1
+    assert main(["load", "--verify", f"hf://{REPO}", "-q"]) == 1
     assert "SHA-256 mismatch" in capsys.readouterr().err
 
 
