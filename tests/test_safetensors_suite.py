@@ -10,6 +10,7 @@ left out. The list indices and misuse errors below come from the issue's list of
 
 from __future__ import annotations
 
+import pickle
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 import weightlift.torch as wtorch
 from weightlift.compat import safe_open
-from weightlift.errors import MissingFileError, WeightliftError
+from weightlift.errors import CheckpointError, MissingFileError, WeightliftError
 
 APIS = {
     "safetensors": SimpleNamespace(safe_open=reference_open, load_file=reference_load_file),
@@ -288,3 +289,12 @@ def test_dtypes_torch_lacks_are_refused_clearly(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 3)
     with pytest.raises(WeightliftError, match="F6_E2M3.*smaller than a byte"):
         wtorch.load_file(path)
+
+
+def test_compatible_errors_pickle_as_weightlift_errors(sliced: Path) -> None:
+    with safe_open(sliced, framework="pt") as f:
+        with pytest.raises(SafetensorError) as info:
+            f.get_tensor("nope")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is CheckpointError and str(copy) == str(info.value)
+    assert copy.path == info.value.path

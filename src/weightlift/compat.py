@@ -68,8 +68,12 @@ def reference_compatible(cls: type[Exception]) -> type[Exception]:
     base = _reference_error()
     if base is None or issubclass(cls, base):
         return cls
+    def reduce(self: BaseException) -> tuple[object, ...]:
+        return (cls, self.args, dict(self.__dict__))  # pickles as the plain weightlift class
+
     return type(cls.__name__, (cls, base), {"__module__": cls.__module__,
-                                            "__qualname__": cls.__qualname__})
+                                            "__qualname__": cls.__qualname__,
+                                            "__reduce__": reduce})
 
 
 def reference_errors(function: F) -> F:
