@@ -177,7 +177,9 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
             chunk, slot, src, future = pending.popleft()
             future.result()
             strategy.shards[chunk.shard].check_unchanged()
-            ticket = verifier.feed(chunk.shard, chunk.start, src) if verifier else None
+            ticket = None
+            if verifier is not None:
+                ticket = verifier.feed(chunk.shard, chunk.start, src)
             for piece in chunk.pieces:
                 lo = piece.entry.info.start + piece.begin - chunk.start
                 sink.place(piece, src[lo:lo + piece.end - piece.begin])

@@ -11,8 +11,9 @@ Where the expected digests come from (``Expected``):
 * a mapping ``{file name or path: hex digest}``, or the path of a file of ``sha256sum`` lines.
 
 How it is checked (``Verifier``): the read path hands each block of a file to ``feed`` in file
-order, as soon as its bytes are in memory; a dedicated thread hashes them (hashlib releases the
-GIL, so reads and placement go on meanwhile). The header is hashed first; any byte the plan does
+order, as soon as its bytes are in memory; a thread per file hashes them (hashlib releases the
+GIL, so reads and placement go on meanwhile, and the files of a sharded checkpoint are hashed
+side by side). The header is hashed first; any byte the plan does
 not cover is read and hashed too, so the digest is always of the whole file. Only whole files can
 be verified: a load of some of a file's tensors with verification is refused. ``finish`` compares
 the digests and raises ``IntegrityError`` naming the file and both digests; ``load`` and
@@ -39,8 +40,6 @@ from .errors import CheckpointError, IntegrityError, ReadError
 #: ``verify=`` of the public API: True (HF cache digests), {name: hex}, or a sha256sum file.
 Verify = Union[bool, Mapping[str, str], str, os.PathLike]
 DIGEST = re.compile(r"[0-9a-f]{64}")
-#: Blocks read ahead of the hasher at most; bounds the memory its lag can pin.
-MAX_PENDING = 64
 #: Bytes read per call when hashing a range the plan did not cover.
 FILL = 8 << 20
 
@@ -129,39 +128,55 @@ def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
     return sorted(chosen)
 
 
+Ticket = tuple[int, int]  # (shard, how many of its blocks must be hashed)
+
+
 class Verifier:
-    """Hash files from the blocks a load reads, in file order, on a thread of its own."""
+    """Hash files from the blocks a load reads: each file in order on a thread of its own, so
+    the files of a sharded checkpoint are hashed side by side (SHA-256 itself is sequential).
+
+    Queues are not bounded: a ``load`` keeps every block anyway (they are its tensors), and the
+    copying and streaming paths wait for each block's hash before reusing or yielding it.
+    """
 
     def __init__(self, layout: Layout, expected: Mapping[int, str]) -> None:
         self.layout = layout
         self.expected = dict(expected)
         self.hashes = {index: hashlib.sha256() for index in self.expected}
         self.position = {index: 0 for index in self.expected}
+        self.fed = {index: 0 for index in self.expected}
+        self.hashed = {index: 0 for index in self.expected}
         self.done: dict[int, str] = {}
         self.error: BaseException | None = None
-        self.fed = 0
-        self.hashed = 0
         self.changed = threading.Condition()
-        self.work: queue.Queue[tuple[int, int, torch.Tensor] | None] = queue.Queue(MAX_PENDING)
-        self.thread = threading.Thread(target=self._run, name="weightlift-verify", daemon=True)
-        self.thread.start()
+        #: At most one hashing thread per core runs at a time.
+        self.cores = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self.work: dict[int, queue.SimpleQueue[tuple[int, torch.Tensor] | None]] = {}
+        self.threads: list[threading.Thread] = []
 
-    def feed(self, shard: int, start: int, data: torch.Tensor) -> int:
+    def feed(self, shard: int, start: int, data: torch.Tensor) -> Ticket | None:
         """Queue ``data`` (uint8, the file's bytes from ``start``); returns a ticket for ``wait``.
 
         ``data`` must stay unchanged until ``wait(ticket)`` returns."""
         self.check()
         if shard not in self.expected:
-            return self.fed
-        self.fed += 1
-        self.work.put((shard, start, data))
-        return self.fed
+            return None
+        if shard not in self.work:
+            self.work[shard] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(shard,), daemon=True,
+                                      name="weightlift-verify")
+            self.threads.append(thread)
+            thread.start()
+        self.fed[shard] += 1
+        self.work[shard].put((start, data))
+        return shard, self.fed[shard]
 
-    def wait(self, ticket: int | None = None) -> None:
-        """Block until everything up to ``ticket`` (default: everything fed) is hashed."""
-        ticket = self.fed if ticket is None else ticket
+    def wait(self, ticket: Ticket | None = None) -> None:
+        """Block until the block of ``ticket`` (default: everything fed) is hashed."""
+        wanted = [ticket] if ticket is not None else list(self.fed.items())
         with self.changed:
-            self.changed.wait_for(lambda: self.hashed >= ticket or self.error is not None)
+            self.changed.wait_for(lambda: self.error is not None or all(
+                self.hashed[shard] >= count for shard, count in wanted))
         self.check()
 
     def finish(self) -> dict[int, str]:
@@ -181,33 +196,40 @@ class Verifier:
             raise self.error
 
     def close(self) -> None:
-        if self.thread.is_alive():
-            self.work.put(None)
-            self.thread.join()
+        for work in self.work.values():
+            work.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
 
-    # -- the hashing thread --------------------------------------------------------------------
+    # -- the hashing threads -------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, shard: int) -> None:
+        work = self.work[shard]
         while True:
-            item = self.work.get()
+            item = work.get()
             if item is None:
                 return
-            shard, start, data = item
+            start, data = item
             try:
                 if self.error is None:
-                    self._fill(shard, start)  # the header, or bytes no block covered
-                    end = start + data.numel()
-                    if end > self.position[shard]:
-                        skip = self.position[shard] - start
-                        self.hashes[shard].update(memoryview(data.numpy()).cast("B")[skip:])
-                        self.position[shard] = end
-                    if end >= self.layout.shards[shard].header.file_size:
-                        self._compare(shard)
+                    with self.cores:
+                        self._take(shard, start, data)
             except BaseException as exc:  # reported to the loading thread by wait/check
                 self.error = exc
             with self.changed:
-                self.hashed += 1
+                self.hashed[shard] += 1
                 self.changed.notify_all()
+
+    def _take(self, shard: int, start: int, data: torch.Tensor) -> None:
+        self._fill(shard, start)  # the header, or bytes no block covered
+        end = start + data.numel()
+        if end > self.position[shard]:
+            skip = self.position[shard] - start
+            self.hashes[shard].update(memoryview(data.numpy()).cast("B")[skip:])
+            self.position[shard] = end
+        if end >= self.layout.shards[shard].header.file_size:
+            self._compare(shard)
 
     def _fill(self, shard: int, until: int) -> None:
         """Read and hash ``[position, until)`` of ``shard`` from its file (header, holes)."""
