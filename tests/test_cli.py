@@ -64,7 +64,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "weightlift", "--debug", "info",
                            str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
     assert done.returncode == 1
-    assert "Traceback" in done.stderr and "CheckpointError" in done.stderr
+    assert "Traceback" in done.stderr and "MissingFileError" in done.stderr  # a CheckpointError
 
 
 def test_usage_errors_exit_2() -> None:

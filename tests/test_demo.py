@@ -1,7 +1,9 @@
-"""``weightlift demo`` end to end on a few-MB checkpoint: a row per strategy, auto's choice."""
+"""``weightlift demo`` end to end on a few-MB checkpoint: both scenarios, auto's choices, and the
+same against safetensors when it is installed (and without it, on core dependencies only)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,37 +11,59 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from weightlift.bench.loaders import WEIGHTLIFT_STRATEGIES
 from weightlift.cli import main
+from weightlift.cli import demo
+from weightlift.cli.bench import measure
+from weightlift.cli.demo import AUTO, MMAP, PEER
 
 
-def test_demo_prints_a_row_per_strategy_and_why_auto_chose(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--size", "8MB", "--cache-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("│")]
-    names = [row.split("│")[1].strip() for row in rows]
-    assert [name.split(" →")[0] for name in names] == list(WEIGHTLIFT_STRATEGIES)
-    for row in rows:
-        cells = [cell.strip() for cell in row.split("│")[1:-1]]
-        assert float(cells[1]) > 0 and float(cells[2]) > 0   # seconds, GB/s
-        assert cells[3].endswith(("B", "iB"))                 # peak host memory
-    assert "auto chose" in out and "page cache" in out
-    assert len(list(tmp_path.glob("synthetic-llama-*"))) == 1
+def rows_of(out: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("│")[1:-1]]
+            for line in out.splitlines() if line.startswith("│")]
 
 
-def test_demo_json_has_every_strategy_cold_and_a_reason(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_shows_both_scenarios_against_safetensors_and_why_auto_chose(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions = []
+
+    def keep(*args: object, **kwargs: object) -> object:
+        sessions.append(measure(*args, **kwargs))
+        return sessions[-1]
+
+    monkeypatch.setattr(demo, "measure", keep)
     assert main(["demo", "--size", "8MB", "--cache-dir", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    runs = {run["loader"]: run for run in data["runs"]}
-    assert set(runs) == {f"weightlift {s}" for s in WEIGHTLIFT_STRATEGIES}
+    runs = {(run["scenario"], run["loader"]): run for run in data["runs"]}
+    assert set(runs) == {("device", AUTO), ("device", PEER), ("to_cpu", AUTO), ("to_cpu", MMAP),
+                         ("to_cpu", PEER)}
     assert all(run["status"] == "ok" and run["cache"] == "cold" for run in runs.values())
-    auto = runs["weightlift auto"]
-    assert auto["strategy"] in WEIGHTLIFT_STRATEGIES and auto["reason"]
-    assert runs["weightlift mmap"]["strategy"] == "mmap"
+    for scenario in ("device", "to_cpu"):
+        auto = runs[(scenario, AUTO)]
+        assert auto["strategy"] in WEIGHTLIFT_STRATEGIES and auto["reason"]
+    assert runs[("to_cpu", MMAP)]["strategy"] == "mmap"
     assert all(run["bytes"] == data["checkpoint"]["bytes"] for run in runs.values())
+    assert len(list(tmp_path.glob("synthetic-llama-*"))) == 1
+
+    # The screen, from the same measured runs.
+    console = Console(width=100, file=io.StringIO())
+    for scenario, heading, _ in demo.SECTIONS:
+        console.print(demo.table([r for r in sessions[0].runs if r.scenario == scenario],
+                                 heading))
+    for line in demo.story(sessions[0], budget=64 << 20):
+        console.print(line, highlight=False)
+    out = console.file.getvalue()
+    names = [row[0] for row in rows_of(out)]
+    assert [name.split("→")[0] for name in names] == [AUTO, PEER, AUTO, MMAP, PEER]
+    for row in rows_of(out):
+        assert float(row[1]) > 0 and float(row[2]) > 0   # seconds, GB/s
+        assert row[3].endswith("B") and row[4].endswith("B")  # peak host memory, cache left
+    assert "For a GPU, weightlift held" in out and "safetensors held" in out
+    assert "Into CPU memory, weightlift took" in out
+    assert out.count("auto chose") in (1, 2)  # once when both loads chose alike, for one reason
 
 
 def test_demo_needs_only_the_core_dependencies(tmp_path: Path) -> None:
@@ -54,4 +78,5 @@ def test_demo_needs_only_the_core_dependencies(tmp_path: Path) -> None:
                            "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert "auto chose" in done.stdout and "stream" in done.stdout
+    assert "auto chose" in done.stdout and "pip install safetensors" in done.stdout
+    assert PEER not in done.stdout.split("safetensors is not installed")[0]

@@ -231,10 +231,16 @@ def test_dtype_not_a_string_is_rejected(tmp_path: Path) -> None:
                     "dtype is a number, not a string", tensor="w")
 
 
-def test_sub_byte_dtype_is_rejected_deliberately(tmp_path: Path) -> None:
-    # safetensors reads F4 as raw bytes; torch has no element type for it, so we refuse.
-    assert_rejected(tmp_path, safetensors_bytes({"w": entry("F4", [2], [0, 1])}, b"x"),
-                    "F4 packs elements smaller than a byte", tensor="w", oracle=False)
+def test_sub_byte_dtype_torch_lacks_is_rejected_deliberately(tmp_path: Path) -> None:
+    # F6 packs 6-bit elements; torch has no element type for them, so we refuse.
+    assert_rejected(tmp_path, safetensors_bytes({"w": entry("F6_E2M3", [4], [0, 3])}, b"xyz"),
+                    "F6_E2M3 packs elements smaller than a byte", tensor="w", oracle=False)
+
+
+def test_f4_with_an_odd_last_dimension_is_refused(tmp_path: Path) -> None:
+    # torch holds F4 as float4_e2m1fn_x2, two elements per byte: an odd last dim has no shape.
+    assert_rejected(tmp_path, safetensors_bytes({"w": entry("F4", [2, 3], [0, 3])}, b"xyz"),
+                    "last dimension must be a multiple of 2", tensor="w", oracle=False)
 
 
 @pytest.mark.parametrize("dim", [-1, 1.0, 2.5, True, "1", None, [1]])

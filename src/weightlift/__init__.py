@@ -9,7 +9,8 @@ Drop-ins: ``weightlift.safe_open`` (like ``safetensors.safe_open``) and
 
 from .api import Checkpoint, TensorDescription, load, open, stream
 from .compat import safe_open
-from .errors import CheckpointError, FormatError, PlacementError, ReadError, WeightliftError
+from .errors import (CheckpointError, FormatError, IntegrityError, MissingFileError,
+                     PlacementError, ReadError, WeightliftError)
 from .load_into import LoadIntoResult, load_into
 from .report import LoadReport
 
@@ -19,8 +20,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "FormatError",
+    "IntegrityError",
     "LoadIntoResult",
     "LoadReport",
+    "MissingFileError",
     "PlacementError",
     "ReadError",
     "TensorDescription",

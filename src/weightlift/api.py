@@ -24,6 +24,7 @@ from .io.auto import Choice, choose, gather
 from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
 from .report import LoadReport, Monitor
+from .verify import Verify, make_verifier
 
 Device = str | torch.device
 DType = torch.dtype | str | None
@@ -34,33 +35,39 @@ ReportCallback = Callable[[LoadReport], None]
 def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
          strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None,
-         on_report: ReportCallback | None = None) -> dict[str, torch.Tensor]:
+         on_report: ReportCallback | None = None,
+         verify: Verify | None = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint (file, list of files, or directory) into a state dict.
 
         state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
 
     Raises a ``WeightliftError`` on any problem; never returns part of a state dict.
     ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
-    the ``LoadReport`` (which also turns on memory sampling).
+    the ``LoadReport`` (which also turns on memory sampling). ``verify``: check each file's
+    SHA-256 as it is read (``True``: the digests of a Hugging Face cache; or ``{file: hex}``, or
+    a ``sha256sum`` file), raising ``IntegrityError`` on a mismatch; see ``weightlift.verify``.
     """
     return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
-                     on_report=on_report, streaming=False))
+                     on_report=on_report, streaming=False, verify=verify))
 
 
 def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
            strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
            on_progress: ProgressCallback | None = None,
-           on_report: ReportCallback | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           on_report: ReportCallback | None = None,
+           verify: Verify | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
     budget ahead of the consumer, so a checkpoint larger than memory can pass through.
 
     Tensors of CPU loads may share one buffer with their small neighbours (no copy was made).
-    Closing the generator early stops the reads and releases everything at once.
+    Closing the generator early stops the reads and releases everything at once. With ``verify``,
+    a file's digest is known only once its last byte is read: the generator raises
+    ``IntegrityError`` before its last tensor, after earlier ones were yielded.
     """
     return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
-                streaming=True)
+                streaming=True, verify=verify)
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,18 @@ class TensorDescription:
 class Checkpoint:
     """An open checkpoint: headers parsed and validated, files held open, nothing read yet."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, verify: Verify | None = None) -> None:
         self.layout = resolve(source)
         self._choices: dict[tuple[str, bool], Choice] = {}
         self._pinned = False
+        if verify is not None and verify is not False:
+            try:  # one streamed pass, bounded by the budget, before any tensor is handed out
+                for _ in run_load(self.layout, keys=None, device="cpu", strategy="auto",
+                                  dtype=None, streaming=True, verify=verify):
+                    pass
+            except BaseException:
+                self.layout.close()
+                raise
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -147,9 +162,14 @@ class Checkpoint:
         self.close()
 
 
-def open(source: Source) -> Checkpoint:  # noqa: A001 - the name users expect
-    """Open a checkpoint to inspect it or read single tensors: ``with weightlift.open(p) as ckpt``."""
-    return Checkpoint(source)
+def open(source: Source, *, verify: Verify | None = None  # noqa: A001 - the name users expect
+         ) -> Checkpoint:
+    """Open a checkpoint to inspect it or read single tensors: ``with weightlift.open(p) as ckpt``.
+
+    ``verify`` (as for ``load``) reads every file once at open to check its SHA-256, since single
+    tensors read later never cover a whole file.
+    """
+    return Checkpoint(source, verify=verify)
 
 
 def parse_dtype(dtype: DType) -> torch.dtype | None:
@@ -168,8 +188,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
          dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
-         choices: dict[tuple[str, bool], Choice] | None = None, keep_pinned: bool = False
-         ) -> Iterator[tuple[str, torch.Tensor]]:
+         choices: dict[tuple[str, bool], Choice] | None = None, keep_pinned: bool = False,
+         verify: Verify | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     if strategy not in NAMES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
     owned = not isinstance(source, Layout)
@@ -202,10 +222,13 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         monitor = Monitor([s.path for s in layout.shards]) if on_report is not None else None
         progress = _progress(on_progress, total)
         started = time.perf_counter()
+        verifier = None
         try:
+            verifier = make_verifier(layout, entries, verify)
             tensors = read_tensors(layout, entries, reader, sink=sink,
                                    budget=ring_budget(budget, unpacking, target),
-                                   window=budget if streaming else None, progress=progress)
+                                   window=budget if streaming else None, progress=progress,
+                                   verifier=verifier)
             for entry, tensor in tensors:
                 if report.time_to_first_tensor is None:
                     report.time_to_first_tensor = time.perf_counter() - started
@@ -213,6 +236,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
             report.seconds = time.perf_counter() - started
         finally:
             reader.close()
+            if verifier is not None:
+                verifier.close()
             if monitor is not None:
                 monitor.finish(report)
         if on_report is not None:

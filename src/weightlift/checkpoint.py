@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import CheckpointError, ReadError
+from .errors import CheckpointError, MissingFileError, ReadError
 from .format import Header, TensorInfo, open_regular
 from .formats import read_any_header
 from .formats.gguf import check_split, is_gguf, split_parts
@@ -122,7 +122,7 @@ def resolve(source: Source) -> Layout:
         if path.is_dir():
             return _resolve_dir(path)
         if not path.exists():
-            raise CheckpointError("no such file or directory", path=path)
+            raise MissingFileError("no such file or directory", path=path)
         if path.name.endswith(".index.json"):
             return _resolve_index(path)
         if path.name.endswith(".gguf"):
@@ -245,9 +245,9 @@ def _resolve_index(index_path: Path) -> Layout:
             shard_names[name] = shard_path(directory, name, index_path)
     for name, path in shard_names.items():
         if not path.is_file():
-            raise CheckpointError(f"shard {name!r} listed in the index is missing"
-                                  f"{'' if not path.exists() else ' (not a file)'}",
-                                  path=index_path)
+            error = CheckpointError if path.exists() else MissingFileError
+            raise error(f"shard {name!r} listed in the index is missing"
+                        f"{'' if not path.exists() else ' (not a file)'}", path=index_path)
     unique = list(dict.fromkeys(shard_names.values()))
     layout = _open_files(unique, root=str(directory), index_path=str(index_path))
     try:

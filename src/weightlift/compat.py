@@ -12,22 +12,30 @@ and the source may be any checkpoint ``weightlift.load`` accepts (directory, ind
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
 
 from . import api
 from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import CheckpointError, WeightliftError
+from .errors import CheckpointError, FormatError, WeightliftError
 from .budget import resolve_budget
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
 from .place import parse_device
+from .advanced import has_advanced, split_index
 from .slicing import Index, plan_slice
 
 Array = Union[torch.Tensor, np.ndarray]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``safe_open(..., backend=...)`` of safetensors >= 0.8 → the weightlift strategy doing the same:
+#: ``pread`` reads into buffers and drops each range from the page cache behind it.
+BACKENDS = {"mmap": "mmap", "pread": "stream"}
 
 #: Framework names the reference accepts for the frameworks weightlift serves.
 FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
@@ -41,8 +49,57 @@ NUMPY_DTYPES = {
 }
 
 
+def _reference_error() -> type[Exception] | None:
+    """``safetensors.SafetensorError`` when the package is importable; weightlift never needs it."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return None
+    return SafetensorError
+
+
+@functools.cache
+def reference_compatible(cls: type[Exception]) -> type[Exception]:
+    """``cls`` made catchable as ``safetensors.SafetensorError`` too (``cls`` itself without it).
+
+    >>> issubclass(reference_compatible(CheckpointError), CheckpointError)
+    True
+    """
+    base = _reference_error()
+    if base is None or issubclass(cls, base):
+        return cls
+    def reduce(self: BaseException) -> tuple[object, ...]:
+        return (cls, self.args, dict(self.__dict__))  # pickles as the plain weightlift class
+
+    return type(cls.__name__, (cls, base), {"__module__": cls.__module__,
+                                            "__qualname__": cls.__qualname__,
+                                            "__reduce__": reduce})
+
+
+def reference_errors(function: F) -> F:
+    """Re-raise weightlift errors of ``function`` as classes also deriving from
+    ``SafetensorError``, so code written for safetensors catches them; nothing else changes."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except WeightliftError as exc:
+            exc.__class__ = reference_compatible(type(exc))
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _usage_error(message: str) -> Exception:
+    """A ``ValueError`` (catchable as ``SafetensorError`` where the reference raises that)."""
+    return reference_compatible(ValueError)(message)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of safetensors dtype ``name``; bfloat16 and float8 need ``ml_dtypes``."""
+    if name not in NUMPY_DTYPES:
+        raise WeightliftError(f"dtype {name} has no numpy equivalent: use framework='pt'")
     numpy_name = NUMPY_DTYPES[name]
     if hasattr(np, numpy_name):
         return np.dtype(numpy_name)
@@ -66,19 +123,23 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
 
     ``framework``: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only). ``device``: a
     torch device, a device string, or a CUDA index like the reference's ``device=0``.
-    ``strategy``: how bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``).
+    ``strategy``: how bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``);
+    ``backend`` (the reference's ``"mmap"`` or ``"pread"``) picks ``mmap`` or ``stream`` when no
+    strategy is named. Errors are catchable as ``safetensors.SafetensorError`` when that package
+    is installed, and a missing file raises ``FileNotFoundError``, as with the reference.
 
     Slices are read with one strategy prepared on first use and kept until ``close``. Unlike the
     reference, a handle refuses use after its ``with`` block, slices included.
     """
 
+    @reference_errors
     def __init__(self, filename: Source, framework: str = "pt",
-                 device: str | int | torch.device = "cpu", *, strategy: str = "auto") -> None:
+                 device: str | int | torch.device = "cpu", *, strategy: str | None = None,
+                 backend: str | None = None) -> None:
         if framework not in FRAMEWORKS:
-            raise ValueError(f"framework {framework!r} is not supported; weightlift serves "
-                             f"{', '.join(sorted(FRAMEWORKS))}")
-        if strategy not in NAMES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+            raise _usage_error(f"framework {framework!r} is not supported; weightlift serves "
+                               f"{', '.join(sorted(FRAMEWORKS))}")
+        strategy = strategy_for(strategy, backend)
         self.framework = FRAMEWORKS[framework]
         self.device = parse_device(f"cuda:{device}" if isinstance(device, int) else device)
         if self.framework == "np" and self.device.type != "cpu":
@@ -89,24 +150,29 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
 
     # -- the reference's methods -----------------------------------------------------------
 
+    @reference_errors
     def keys(self) -> list[str]:
         """Tensor names, sorted."""
         return sorted(self._layout().entries)
 
+    @reference_errors
     def offset_keys(self) -> list[str]:
         """Tensor names in the order their bytes appear (file by file)."""
         return [entry.name for entry in iter_entries(self._layout())]
 
+    @reference_errors
     def metadata(self) -> dict[str, str] | None:
         """The header's ``__metadata__`` (an index's ``metadata`` for a sharded checkpoint)."""
         return self._layout().metadata
 
+    @reference_errors
     def get_tensor(self, name: str) -> Array:
         """The whole tensor ``name``."""
         checkpoint = self._open_checkpoint()
         tensor = checkpoint.get_tensor(name, device=self.device, strategy=self.strategy)
         return self._convert(tensor, checkpoint.layout.entries[name])
 
+    @reference_errors
     def get_tensors(self) -> dict[str, Array]:
         """Every tensor, in file order, read as one load."""
         layout = self._layout()
@@ -114,6 +180,7 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
                            dtype=None, streaming=False)
         return {name: self._convert(tensor, layout.entries[name]) for name, tensor in tensors}
 
+    @reference_errors
     def get_slice(self, name: str) -> TensorSlice:
         """A handle that reads only what an index selects: ``f.get_slice("w")[:, 128:256]``."""
         return TensorSlice(self, next(iter_entries(self._layout(), [name])))
@@ -167,11 +234,32 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
         from .distributed.direct import read_direct
 
         layout = self._layout()
+        if entry.info.dtype.pack > 1:
+            raise FormatError(f"{entry.info.dtype.name} packs {entry.info.dtype.pack} elements per "
+                              "byte, so it cannot be sliced element by element; read it whole "
+                              "with get_tensor", path=layout.root, tensor=entry.name)
+        rest = None
+        if has_advanced(index):  # lists and tensors: read the block holding them, then index it
+            index, rest = split_index(entry.info.shape, index, entry.name)
         plan_slice(entry.info, index)  # raise IndexError & co. before preparing anything
         out: dict[str, torch.Tensor] = {}
         read_direct(layout, {entry.name: index}, self._slice_reader(),
                     budget=resolve_budget(None), max_gap=None, device=self.device, local=out)
-        return self._convert(out[entry.name], entry)
+        tensor = out[entry.name]
+        if rest is not None:
+            tensor = _index(tensor, rest)
+        return self._convert(tensor, entry)
+
+
+def _index(tensor: torch.Tensor, rest: tuple[Any, ...]) -> torch.Tensor:
+    """``tensor[rest]`` for any dtype: dtypes without indexing kernels (float8) go as bytes."""
+    rest = tuple(r.to(tensor.device) if isinstance(r, torch.Tensor) else r for r in rest)
+    try:
+        return tensor[rest].contiguous()
+    except (RuntimeError, NotImplementedError):
+        width = tensor.element_size()
+        raw = tensor.contiguous().view(torch.uint8).reshape(*tensor.shape, width)
+        return raw[rest].contiguous().view(tensor.dtype).squeeze(-1)
 
 
 class TensorSlice:
@@ -188,6 +276,7 @@ class TensorSlice:
         """The safetensors dtype name, e.g. ``"BF16"``."""
         return self._entry.info.dtype.name
 
+    @reference_errors
     def __getitem__(self, index: Any) -> Array:
         return self._handle._read_slice(self._entry, index)
 
@@ -196,4 +285,18 @@ class TensorSlice:
                 f"shape={self.get_shape()})")
 
 
-__all__ = ["FRAMEWORKS", "NUMPY_DTYPES", "TensorSlice", "numpy_dtype", "safe_open", "to_numpy"]
+def strategy_for(strategy: str | None, backend: str | None) -> str:
+    """The strategy to read with: ``strategy`` if named, else the one doing what the reference's
+    ``backend`` does, else ``"auto"``."""
+    if backend is not None and backend not in BACKENDS:
+        raise _usage_error(f"backend {backend!r} is invalid (expected one of: "
+                           f"{', '.join(map(repr, BACKENDS))})")
+    if strategy is None:
+        return BACKENDS[backend] if backend is not None else "auto"
+    if strategy not in NAMES:
+        raise _usage_error(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    return strategy
+
+
+__all__ = ["BACKENDS", "FRAMEWORKS", "NUMPY_DTYPES", "TensorSlice", "numpy_dtype", "reference_compatible",
+           "reference_errors", "safe_open", "strategy_for", "to_numpy"]

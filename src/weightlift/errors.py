@@ -43,3 +43,26 @@ class PlacementError(WeightliftError):
 
 class UnsupportedQuantization(PlacementError):
     """A GGML type weightlift cannot dequantize; the tensor still loads packed (without ``dtype=``)."""
+
+
+class MissingFileError(CheckpointError, FileNotFoundError):
+    """A checkpoint file or directory does not exist. Also a ``FileNotFoundError``, so code
+    written for ``safetensors`` (``except FileNotFoundError``) keeps working."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        super().__init__(message, path=path, tensor=tensor)
+        self.errno = 2  # ENOENT; strerror stays unset so str() is the message above
+
+
+class IntegrityError(WeightliftError):
+    """A file's SHA-256 is not the expected one: a corrupted or half-downloaded shard.
+
+    ``expected`` and ``actual`` are the hex digests; no tensor of a failed check is returned.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 expected: str = "", actual: str = "") -> None:
+        super().__init__(message, path=path)
+        self.expected = expected
+        self.actual = actual

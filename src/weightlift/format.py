@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FormatError, WeightliftError
+from .errors import FormatError, MissingFileError, WeightliftError
 
 if TYPE_CHECKING:
     from .ggml import GGMLType
@@ -47,6 +47,8 @@ class DType:
     name: str
     torch: torch.dtype
     itemsize: int
+    #: Elements per torch element: 2 for F4, whose torch dtype packs two 4-bit values in a byte.
+    pack: int = 1
 
 
 def _dtype_table() -> dict[str, DType]:
@@ -58,13 +60,15 @@ def _dtype_table() -> dict[str, DType]:
         "C64": "complex64",
         "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
         "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
+        "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
     }
+    packed = {"F4": 2}  # the file's shape counts 4-bit elements; torch's last dim counts pairs
     table = {}
     for name, attr in names.items():
         dt = getattr(torch, attr, None)
         if dt is not None:
-            table[name] = DType(name, dt, torch.empty((), dtype=dt).element_size())
+            table[name] = DType(name, dt, torch.empty((), dtype=dt).element_size(),
+                                packed.get(name, 1))
     return table
 
 
@@ -73,7 +77,7 @@ DTYPES: dict[str, DType] = _dtype_table()
 #: torch dtype → safetensors dtype, for writers and for error messages.
 DTYPE_OF_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in DTYPES.values()}
 #: Names the format defines whose elements are smaller than a byte: torch has no faithful type.
-SUBBYTE_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+SUBBYTE_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"}) - set(DTYPES)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,13 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """The torch tensor's shape: ``shape``, but packed dtypes (F4) halve the last dim."""
+        if self.dtype.pack == 1:
+            return self.shape
+        return (*self.shape[:-1], self.shape[-1] // self.dtype.pack)
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def open_regular(path: str, error: type[WeightliftError] = FormatError) -> int:
     try:
         fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise error("file not found", path=path) from None
+        raise MissingFileError("file not found", path=path) from None
     except OSError as exc:
         raise error(f"cannot open: {exc.strerror}", path=path) from exc
     try:
@@ -354,11 +365,15 @@ def _checked_nbytes(shape: tuple[int, ...], dtype: DType, name: str, path: str) 
         count *= dim
         if count > MAX_TENSOR_BYTES:
             break
-    nbits = count * dtype.itemsize * 8
+    nbits = count * dtype.itemsize * 8 // dtype.pack
     if nbits > MAX_TENSOR_BYTES:
         raise FormatError(f"shape {list(shape)} of {dtype.name} is too large: numel × element "
                           "size overflows 64 bits", path=path, tensor=name)
-    return count * dtype.itemsize
+    if dtype.pack > 1 and (not shape or shape[-1] % dtype.pack):
+        raise FormatError(f"shape {list(shape)} of {dtype.name}: torch packs {dtype.pack} "
+                          f"elements per {dtype.torch}, so the last dimension must be a multiple "
+                          f"of {dtype.pack}", path=path, tensor=name)
+    return count * dtype.itemsize // dtype.pack
 
 
 def _check_torch_strides(shape: tuple[int, ...], name: str, path: str) -> None:

@@ -171,8 +171,8 @@ def _match(module: torch.nn.Module, slots: list[Slot], layout: Layout,
 
 
 def _check(name: str, info: TensorInfo, tensor: torch.Tensor) -> str | None:
-    if tuple(tensor.shape) != info.shape:
-        return (f"size mismatch for {name}: the checkpoint has shape {list(info.shape)}, the "
+    if tuple(tensor.shape) != info.torch_shape:
+        return (f"size mismatch for {name}: the checkpoint has shape {list(info.torch_shape)}, the "
                 f"module {list(tensor.shape)}")
     stored = info.dtype.torch
     if stored != tensor.dtype and not (stored.is_floating_point and tensor.dtype.is_floating_point):

@@ -33,8 +33,8 @@ DEQUANT_WORKSPACE = 8 << 20
 def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """The tensor ``info`` describes, over ``raw`` (uint8 bytes of exactly ``info.nbytes``)."""
     if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype.torch)
-    return typed_view(raw, info.dtype.torch).view(info.shape)
+        return torch.empty(info.torch_shape, dtype=info.dtype.torch)
+    return typed_view(raw, info.dtype.torch).view(info.torch_shape)
 
 
 def typed_view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,8 +79,10 @@ class Sink:
     def target_dtype(self, info: TensorInfo) -> torch.dtype:
         if self.dtype is not None and self.dtype.is_floating_point and packed_type(info):
             return self.dtype  # dequantized
-        if self.dtype is not None and info.dtype.torch.is_floating_point:
-            return self.dtype  # like .to(dtype) on a state dict: integer and bool tensors keep theirs
+        if self.dtype is not None and info.dtype.torch.is_floating_point and info.dtype.pack == 1:
+            # like .to(dtype) on a state dict: integer and bool tensors keep theirs, and so do
+            # packed F4 tensors, which torch cannot convert
+            return self.dtype
         return info.dtype.torch
 
     def target(self, entry: Entry) -> torch.Tensor:
@@ -92,7 +94,7 @@ class Sink:
 
     def _make(self, entry: Entry) -> torch.Tensor:
         info = entry.info
-        shape = info.shape
+        shape = info.torch_shape
         kind = packed_type(info)
         dtype = self.target_dtype(info) if self.destinations is None else (
             self.destinations[entry.name].dtype)

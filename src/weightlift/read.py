@@ -24,6 +24,7 @@ from .checkpoint import Entry, Layout
 from .io.base import Strategy, aligned_window
 from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
+from .verify import Verifier
 
 #: Ring slots and read extents are aligned to this for O_DIRECT.
 ALIGN = 4096
@@ -88,9 +89,12 @@ def _floor_power_of_two(n: int) -> int:
 
 def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *,
                  budget: int, sink: Sink | None = None, window: int | None = None,
-                 progress: Progress | None = None) -> Iterator[tuple[Entry, torch.Tensor]]:
+                 progress: Progress | None = None, verifier: Verifier | None = None
+                 ) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Yield ``(entry, tensor)`` in file order. ``sink`` set: copy mode, else own mode with at most
     ``window`` bytes read ahead of the consumer (None: no limit, for loads that keep everything).
+    ``verifier``: every block read is handed to it in file order; its digests are checked before
+    the last tensor is yielded (``IntegrityError``).
 
     ``strategy`` must be prepared for ``layout.shards``. Raises on any failure; checks at the end
     that no file changed while it was read.
@@ -100,9 +104,9 @@ def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *
     pool = ThreadPoolExecutor(max_workers=strategy.in_flight, thread_name_prefix="weightlift-read")
     try:
         if sink is None:
-            yield from _own(entries, strategy, pool, window, progress)
+            yield from _own(entries, strategy, pool, window, progress, verifier)
         else:
-            yield from _copy(entries, strategy, pool, sink, budget, progress)
+            yield from _copy(entries, strategy, pool, sink, budget, progress, verifier)
         for index in sorted({entry.shard for entry in entries}):
             layout.shards[index].check_unchanged()
     finally:
@@ -110,7 +114,8 @@ def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *
 
 
 def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
-         window: int | None, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
+         window: int | None, progress: Progress | None, verifier: Verifier | None
+         ) -> Iterator[tuple[Entry, torch.Tensor]]:
     read_size = strategy.read_size
     if window is not None:
         # Within a small window, smaller reads keep as many in flight as a large one would.
@@ -137,16 +142,35 @@ def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
                 future.result()
             # Nothing is handed out whose bytes may have been read across a change of the file.
             strategy.shards[block.shard].check_unchanged()
+            held = _verify(verifier, block.shard, block.start, buf, window is not None,
+                           last=not blocks and len(pending) == 0)
             ahead -= block.nbytes
             reads -= len(futures)
             strategy.consumed(block.shard, block.start, block.end)
             if progress is not None:
                 progress(block.nbytes)
-            for entry in block.entries:
-                lo, hi = entry.info.start - block.start, entry.info.end - block.start
-                yield entry, as_tensor(buf[lo:hi], entry.info)
+            tensors = [(entry, as_tensor(buf[entry.info.start - block.start:
+                                             entry.info.end - block.start], entry.info))
+                       for entry in block.entries]
+            for entry, tensor in tensors[:-1] if held else tensors:
+                yield entry, tensor
+            if held:
+                verifier.finish()  # type: ignore[union-attr] # nothing of a bad file comes out
+                yield tensors[-1]
     finally:
         _cancel(future for _, _, futures in pending for future in futures)
+
+
+def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tensor,
+            streaming: bool, last: bool) -> bool:
+    """Hand a block to ``verifier``; a stream (whose consumer may change yielded tensors) waits
+    until it is hashed. True for the last block: its last tensor waits for ``finish``."""
+    if verifier is None:
+        return False
+    ticket = verifier.feed(shard, start, data)
+    if streaming:
+        verifier.wait(ticket)
+    return last
 
 
 def _submit_block(block: Block, strategy: Strategy, pool: ThreadPoolExecutor
@@ -161,7 +185,8 @@ def _submit_block(block: Block, strategy: Strategy, pool: ThreadPoolExecutor
 
 
 def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor, sink: Sink,
-          budget: int, progress: Progress | None) -> Iterator[tuple[Entry, torch.Tensor]]:
+          budget: int, progress: Progress | None, verifier: Verifier | None
+          ) -> Iterator[tuple[Entry, torch.Tensor]]:
     # Pinned slots let host→device copies run asynchronously while the next reads land, unless
     # the strategy found it cannot read into page-locked memory here.
     pinned = sink.pinned and not strategy.zero_copy and strategy.pin_refused is None
@@ -192,9 +217,16 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
             chunk, slot, src, future = pending.popleft()
             future.result()
             strategy.shards[chunk.shard].check_unchanged()
+            ticket = None
+            if verifier is not None:
+                ticket = verifier.feed(chunk.shard, chunk.start, src)
             for piece in chunk.pieces:
                 lo = piece.entry.info.start + piece.begin - chunk.start
                 sink.place(piece, src[lo:lo + piece.end - piece.begin])
+            if verifier is not None:
+                verifier.wait(ticket)  # hashed while placed; the slot may be reused after this
+                if not chunks and not pending:
+                    verifier.finish()  # before the last tensor comes out
             fence = sink.fence()  # one per chunk, covering all its pieces
             if slot is not None:
                 fenced.append((slot, fence))

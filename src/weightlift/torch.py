@@ -11,17 +11,25 @@ import os
 import torch
 
 from .api import load
+from .compat import reference_errors, strategy_for
 
 
+@reference_errors
 def load_file(filename: str | os.PathLike[str], device: str | int | torch.device = "cpu", *,
-              strategy: str = "auto") -> dict[str, torch.Tensor]:
+              strategy: str | None = None, backend: str | None = None
+              ) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (or any checkpoint source), in file order, on ``device``.
 
         state = weightlift.torch.load_file("model.safetensors", device="cuda:0")
+
+    ``backend`` (``"mmap"`` or ``"pread"``, as in safetensors >= 0.8) picks ``mmap`` or
+    ``stream`` when no ``strategy`` is named; the default is weightlift's ``auto``. A missing
+    file raises ``FileNotFoundError``; other errors are also ``safetensors.SafetensorError``s
+    when that package is installed.
     """
     if isinstance(device, int):
         device = f"cuda:{device}"
-    return load(filename, device=device, strategy=strategy)
+    return load(filename, device=device, strategy=strategy_for(strategy, backend))
 
 
 __all__ = ["load_file"]

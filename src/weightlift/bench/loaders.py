@@ -9,13 +9,17 @@ Peers are imported only inside their loader: ``weightlift demo`` runs with none 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
+import json
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,12 +78,19 @@ def _drain(state: dict[str, torch.Tensor]) -> Tensors:
 # weightlift
 
 
-def _weightlift(strategy: str) -> Callable[[Job], Tensors]:
+def _weightlift(strategy: str, sha256: bool = False) -> Callable[[Job], Tensors]:
     def run(job: Job) -> Tensors:
         import weightlift
 
         # No on_report: its memory sampling would be a cost peers don't pay (see _choice).
-        options = dict(strategy=strategy, max_host_memory=job.budget)
+        options: dict[str, object] = dict(strategy=strategy, max_host_memory=job.budget)
+        if sha256:
+            # The HF cache's blob names, else digests `weightlift bench --sha256` computed before
+            # timing (called on its own, the loader computes them first).
+            from ..verify import hub_digest
+
+            in_cache = all(hub_digest(path) for path in job.files)
+            options["verify"] = True if in_cache else str(write_digests(job.files))
         if job.scenario == "to_cpu":
             yield from _drain(weightlift.load(job.source, **options))
         else:
@@ -87,6 +98,32 @@ def _weightlift(strategy: str) -> Callable[[Job], Tensors]:
             yield from weightlift.stream(job.source, device=job.device, **options)
 
     return run
+
+
+def digest_file(files: tuple[str, ...]) -> Path:
+    """Where ``write_digests`` keeps the SHA-256 of ``files`` (named by their paths, sizes and
+    modification times, so a changed file gets new digests)."""
+    stamps = [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"weightlift-sha256-{key}.txt"
+
+
+def write_digests(files: tuple[str, ...]) -> Path:
+    """``sha256sum`` lines for ``files`` (computed once, before any timed run), for the
+    ``+sha256`` row of checkpoints outside a Hugging Face cache."""
+    path = digest_file(files)
+    if not path.is_file():
+        lines = []
+        for name in files:
+            digest = hashlib.sha256()
+            with open(name, "rb") as f:
+                while block := f.read(16 << 20):
+                    digest.update(block)
+            lines.append(f"{digest.hexdigest()}  {os.path.realpath(name)}\n")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text("".join(lines))
+        os.replace(temporary, path)
+    return path
 
 
 def _choice(strategy: str) -> Callable[[Job], tuple[str, str]]:
@@ -284,11 +321,15 @@ WEIGHTLIFT_STRATEGIES = ("auto", "direct", "stream", "mmap")
 BOTH = ("safetensors", "gguf")
 TRANSFORMERS_GGUF = "transformers load_gguf_checkpoint (fp32)"
 WEIGHTLIFT_BF16 = "weightlift auto → bf16"
+#: ``weightlift auto`` with ``verify=``: the cost of checking every file's SHA-256 (``--sha256``).
+VERIFIED = "weightlift auto +sha256"
 
 LOADERS: dict[str, Loader] = {
     **{f"weightlift {s}": Loader(f"weightlift {s}", "weightlift", _weightlift(s),
                                  choice=_choice(s), formats=BOTH)
        for s in WEIGHTLIFT_STRATEGIES},
+    VERIFIED: Loader(VERIFIED, "weightlift", _weightlift("auto", sha256=True),
+                     choice=_choice("auto")),
     "safetensors load_file": Loader("safetensors load_file", "peer",
                                     _safetensors_load_file("mmap"), ("safetensors",)),
     "safetensors safe_open": Loader("safetensors safe_open", "peer", _safe_open, ("safetensors",)),

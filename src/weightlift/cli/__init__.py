@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..errors import WeightliftError
 
 # Subcommand modules, in the order `weightlift --help` lists them.
-SUBCOMMANDS = ("info", "load", "demo", "bench", "doctor")
+SUBCOMMANDS = ("info", "load", "verify", "demo", "bench", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import (TRANSFORMERS_GGUF, WEIGHTLIFT_BF16, WEIGHTLIFT_STRATEGIES,
-                             model_loaders, peer_loaders, reference_loaders)
+from ..bench.loaders import (TRANSFORMERS_GGUF, VERIFIED, WEIGHTLIFT_BF16, WEIGHTLIFT_STRATEGIES,
+                             model_loaders, peer_loaders, reference_loaders, write_digests)
 from ..bench.models import SCENARIO as MODEL, needs_config
 from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategies", type=_choices(WEIGHTLIFT_STRATEGIES),
                         default=list(WEIGHTLIFT_STRATEGIES),
                         help="weightlift strategies to measure (default all)")
+    parser.add_argument("--sha256", action="store_true",
+                        help="also measure auto with verify= (every file's SHA-256 checked as it "
+                             "is read; digests from the HF cache, else computed before the runs)")
     parser.add_argument("--no-raw", action="store_true",
                         help="skip the raw-read reference rows (O_DIRECT and buffered)")
     parser.add_argument("--no-verify", action="store_true",
@@ -126,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     loaders = [f"weightlift {s}" for s in args.strategies]
     if fmt == "gguf":
         loaders.append(WEIGHTLIFT_BF16)
+    if args.sha256:
+        loaders.append(VERIFIED)
+        _prepare_digests(source)
     if args.peers:
         loaders += peer_loaders(fmt)
         if TRANSFORMERS_GGUF in loaders and total > args.dequant_peer_limit:
@@ -157,6 +163,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(rows, args.plot, title=title(session))
     return 0
+
+
+def _prepare_digests(source: str) -> None:
+    """Digests for the ``+sha256`` row where the HF cache has none, computed before timing."""
+    from ..checkpoint import resolve
+    from ..verify import hub_digest
+
+    with resolve(source) as layout:
+        files = tuple(shard.path for shard in layout.shards)
+    if not all(hub_digest(path) for path in files):
+        with stderr.status("computing SHA-256 digests for the +sha256 row"):
+            write_digests(files)
 
 
 def device_target() -> str:

@@ -1,27 +1,46 @@
-"""``weightlift demo``: the quick-start job. Generate a synthetic Llama-shaped checkpoint, load it
-with every strategy (each in a fresh process, cold page cache) and show what each cost.
+"""``weightlift demo``: the project's point in one screen, measured, in under a minute.
 
-Needs only the core dependencies: no peers, no matplotlib.
+A synthetic Llama-shaped checkpoint (generated once and cached) is loaded twice over, each load in
+a fresh process with the checkpoint evicted from the page cache first (``posix_fadvise``), by the
+bench's own child/runner machinery:
+
+* **for a GPU** (the bench's ``device`` scenario: each tensor is copied into a reused destination
+  buffer and dropped): weightlift streams through a bounded window, where safetensors' mmap path
+  maps whole files, so its host memory and page cache grow with the checkpoint;
+* **into CPU memory** (a state dict kept): every loader holds the checkpoint; what differs is the
+  speed and the page cache left behind.
+
+Needs only the core dependencies; safetensors rows appear when the package is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ..bench import report
-from ..bench.loaders import WEIGHTLIFT_STRATEGIES
-from ..bench.runner import Settings
+from ..bench.runner import RunResult, Session, Settings
+from ..budget import resolve_budget
 from ..units import format_bytes, parse_size
 from .bench import checkpoint_source, device_target, measure, title
 
+AUTO = "weightlift auto"
+MMAP = "weightlift mmap"
+PEER = "safetensors load_file"
+#: (scenario, heading, loaders) in the order the screen shows them.
+SECTIONS = (
+    ("device", "For a GPU: each tensor copied to its device buffer, then dropped", (AUTO, PEER)),
+    ("to_cpu", "Into CPU memory: a state dict kept", (AUTO, MMAP, PEER)),
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="generate a checkpoint and load it with every strategy")
+    parser = sub.add_parser("demo", help="see what weightlift does, measured, in under a minute")
     parser.add_argument("--size", type=parse_size, default=1000**3, metavar="SIZE",
                         help="synthetic checkpoint size (default 1GB)")
     parser.add_argument("--cache-dir", type=Path,
@@ -32,41 +51,91 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def loaders() -> list[str]:
+    """Every loader the demo runs here; safetensors only where it is installed."""
+    try:
+        import safetensors  # noqa: F401 - importable, not just present
+        peer = True
+    except ImportError:
+        peer = False
+    names = {name for _, _, section in SECTIONS for name in section}
+    return [name for name in (AUTO, MMAP, PEER) if name in names and (name != PEER or peer)]
+
+
 def run(args: argparse.Namespace) -> int:
     source = checkpoint_source(None, args.size, args.cache_dir, quiet=args.json)
     settings = Settings(source, budget=args.max_host_memory, device=device_target())
-    session = measure(settings, [f"weightlift {s}" for s in WEIGHTLIFT_STRATEGIES],
-                      scenarios=["to_cpu"], caches=["cold"], reps=1, verify=False)
+    session = measure(settings, loaders(), scenarios=[s for s, _, _ in SECTIONS],
+                      caches=["cold"], reps=1, verify=False)
+    # The loader list is the same for both scenarios; mmap is shown only where it tells something.
+    session.runs = [r for r in session.runs if (r.scenario, r.loader) != ("device", MMAP)]
     if args.json:
         print(json.dumps(report.to_json(session), indent=2))
         return 0
     console = Console()
-    console.print(table(session.runs, title(session)))
-    for result in session.runs:
-        if result.loader == "weightlift auto" and result.strategy:
-            console.print(f"auto chose [bold]{result.strategy}[/bold]: {result.reason}")
-    for result in session.runs:
-        if result.error:
-            console.print(f"{result.loader}: {result.status}: {result.error}", highlight=False)
-    source = next((r.memory_source for r in session.runs if r.memory_source), "")
-    console.print(f"peak host memory = what the load added ({source or 'not measured'}); "
-                  "each load ran in a fresh process with the checkpoint evicted from the page "
-                  "cache first. For peers and more scenarios: weightlift bench --peers",
-                  highlight=False)
+    console.print(f"[bold]{title(session)}[/bold]; each load in a fresh process, page cache "
+                  "evicted first")
+    for scenario, heading, _ in SECTIONS:
+        console.print(table([r for r in session.runs if r.scenario == scenario], heading))
+    budget = resolve_budget(args.max_host_memory)
+    for line in story(session, budget):
+        console.print(line, highlight=False)
     return 0 if all(r.status == "ok" for r in session.runs) else 1
 
 
-def table(runs: list, caption: str) -> Table:
-    out = Table(title=caption)
-    for name in ("strategy", "seconds", "GB/s", "peak host memory", "page cache left"):
-        out.add_column(name, justify="left" if name == "strategy" else "right")
+def table(runs: Sequence[RunResult], heading: str) -> Table:
+    out = Table(title=heading, title_justify="left")
+    for name in ("loader", "seconds", "GB/s", "peak host memory", "page cache left"):
+        out.add_column(name, justify="left" if name == "loader" else "right", no_wrap=True)
     for result in runs:
-        name = result.loader.removeprefix("weightlift ")
-        if name == "auto" and result.strategy:
-            name += f" → {result.strategy}"
+        name = result.loader
+        if result.loader == AUTO and result.strategy:
+            name += f"→{result.strategy}"
         if result.status != "ok":
             out.add_row(name, result.status, "-", format_bytes(result.peak_memory), "-")
             continue
-        out.add_row(name, f"{result.seconds:.3f}", f"{result.gbps:.2f}",
+        out.add_row(name, f"{result.seconds:.2f}", f"{result.gbps:.2f}",
                     format_bytes(result.peak_memory), format_bytes(result.cache_left))
     return out
+
+
+def story(session: Session, budget: int) -> list[str]:
+    """The table's meaning in a few sentences, every number a measured one."""
+    size = session.checkpoint["bytes"]
+    runs = {(r.scenario, r.loader): r for r in session.runs if r.status == "ok"}
+    lines = []
+    gpu, gpu_peer = runs.get(("device", AUTO)), runs.get(("device", PEER))
+    if gpu is not None:
+        text = (f"For a GPU, weightlift held {format_bytes(gpu.peak_memory)} of host memory for a "
+                f"{format_bytes(size)} checkpoint (budget {format_bytes(budget)})")
+        if gpu_peer is not None:
+            text += (f"; safetensors held {format_bytes(gpu_peer.peak_memory)} and left "
+                     f"{format_bytes(gpu_peer.cache_left)} in the page cache, weightlift "
+                     f"{format_bytes(gpu.cache_left)}")
+        lines.append(text + ".")
+    cpu, cpu_peer = runs.get(("to_cpu", AUTO)), runs.get(("to_cpu", PEER))
+    if cpu is not None and cpu_peer is not None and cpu.seconds and cpu_peer.seconds:
+        ratio = cpu_peer.seconds / cpu.seconds
+        pace = f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower"
+        lines.append(f"Into CPU memory, weightlift took {cpu.seconds:.2f} s ({pace} than "
+                     f"safetensors' {cpu_peer.seconds:.2f} s) and left "
+                     f"{format_bytes(cpu.cache_left)} of page cache where safetensors left "
+                     f"{format_bytes(cpu_peer.cache_left)}.")
+    choices = {scenario: runs[(scenario, AUTO)] for scenario, _, _ in SECTIONS
+               if (scenario, AUTO) in runs and runs[(scenario, AUTO)].strategy}
+    if len({(r.strategy, r.reason) for r in choices.values()}) == 1 and len(choices) > 1:
+        first = next(iter(choices.values()))
+        lines.append(f"auto chose {first.strategy} for both: {first.reason}")
+    else:
+        for scenario, chosen in choices.items():
+            where = "for a GPU" if scenario == "device" else "into CPU memory"
+            lines.append(f"auto chose {chosen.strategy} {where}: {chosen.reason}")
+    for result in session.runs:
+        if result.error:
+            lines.append(f"{result.loader} ({result.scenario}): {result.status}: {result.error}")
+    if PEER not in {r.loader for r in session.runs}:
+        lines.append("safetensors is not installed: pip install safetensors to compare with it.")
+    source = next((r.memory_source for r in session.runs if r.memory_source), "not measured")
+    lines.append(f"peak host memory: what the load added ({source}). More loaders and warm "
+                 "runs: weightlift bench --peers")
+    return lines

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", help="convert floating tensors, e.g. float16 or bf16")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
                         help="host-memory budget, e.g. 512MB (default: min(512MB, available/8))")
+    parser.add_argument("--verify", action="store_true",
+                        help="check each file's SHA-256 as it is read, against the HF cache's "
+                             "blob names (or --sums)")
+    parser.add_argument("--sums", metavar="FILE",
+                        help="with --verify: expected digests as sha256sum lines")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     with byte_progress("loading", total, quiet=args.quiet or args.json) as progress:
         state = load(args.source, device=args.device, strategy=args.strategy, dtype=args.dtype,
                      max_host_memory=args.max_host_memory, on_progress=progress,
-                     on_report=reports.append)
+                     on_report=reports.append,
+                     verify=(args.sums or True) if args.verify else None)
     del state
     report = reports[0]
     if args.json:
