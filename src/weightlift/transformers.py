@@ -25,7 +25,7 @@ import torch
 
 from .api import load
 from .api import open as open_checkpoint
-from .computed import compute_unloaded, is_transformers_model
+from .computed import compute_unloaded
 from .errors import CheckpointError, PlacementError, WeightliftError
 from .hub import resolve_source
 from .load_into import LoadIntoResult, _check, load_into, module_slots, put
