@@ -292,3 +292,12 @@ def test_a_given_config_is_used_and_left_unchanged(families: dict[str, Path]) ->
     want = AutoModelForCausalLM.from_pretrained(families["llama-tied"], dtype=torch.bfloat16,
                                                 attn_implementation="eager")
     assert_same_model(got, want)
+
+
+def test_a_config_that_does_not_fit_the_weights_names_the_tensor(
+        families: dict[str, Path]) -> None:
+    config = transformers.AutoConfig.from_pretrained(families["qwen2"])
+    config.intermediate_size = 48  # the checkpoint's MLP is 64 wide
+    with pytest.raises(PlacementError, match=r"size mismatch for model\.layers\.0\.mlp\.gate_proj"
+                                             r"\.weight: the checkpoint has shape \[64, 32\]"):
+        from_pretrained(families["qwen2"], config=config)

@@ -16,6 +16,7 @@ import torch
 
 from . import api
 from .checkpoint import Layout, Source, resolve
+from .computed import compute_unloaded, is_transformers_model
 from .errors import PlacementError
 from .format import TensorInfo
 from .place import parse_device
@@ -104,8 +105,6 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
 
 def _computed_buffers(module: torch.nn.Module, slots: list[Slot]) -> set[int]:
     """The meta non-persistent buffers of a transformers model: its own init code computes them."""
-    from .transformers import is_transformers_model
-
     if not is_transformers_model(module):
         return set()
     return {id(s) for s in slots if s.tensor.is_meta and not s.persistent}
@@ -113,12 +112,10 @@ def _computed_buffers(module: torch.nn.Module, slots: list[Slot]) -> set[int]:
 
 def _compute(module: torch.nn.Module, plan: "_Plan") -> None:
     """Let a transformers model compute what was not loaded; what was loaded stays as it is."""
-    from .transformers import compute_unloaded
-
     unloaded = {name for slot in plan.unloaded for name in slot.names}
     named = [*module.named_parameters(remove_duplicate=False),
              *module.named_buffers(remove_duplicate=False)]
-    compute_unloaded(module, [t for name, t in named if name not in unloaded])  # type: ignore[arg-type]
+    compute_unloaded(module, [t for name, t in named if name not in unloaded])
 
 
 @dataclass

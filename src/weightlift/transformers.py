@@ -16,9 +16,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ import torch
 
 from .api import load
 from .api import open as open_checkpoint
+from .computed import compute_unloaded
 from .errors import CheckpointError, PlacementError, WeightliftError
 from .hub import resolve_source
 from .load_into import LoadIntoResult, _check, load_into, module_slots, put
@@ -34,8 +34,6 @@ from .place import parse_device
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PretrainedConfig, PreTrainedModel
 
-#: transformers' flag for "this tensor holds its final value; ``_init_weights`` leaves it alone".
-INITIALISED = "_is_hf_initialized"
 #: Keys old checkpoints hold that current models compute instead (transformers ignores them too).
 COMPUTED_KEYS = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", r"(^|\.)masked_bias$",
                  r"(^|\.)attn\.bias$")
@@ -119,26 +117,6 @@ def build_on_meta(model_class: Any, config: PretrainedConfig, dtype: torch.dtype
         if hasattr(model_class, "_model_mapping"):  # AutoModelForCausalLM and friends
             return model_class.from_config(config, dtype=dtype, **kwargs)
         return model_class._from_config(config, dtype=dtype, **kwargs)
-
-
-def is_transformers_model(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a transformers ``PreTrainedModel`` (never imports transformers)."""
-    transformers = sys.modules.get("transformers")
-    base = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
-    return base is not None and isinstance(module, base)
-
-
-def compute_unloaded(model: PreTrainedModel, loaded: Iterable[torch.Tensor]) -> None:
-    """Give every tensor of ``model`` not in ``loaded`` the value transformers gives it.
-
-    Marks ``loaded`` as initialised and runs the model's own ``initialize_weights``, which (as in
-    transformers' ``from_pretrained``) recomputes the non-persistent buffers (rotary ``inv_freq``,
-    ``position_ids``) and initialises parameters no checkpoint held; loaded tensors are skipped.
-    Every tensor must already be on a real device.
-    """
-    for tensor in loaded:
-        setattr(tensor, INITIALISED, True)
-    model.initialize_weights()
 
 
 def _materialise(model: torch.nn.Module, device: torch.device) -> None:
@@ -295,5 +273,5 @@ def _generation_config(model: PreTrainedModel, directory: Path) -> None:
                       "defaults from config.json", UserWarning, stacklevel=3)
 
 
-__all__ = ["build_on_meta", "compute_unloaded", "from_pretrained", "is_transformers_model",
+__all__ = ["build_on_meta", "copies_into_place", "from_pretrained",
            "load_config", "model_class_for", "model_directory", "resolve_dtype"]
