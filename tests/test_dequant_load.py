@@ -75,9 +75,9 @@ def write_checkpoint(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]
 def as_gguf(layout: Layout, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> Layout:
     """Give ``layout``'s records their GGML types (in place) and return it."""
     for name, entry in list(layout.entries.items()):
-        info = PackedInfo(**{f.name: getattr(entry.info, f.name)
-                             for f in dataclasses.fields(TensorInfo)},
-                          ggml=GGML_TYPES_BY_NAME[tensors[name][0]])
+        fields = {f.name: getattr(entry.info, f.name) for f in dataclasses.fields(TensorInfo)}
+        fields["ggml"] = GGML_TYPES_BY_NAME[tensors[name][0]]  # TensorInfo may have it already
+        info = PackedInfo(**fields)
         layout.entries[name] = Entry(entry.shard, info)
     return layout
 
