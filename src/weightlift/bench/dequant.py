@@ -58,7 +58,9 @@ def best_seconds(run: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def measure(names: Sequence[str], nbytes: int, repeat: int, device: str) -> list[dict[str, object]]:
+def measure(names: Sequence[str], nbytes: int, repeat: int, device: str,
+            on_row: Callable[[dict[str, object]], None] | None = None) -> list[dict[str, object]]:
+    """One row per type: packed GB per CPU-second for float32 and bfloat16 output, and numpy's."""
     try:
         from gguf import GGMLQuantizationType, quants
     except ImportError:
@@ -81,6 +83,8 @@ def measure(names: Sequence[str], nbytes: int, repeat: int, device: str) -> list
             row["numpy f32 GB/s"] = blocks.nbytes / seconds / 1e9
             row["speed-up"] = row["torch f32 GB/s"] / row["numpy f32 GB/s"]  # type: ignore[operator]
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -95,12 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = measure(args.types, args.mib << 20, args.repeat, args.device)
     columns = ["type", "MB", "torch f32 GB/s", "torch bf16 GB/s", "numpy f32 GB/s", "speed-up"]
-    print(" | ".join(columns))
-    for row in rows:
-        print(" | ".join(f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-                         for c in columns))
+    print(" | ".join(columns), flush=True)
+    measure(args.types, args.mib << 20, args.repeat, args.device, on_row=lambda row: print(
+        " | ".join(f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                   for c in columns), flush=True))
 
 
 if __name__ == "__main__":
