@@ -11,6 +11,7 @@ from .api import Checkpoint, TensorDescription, load, open, stream
 from .compat import safe_open
 from .errors import CheckpointError, FormatError, PlacementError, ReadError, WeightliftError
 from .load_into import LoadIntoResult, load_into
+from .remote import RemoteSource
 from .report import LoadReport
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "LoadReport",
     "PlacementError",
     "ReadError",
+    "RemoteSource",
     "TensorDescription",
     "WeightliftError",
     "load",

@@ -21,6 +21,7 @@ from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
 from .place import make_sink, parse_device
 from .read import read_tensors
+from .remote import StorageOptions, as_remote
 from .report import LoadReport, Monitor
 
 Device = str | torch.device
@@ -32,15 +33,19 @@ ReportCallback = Callable[[LoadReport], None]
 def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
          strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None,
-         on_report: ReportCallback | None = None) -> dict[str, torch.Tensor]:
+         on_report: ReportCallback | None = None,
+         storage_options: StorageOptions | None = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint (file, list of files, or directory) into a state dict.
 
         state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
+        state = weightlift.load("s3://models/llama/", storage_options={"region": "us-east-2"})
 
     Raises a ``WeightliftError`` on any problem; never returns part of a state dict.
     ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
-    the ``LoadReport`` (which also turns on memory sampling).
+    the ``LoadReport`` (which also turns on memory sampling). ``storage_options`` configure
+    object-storage URLs (``s3://``, ``gs://``, ``az://``, ``https://``; see docs/remote.md).
     """
+    source = as_remote(source, storage_options)
     return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
                      on_report=on_report, streaming=False))
@@ -49,13 +54,15 @@ def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = Non
 def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
            strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
            on_progress: ProgressCallback | None = None,
-           on_report: ReportCallback | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           on_report: ReportCallback | None = None,
+           storage_options: StorageOptions | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
     budget ahead of the consumer, so a checkpoint larger than memory can pass through.
 
     Tensors of CPU loads may share one buffer with their small neighbours (no copy was made).
     Closing the generator early stops the reads and releases everything at once.
     """
+    source = as_remote(source, storage_options)
     return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
                 streaming=True)
@@ -76,8 +83,8 @@ class TensorDescription:
 class Checkpoint:
     """An open checkpoint: headers parsed and validated, files held open, nothing read yet."""
 
-    def __init__(self, source: Source) -> None:
-        self.layout = resolve(source)
+    def __init__(self, source: Source, storage_options: StorageOptions | None = None) -> None:
+        self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
         self._choices: dict[tuple[str, bool], Choice] = {}
 
     def keys(self) -> list[str]:
@@ -120,9 +127,10 @@ class Checkpoint:
         self.close()
 
 
-def open(source: Source) -> Checkpoint:  # noqa: A001 - the name users expect
+def open(source: Source,  # noqa: A001 - the name users expect
+         storage_options: StorageOptions | None = None) -> Checkpoint:
     """Open a checkpoint to inspect it or read single tensors: ``with weightlift.open(p) as ckpt``."""
-    return Checkpoint(source)
+    return Checkpoint(source, storage_options)
 
 
 def parse_dtype(dtype: DType) -> torch.dtype | None:
@@ -205,6 +213,9 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
 
 def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
     """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
+    if strategy.name != "remote" and any(shard.remote for shard in layout.shards):
+        raise ValueError(f"strategy {strategy.name!r} reads local files and {layout.root} is in "
+                         "object storage: use strategy='auto' or 'remote'")
     try:
         strategy.prepare(layout.shards)
         return strategy
