@@ -138,18 +138,13 @@ class FaultServer:
             self.objects[f"{prefix}/{path.name}"] = path.read_bytes()
         return f"{self.url}/{prefix}/"
 
-    def data_bytes(self, path_suffix: str = ".safetensors", skip_first: bool = True) -> int:
-        """Bytes served from matching objects, leaving out each object's first (header) GET."""
-        total = 0
-        firsts: set[str] = set()
-        for path, start, end in self.gets:
-            if not path.endswith(path_suffix):
-                continue
-            if skip_first and start == 0 and path not in firsts:
-                firsts.add(path)
-                continue
-            total += end - start
-        return total
+    def data_gets(self, prefix: str = "") -> list[tuple[str, int, int]]:
+        """GETs of tensor data under ``prefix``: header GETs (from byte 0) and indexes left out."""
+        return [(path, start, end) for path, start, end in self.gets
+                if path.startswith(prefix) and path.endswith(".safetensors") and start > 0]
+
+    def data_bytes(self, prefix: str = "") -> int:
+        return sum(end - start for _, start, end in self.data_gets(prefix))
 
     def wait_idle(self, timeout: float = 10.0) -> int:
         """Wait until no client connection is open (the client closes them when dropped)."""
