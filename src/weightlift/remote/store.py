@@ -191,7 +191,13 @@ def _profile_provider(profile: str) -> Any:
     except ImportError:
         raise WeightliftError(f"the AWS profile {profile!r} is read through boto3: pip install "
                               "boto3, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
-    return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+    import botocore.exceptions
+
+    try:
+        return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+    except botocore.exceptions.BotoCoreError as exc:
+        raise CheckpointError(f"cannot use the AWS profile {profile!r}: {exc} (check "
+                              "~/.aws/config and ~/.aws/credentials, or AWS_PROFILE)") from None
 
 
 # ---------------------------------------------------------------------------------------- reads
@@ -318,16 +324,13 @@ def _retrying(attempt: Callable[[], T], tuning: Tuning, url: str,
                         "read with its header); load again", path=url) from None
         except (exceptions.BaseError, _Short, OSError) as exc:
             reason = str(exc) if isinstance(exc, _Short) else _reason(exc)
-            late = time.monotonic() - started > tuning.deadline
-            if tries == tuning.retries or late or _status(exc) in _FINAL:
-                raise error(f"GET failed after {tries + 1} attempt(s): {reason}",
-                            path=url) from None
+            elapsed = time.monotonic() - started
+            # An HTTP status error was already retried by the client (5xx, 429) or is final.
+            if tries == tuning.retries or elapsed > tuning.deadline or _status(exc) is not None:
+                raise error(f"GET failed ({tries + 1} attempt(s) over {elapsed:.1f} s): "
+                            f"{reason}", path=url) from None
         time.sleep(min(5.0, 0.1 * 2 ** tries) * (0.5 + random.random() / 2))
     raise AssertionError("unreachable")
-
-
-#: Statuses no retry will change.
-_FINAL = {"400", "401", "403", "404", "405", "412", "416"}
 
 
 def _status(exc: BaseException) -> str | None:
