@@ -210,8 +210,11 @@ def test_https_style_directory_url_and_a_header_longer_than_the_first_guess(
                                   framework="pt") as f:
             assert f.metadata()["notes"] == "x" * 1_500_000
             first = {k: f.get_tensor(k) for k in f.keys()}
+            rows = f.get_slice("t9.1")[3:7]  # a slice: only its bytes are fetched
     assert_equal(state, reference(tmp_path / "ckpt"))
-    assert_equal(first, load_file(str(tmp_path / "ckpt/model-00001-of-00002.safetensors")))
+    local = load_file(str(tmp_path / "ckpt/model-00001-of-00002.safetensors"))
+    assert_equal(first, local)
+    assert_equal({"rows": rows}, {"rows": local["t9.1"][3:7]})
 
 
 def test_load_into_a_module_from_a_url(tmp_path: Path) -> None:

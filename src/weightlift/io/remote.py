@@ -23,10 +23,6 @@ class RemoteStrategy(Strategy):
     in_flight = 16
     read_size = 8 << 20
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fetched = 0  # bytes received, for tests and reports (added to under the GIL)
-
     def prepare(self, shards: Sequence[Shard]) -> None:
         local = [s.path for s in shards if not s.remote]
         if local:
@@ -34,6 +30,7 @@ class RemoteStrategy(Strategy):
                               "storage URLs")
         super().prepare(shards)
         if shards:
+            shards[0].check_unchanged()  # refuses a closed checkpoint
             tuning = shards[0].obj.client.tuning  # type: ignore[attr-defined]
             self.in_flight = tuning.concurrency
             self.read_size = tuning.request_size
@@ -44,7 +41,6 @@ class RemoteStrategy(Strategy):
         s = self.shards[shard]
         s.check_unchanged()  # refuses reads once the checkpoint is closed
         fetch_into(s.obj, start, host_view(dest))  # type: ignore[attr-defined]
-        self.fetched += dest.numel()
 
     def close(self) -> None:
         self.shards = ()
