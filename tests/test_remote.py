@@ -373,3 +373,22 @@ def test_bench_measures_an_object_storage_url(server: FaultServer, tmp_path: Pat
     assert [(r["loader"], r["status"], r["strategy"]) for r in runs] == [
         ("weightlift auto", "ok", "remote")]
     assert runs[0]["bytes"] == server.data_bytes("bench/")
+
+
+def test_every_scheme_gets_its_store_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from weightlift.remote.store import connect
+
+    for name in [n for n in os.environ if n.startswith("AZURE_")]:
+        monkeypatch.delenv(name)  # the Azure client reads its account from these
+
+    cases = [("s3://bucket/a/b/", {"anonymous": "true", "region": "eu-west-1"}, "S3Store"),
+             ("gs://bucket/a/b/", {"anonymous": "true"}, "GCSStore"),
+             ("az://container/a/b/", {"account_name": "acct", "anonymous": "true"}, "AzureStore"),
+             ("https://host.example/a/b/", {}, "HTTPStore")]
+    for url, options, kind in cases:
+        client = connect(url, options)
+        assert type(client.store).__name__ == kind and client.key == "a/b/", url
+    with pytest.raises(CheckpointError, match="az://container/a/: cannot set up the Azure client"):
+        connect("az://container/a/", {}, environ={})
