@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("obstore", reason="object-storage support is the optional [remote] extra")
 
-from remote_servers import FaultServer, fault_server  # noqa: E402
+from remote_servers import fault_server  # noqa: E402
 from test_distributed import (  # noqa: E402
     BUDGET,
     assert_bit_exact,

@@ -17,7 +17,7 @@ from ..checkpoint import (FileStamp, Layout, Shard, check_index, check_index_siz
                           check_shard_name, open_shards, parse_index)
 from ..errors import CheckpointError, FormatError, WeightliftError
 from ..format import check_header_length, parse_header
-from . import RemoteSource, scrub_url
+from . import RemoteSource
 from .store import (HEADER_GUESS, Client, RemoteObject, connect, fetch, head, head_existing,
                     list_keys)
 
@@ -133,4 +133,4 @@ def _open(client: Client, what: str | tuple[RemoteObject, bytes]) -> RemoteShard
     return RemoteShard(url, -1, header, stamp, obj=obj)
 
 
-__all__ = ["RemoteShard", "resolve_remote", "scrub_url"]
+__all__ = ["RemoteShard", "resolve_remote"]
