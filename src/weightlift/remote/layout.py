@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from ..errors import CheckpointError, FormatError, WeightliftError
 from ..format import check_header_length, parse_header
 from . import RemoteSource
 from .store import (HEADER_GUESS, Client, RemoteObject, connect, fetch, head, head_existing,
-                    list_keys)
+                    list_keys, missing)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -65,7 +66,7 @@ def resolve_remote(source: RemoteSource) -> Layout:
         if opener is not None:
             return _from_index(client, prefix + candidate, (obj, first))
         return open_shards([(obj, first)], root=client.url(prefix),
-                           opener=lambda got: _open(client, got))
+                           opener=_open)
     return _listed(client, prefix)
 
 
@@ -86,7 +87,23 @@ def _listed(client: Client, prefix: str) -> Layout:
 
 
 def _files(client: Client, keys: list[str], prefix: str) -> Layout:
-    return open_shards(keys, root=client.url(prefix), opener=lambda key: _open(client, key))
+    firsts = _first_gets(client, keys)
+
+    def opener(key: str) -> Shard:
+        found = firsts[key]
+        if found is None:
+            raise missing(client, key)
+        return _open(found)
+
+    return open_shards(keys, root=client.url(prefix), opener=opener)
+
+
+def _first_gets(client: Client, keys: list[str]) -> dict[str, tuple[RemoteObject, bytes] | None]:
+    """Every shard's first GET, several at once: a 30-shard checkpoint waits one round trip,
+    not thirty. The pool is gone (every GET finished) when this returns or raises."""
+    workers = max(1, min(client.tuning.concurrency, len(keys)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightlift-head") as pool:
+        return dict(zip(keys, pool.map(lambda key: head(client, key, HEADER_GUESS), keys)))
 
 
 def _from_index(client: Client, key: str, got: tuple[RemoteObject, bytes] | None = None
@@ -105,20 +122,22 @@ def _from_index(client: Client, key: str, got: tuple[RemoteObject, bytes] | None
             names[name] = posixpath.normpath(posixpath.join(directory, name))
     unique = list(dict.fromkeys(names.values()))
 
+    firsts = _first_gets(client, unique)
+
     def opener(shard_key: str) -> Shard:
-        found = head(client, shard_key, HEADER_GUESS)
+        found = firsts[shard_key]
         if found is None:
             raise CheckpointError(f"shard {posixpath.basename(shard_key)!r} listed in the index "
                                   f"is missing ({client.url(shard_key)})", path=index_url)
-        return _open(client, found)
+        return _open(found)
 
     layout = open_shards(unique, root=client.url(directory), index_path=index_url, opener=opener)
     return check_index(layout, index, {name: unique.index(k) for name, k in names.items()})
 
 
-def _open(client: Client, what: str | tuple[RemoteObject, bytes]) -> RemoteShard:
-    """Read and validate one shard's header: ``what`` is its key, or its first GET's answer."""
-    obj, first = head_existing(client, what, HEADER_GUESS) if isinstance(what, str) else what
+def _open(found: tuple[RemoteObject, bytes]) -> RemoteShard:
+    """Read and validate one shard's header from its first GET's answer."""
+    obj, first = found
     url = obj.url
     if len(first) < 8:
         raise FormatError(f"object is {obj.size} bytes, too short for the 8-byte header length",

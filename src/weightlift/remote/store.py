@@ -230,9 +230,13 @@ def head_existing(client: Client, key: str, nbytes: int) -> tuple[RemoteObject, 
     """``head`` of an object that must exist."""
     found = head(client, key, nbytes)
     if found is None:
-        raise CheckpointError("not found (404): check the bucket, the key and the endpoint",
-                              path=client.url(key))
+        raise missing(client, key)
     return found
+
+
+def missing(client: Client, key: str) -> CheckpointError:
+    return CheckpointError("not found (404): check the bucket, the key and the endpoint",
+                           path=client.url(key))
 
 
 def fetch(obj: RemoteObject, start: int, end: int, error: type[WeightliftError] = ReadError
