@@ -229,10 +229,12 @@ def test_load_into_a_module_from_a_url(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ fault server
 
 
-def test_server_errors_are_retried_then_succeed(server: FaultServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_server_errors_and_throttling_are_retried_then_succeed(server: FaultServer, tmp_path: Path,
+                                                               status: int) -> None:
     save_file(tensors(11, 4, 4096), str(tmp_path / "model.safetensors"))
     url = server.put_dir(tmp_path, "flaky")
-    server.faults["flaky/model.safetensors"] = Fault(status=503, times=2)
+    server.faults["flaky/model.safetensors"] = Fault(status=status, times=2)
     assert_equal(weightlift.load(url, storage_options=FAST), reference(tmp_path))
     assert server.faults["flaky/model.safetensors"].seen > 2
 
