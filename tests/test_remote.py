@@ -335,7 +335,7 @@ def test_bad_sources_and_options_are_refused_clearly(tmp_path: Path) -> None:
         weightlift.load(str(tmp_path), storage_options={"region": "x"})
     with pytest.raises(ValueError, match="concurrency"):
         weightlift.load("s3://bucket/x/", storage_options={"concurrency": "0"})
-    with pytest.raises(ValueError, match="strategy 'mmap' reads local files"):
+    with pytest.raises(CheckpointError, match="object storage and strategy 'mmap' reads local"):
         with serve_directory(tmp_path) as base:
             save_file({"a": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
             weightlift.load(f"{base}/", strategy="mmap")

@@ -15,7 +15,7 @@ import torch
 
 from .budget import resolve_budget
 from .checkpoint import Layout, Source, iter_entries, resolve
-from .errors import PlacementError
+from .errors import CheckpointError, PlacementError
 from .format import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
@@ -214,8 +214,8 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
 def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
     """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
     if strategy.name != "remote" and any(shard.remote for shard in layout.shards):
-        raise ValueError(f"strategy {strategy.name!r} reads local files and {layout.root} is in "
-                         "object storage: use strategy='auto' or 'remote'")
+        raise CheckpointError(f"is in object storage and strategy {strategy.name!r} reads local "
+                              "files: use strategy='auto' or 'remote'", path=layout.root)
     try:
         strategy.prepare(layout.shards)
         return strategy
