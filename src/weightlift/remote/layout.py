@@ -58,15 +58,12 @@ def resolve_remote(source: RemoteSource) -> Layout:
     if name.endswith(".safetensors"):
         return _files(client, [key], posixpath.dirname(key))
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    for candidate, opener in ((INDEX, _from_index), (SINGLE, None)):
-        found = head(client, prefix + candidate, HEADER_GUESS)
-        if found is None:
-            continue
-        obj, first = found
-        if opener is not None:
-            return _from_index(client, prefix + candidate, (obj, first))
-        return open_shards([(obj, first)], root=client.url(prefix),
-                           opener=_open)
+    index = head(client, prefix + INDEX, HEADER_GUESS)
+    if index is not None:
+        return _from_index(client, prefix + INDEX, index)
+    single = head(client, prefix + SINGLE, HEADER_GUESS)
+    if single is not None:
+        return open_shards([single], root=client.url(prefix), opener=_open)
     return _listed(client, prefix)
 
 
@@ -121,7 +118,6 @@ def _from_index(client: Client, key: str, got: tuple[RemoteObject, bytes] | None
             check_shard_name(name, index_url)
             names[name] = posixpath.normpath(posixpath.join(directory, name))
     unique = list(dict.fromkeys(names.values()))
-
     firsts = _first_gets(client, unique)
 
     def opener(shard_key: str) -> Shard:
