@@ -12,6 +12,7 @@ from .compat import safe_open
 from .errors import (CheckpointError, FormatError, IntegrityError, MissingFileError,
                      PlacementError, ReadError, WeightliftError)
 from .load_into import LoadIntoResult, load_into
+from .remote import RemoteSource
 from .report import LoadReport
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "MissingFileError",
     "PlacementError",
     "ReadError",
+    "RemoteSource",
     "TensorDescription",
     "WeightliftError",
     "load",

@@ -16,13 +16,14 @@ import torch
 
 from .budget import resolve_budget
 from .checkpoint import Layout, Source, iter_entries, resolve
-from .errors import PlacementError
+from .errors import CheckpointError, PlacementError
 from .format import DTYPES
 from .ggml import GGMLType
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
 from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
+from .remote import StorageOptions, as_remote
 from .report import LoadReport, Monitor
 from .verify import Verify, make_verifier
 
@@ -36,17 +37,21 @@ def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = Non
          strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None,
          on_report: ReportCallback | None = None,
-         verify: Verify | None = None) -> dict[str, torch.Tensor]:
+         verify: Verify | None = None,
+         storage_options: StorageOptions | None = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint (file, list of files, or directory) into a state dict.
 
         state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
+        state = weightlift.load("s3://models/llama/", storage_options={"region": "us-east-2"})
 
     Raises a ``WeightliftError`` on any problem; never returns part of a state dict.
     ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
     the ``LoadReport`` (which also turns on memory sampling). ``verify``: check each file's
     SHA-256 as it is read (``True``: the digests of a Hugging Face cache; or ``{file: hex}``, or
     a ``sha256sum`` file), raising ``IntegrityError`` on a mismatch; see ``weightlift.verify``.
+    ``storage_options`` configure object-storage URLs (``s3://``, ``gs://``, ``az://``, ``https://``; see docs/remote.md).
     """
+    source = as_remote(source, storage_options)
     return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
                      on_report=on_report, streaming=False, verify=verify))
@@ -56,7 +61,8 @@ def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = N
            strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
            on_progress: ProgressCallback | None = None,
            on_report: ReportCallback | None = None,
-           verify: Verify | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           verify: Verify | None = None,
+           storage_options: StorageOptions | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
     budget ahead of the consumer, so a checkpoint larger than memory can pass through.
 
@@ -65,6 +71,7 @@ def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = N
     a file's digest is known only once its last byte is read: the generator raises
     ``IntegrityError`` before its last tensor, after earlier ones were yielded.
     """
+    source = as_remote(source, storage_options)
     return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
                 streaming=True, verify=verify)
@@ -89,8 +96,9 @@ class TensorDescription:
 class Checkpoint:
     """An open checkpoint: headers parsed and validated, files held open, nothing read yet."""
 
-    def __init__(self, source: Source, verify: Verify | None = None) -> None:
-        self.layout = resolve(source)
+    def __init__(self, source: Source, verify: Verify | None = None,
+                 storage_options: StorageOptions | None = None) -> None:
+        self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
         self._choices: dict[tuple[str, bool], Choice] = {}
         self._pinned = False
         if verify is not None and verify is not False:
@@ -162,14 +170,14 @@ class Checkpoint:
         self.close()
 
 
-def open(source: Source, *, verify: Verify | None = None  # noqa: A001 - the name users expect
-         ) -> Checkpoint:
+def open(source: Source, *, verify: Verify | None = None,  # noqa: A001 - the name users expect
+         storage_options: StorageOptions | None = None) -> Checkpoint:
     """Open a checkpoint to inspect it or read single tensors: ``with weightlift.open(p) as ckpt``.
 
     ``verify`` (as for ``load``) reads every file once at open to check its SHA-256, since single
-    tensors read later never cover a whole file.
+    tensors read later never cover a whole file. ``storage_options`` as for ``load``.
     """
-    return Checkpoint(source, verify=verify)
+    return Checkpoint(source, verify=verify, storage_options=storage_options)
 
 
 def parse_dtype(dtype: DType) -> torch.dtype | None:
@@ -264,6 +272,9 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
 
 def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:
     """Prepare ``strategy``; where the file system refuses O_DIRECT, fall back to ``stream``."""
+    if strategy.name != "remote" and any(shard.remote for shard in layout.shards):
+        raise CheckpointError(f"is in object storage and strategy {strategy.name!r} reads local "
+                              "files: use strategy='auto' or 'remote'", path=layout.root)
     try:
         strategy.prepare(layout.shards)
     except Unavailable as exc:

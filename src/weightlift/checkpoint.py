@@ -12,15 +12,16 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, ClassVar, Union
 
 from .errors import CheckpointError, MissingFileError, ReadError
 from .format import Header, TensorInfo, open_regular
 from .formats import read_any_header
 from .formats.gguf import check_split, is_gguf, split_parts
 from .hub import resolve_source, trusted_root
+from .remote import RemoteSource, as_remote, is_remote
 
-Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], RemoteSource]
 
 #: An index file larger than this is not a real index (70B models have ~100 KB indexes).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -49,6 +50,18 @@ class Shard:
     fd: int
     header: Header
     stamp: FileStamp
+    #: Object storage shards have no descriptor; only the ``remote`` strategy reads them.
+    remote: ClassVar[bool] = False
+
+    @property
+    def identity(self) -> object:
+        """Equal for two shards that are the same file (a hard link, a path given twice)."""
+        return (self.stamp.device, self.stamp.inode)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def check_unchanged(self) -> None:
         """Raise if the file was modified or replaced since its header was read."""
@@ -101,9 +114,7 @@ class Layout:
 
     def close(self) -> None:
         for shard in self.shards:
-            if shard.fd >= 0:
-                os.close(shard.fd)
-                shard.fd = -1
+            shard.close()
 
     def __enter__(self) -> "Layout":
         return self
@@ -114,6 +125,10 @@ class Layout:
 
 def resolve(source: Source) -> Layout:
     """Turn a user's source into an open, validated ``Layout``."""
+    if is_remote(source):
+        from .remote.layout import resolve_remote  # imports the object-storage client
+
+        return resolve_remote(as_remote(source))  # type: ignore[arg-type]
     source = resolve_source(source) or source  # hf://org/name, models--org--name directories
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
@@ -127,11 +142,11 @@ def resolve(source: Source) -> Layout:
             return _resolve_index(path)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
-        return _open_files([path], root=str(path.parent))
+        return open_shards([path], root=str(path.parent))
     files = [Path(p) for p in source]
     if not files:
         raise CheckpointError("the list of checkpoint files is empty")
-    return _open_files(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]))
+    return open_shards(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]))
 
 
 def _resolve_dir(directory: Path) -> Layout:
@@ -147,10 +162,10 @@ def _resolve_dir(directory: Path) -> Layout:
         return _resolve_index(indexes[0])
     single = directory / "model.safetensors"
     if single.is_file():
-        return _open_files([single], root=str(directory))
+        return open_shards([single], root=str(directory))
     loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if loose:
-        return _open_files(loose, root=str(directory))
+        return open_shards(loose, root=str(directory))
     ggufs = sorted(p for p in directory.glob("*.gguf") if p.is_file())
     firsts = [p for p in ggufs if (split_parts(str(p)) or [str(p)])[0] == str(p)]
     if len(firsts) == 1:
@@ -167,7 +182,7 @@ def _resolve_gguf(path: Path) -> Layout:
     """A GGUF file, or the whole split set (``x-00001-of-00003.gguf``) any part of it names."""
     parts = split_parts(str(path))
     if parts is None:
-        layout = _open_files([path], root=str(path.parent))
+        layout = open_shards([path], root=str(path.parent))
         meta = layout.metadata
         if meta is not None and meta.get("split.count", 1) != 1:
             layout.close()
@@ -180,7 +195,7 @@ def _resolve_gguf(path: Path) -> Layout:
         raise CheckpointError(f"split set of {len(parts)} files lacks "
                               f"{', '.join(os.path.basename(p) for p in missing)}; download the "
                               "missing part(s)", path=path)
-    layout = _open_files([Path(p) for p in parts], root=str(path.parent))
+    layout = open_shards([Path(p) for p in parts], root=str(path.parent))
     try:
         check_split([s.header for s in layout.shards])
         layout.metadata = layout.shards[0].header.metadata
@@ -195,13 +210,23 @@ def _read_index(index_path: Path) -> dict[str, Any]:
         info = index_path.stat()
         if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer
             raise CheckpointError("index is not a regular file", path=index_path)
-        size = info.st_size
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit",
-                                  path=index_path)
-        obj = json.loads(index_path.read_bytes())
+        check_index_size(info.st_size, index_path)
+        raw = index_path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
+    return parse_index(raw, index_path)
+
+
+def check_index_size(size: int, index_path: str | os.PathLike[str]) -> None:
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit",
+                              path=index_path)
+
+
+def parse_index(raw: bytes, index_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated JSON object of an index file's bytes (pure)."""
+    try:
+        obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad UTF-8, bad JSON and integers too long for int().
         raise CheckpointError(f"index is not valid JSON: {exc}", path=index_path) from None
@@ -217,6 +242,18 @@ def _read_index(index_path: Path) -> dict[str, Any]:
 
 def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
     """The path of shard ``name`` of an index, refusing anything that leaves ``directory``."""
+    check_shard_name(name, index_path)
+    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
+    real_root = os.path.realpath(trusted_root(directory))  # an HF snapshot links into its repo
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
+                              f"directory {real_root} (a symlink leaves it)", path=index_path)
+    return candidate
+
+
+def check_shard_name(name: Any, index_path: str | os.PathLike[str]) -> str:
+    """``name`` if it is a relative shard name that stays in the checkpoint directory."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"weight_map names shard {name!r}, not a file name", path=index_path)
     if "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")):
@@ -226,13 +263,7 @@ def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
     if ".." in parts:
         raise CheckpointError(f"shard {name!r} climbs out of the checkpoint directory with '..'",
                               path=index_path)
-    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
-    real_root = os.path.realpath(trusted_root(directory))  # an HF snapshot links into its repo
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
-                              f"directory {real_root} (a symlink leaves it)", path=index_path)
-    return candidate
+    return name
 
 
 def _resolve_index(index_path: Path) -> Layout:
@@ -249,12 +280,19 @@ def _resolve_index(index_path: Path) -> Layout:
             raise error(f"shard {name!r} listed in the index is missing"
                         f"{'' if not path.exists() else ' (not a file)'}", path=index_path)
     unique = list(dict.fromkeys(shard_names.values()))
-    layout = _open_files(unique, root=str(directory), index_path=str(index_path))
+    layout = open_shards(unique, root=str(directory), index_path=str(index_path))
+    return check_index(layout, obj, {name: unique.index(p) for name, p in shard_names.items()})
+
+
+def check_index(layout: Layout, obj: dict[str, Any], position: dict[Any, int]) -> Layout:
+    """Check ``layout`` (opened from the shards an index names; ``position``: shard name → its
+    place in ``layout.shards``) against the index ``obj``; close it and raise on a mismatch."""
+    index_path = layout.index_path or layout.root
+    weight_map: dict[str, Any] = obj["weight_map"]
     try:
-        position = {p: i for i, p in enumerate(unique)}
         for tensor, name in weight_map.items():
             entry = layout.entries.get(tensor)
-            if entry is None or entry.shard != position[shard_names[name]]:
+            if entry is None or entry.shard != position[name]:
                 found = ("no shard holds it" if entry is None else
                          f"it is in {os.path.basename(layout.shards[entry.shard].path)!r}")
                 raise CheckpointError(f"index puts tensor {tensor!r} in {name!r}, which does not "
@@ -274,16 +312,20 @@ def _resolve_index(index_path: Path) -> Layout:
     return layout
 
 
-def _open_files(paths: Iterable[Path], root: str, index_path: str | None = None) -> Layout:
+def open_shards(paths: Iterable[Any], root: str, index_path: str | None = None,
+                opener: Callable[[Any], Shard] | None = None) -> Layout:
+    """Open every shard (``opener``: local files by default) into a ``Layout``; tensors must be
+    unique across shards and no shard may be listed twice."""
+    opener = opener or _open_shard
     shards: list[Shard] = []
     entries: dict[str, Entry] = {}
     layout = Layout(root, shards, entries, None, index_path)
     try:
-        seen: dict[tuple[int, int], str] = {}
+        seen: dict[object, str] = {}
         for path in paths:
-            shard = _open_shard(path)
+            shard = opener(path)
             shards.append(shard)
-            identity = (shard.stamp.device, shard.stamp.inode)
+            identity = shard.identity
             if identity in seen:
                 raise CheckpointError(f"{shard.path} is the same file as {seen[identity]}; list "
                                       "it once", path=root)

@@ -24,6 +24,7 @@ import torch
 
 from .. import probes
 from .loaders import LOADERS, Job
+from .runner import local_files
 
 
 def anon_rss() -> int:
@@ -38,7 +39,7 @@ def anon_rss() -> int:
 
 
 def cached(paths: Sequence[str]) -> int:
-    return sum(probes.resident_bytes(p) for p in paths)
+    return sum(probes.resident_bytes(p) for p in local_files(paths))
 
 
 class Sampler:

@@ -22,6 +22,7 @@ from typing import Any
 from .. import probes
 from ..checkpoint import resolve
 from ..errors import WeightliftError
+from ..remote import is_remote
 from .loaders import LOADERS
 
 SCENARIOS = ("to_cpu", "device")
@@ -114,16 +115,21 @@ def last_json_line(stdout: str) -> dict[str, Any] | None:
     return None
 
 
+def local_files(files: Sequence[str]) -> list[str]:
+    """The files of ``files`` on this machine (object-storage URLs have no page cache here)."""
+    return [path for path in files if not is_remote(path)]
+
+
 def resident(files: Sequence[str]) -> int | None:
     try:
-        return sum(probes.resident_bytes(path) for path in files)
+        return sum(probes.resident_bytes(path) for path in local_files(files))
     except OSError:
         return None
 
 
 def set_cache(files: Sequence[str], state: str) -> None:
     """Evict the files (``cold``) or read them into the page cache (``warm``)."""
-    for path in files:
+    for path in local_files(files):
         if state == "cold":
             probes.evict(path)
         elif probes.resident_bytes(path) < os.path.getsize(path):
@@ -289,7 +295,8 @@ def machine_info(files: Sequence[str]) -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "memory": probes.meminfo().get("MemTotal"),
         "kernel": platform.release(), "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "file_system": probes.file_system(files[0]) if files else None,
+        "file_system": (probes.file_system(files[0]) if local_files(files)
+                        else "object storage" if files else None),
         "memory_cgroup": how if available else f"unavailable: {how}",
         "versions": versions,
     }

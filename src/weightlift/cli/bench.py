@@ -4,6 +4,7 @@ in a fresh process, interleaved and repeated, with time, GB/s, peak host memory 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..bench.synthetic_gguf import planned_bytes as gguf_planned_bytes
 from ..bench.synthetic_gguf import synthetic_gguf
 from ..checkpoint import resolve
+from ..remote import is_remote
 from ..units import format_bytes, parse_size
 from .progress import byte_progress, stderr
 
@@ -145,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
         if why is not None:
             raise SystemExit(f"weightlift bench: --scenario model builds the model: {why}")
         loaders += model_loaders()
+    caches, verify = args.cache, not args.no_verify
+    if is_remote(source):
+        loaders, caches, verify = remote_runs(loaders)
     settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
                         device=device_target())
-    session = measure(settings, loaders, scenarios=args.scenario, caches=args.cache,
-                      reps=args.reps, verify=not args.no_verify)
+    session = measure(settings, loaders, scenarios=args.scenario, caches=caches,
+                      reps=args.reps, verify=verify)
     rows = report.summarize_runs(session.runs)
     console = Console()
     console.print(title(session), highlight=False)
@@ -175,6 +180,21 @@ def _prepare_digests(source: str) -> None:
     if not all(hub_digest(path) for path in files):
         with stderr.status("computing SHA-256 digests for the +sha256 row"):
             write_digests(files)
+
+
+def remote_runs(loaders: list[str]) -> tuple[list[str], list[str], bool]:
+    """An object-storage source: weightlift (``auto`` picks ``remote``) and the peers that read
+    URLs, with the configuration from the environment (AWS_ENDPOINT_URL, AWS_* keys, ...). There
+    is no local page cache to set and no local copy to verify against (the tests compare remote
+    loads with safetensors bit for bit)."""
+    chosen = [name for name in loaders if name in ("weightlift auto", *REMOTE_PEERS)]
+    print("object-storage source: measuring " + ", ".join(chosen) + " (cold only: the local page "
+          "cache is not involved; bytes are not re-verified)", file=sys.stderr)
+    return chosen, ["cold"], False
+
+
+#: Peers that read object-storage URLs (runai-model-streamer with runai-model-streamer-s3).
+REMOTE_PEERS = ("runai-model-streamer",)
 
 
 def device_target() -> str:

@@ -92,7 +92,7 @@ def checkpoint(source: str, cuda: bool) -> dict[str, Any]:
             auto[device] = {"strategy": choice.strategy, "reason": choice.reason,
                             "warning": choice.warning}
         assert facts is not None
-        where = probes.file_system(first)
+        where = "object storage" if layout.shards[0].remote else probes.file_system(first)
         return {
             "path": layout.index_path or first,
             "files": len(layout.shards),

@@ -14,6 +14,7 @@ from rich.table import Table
 from ..checkpoint import iter_entries, resolve
 from ..formats.gguf import GGUFMetadata
 from ..units import format_bytes
+from .storage import add_storage_flags, source_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="a .safetensors or .gguf file, an index .json or a directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
+    add_storage_flags(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with resolve(args.source) as layout:
+    with resolve(source_of(args)) as layout:
         entries = list(iter_entries(layout))
         dtypes: Counter[str] = Counter()
         dtype_bytes: defaultdict[str, int] = defaultdict(int)

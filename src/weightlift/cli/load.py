@@ -14,11 +14,13 @@ from ..io import NAMES
 from ..report import LoadReport
 from ..units import format_bytes, parse_size
 from .progress import byte_progress
+from .storage import add_storage_flags, source_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("load", help="load a checkpoint and report speed and memory")
-    parser.add_argument("source", help="a .safetensors file, an index .json or a directory")
+    parser.add_argument("source", help="a .safetensors file, an index .json, a directory or a "
+                        "URL (s3://, gs://, az://, https://)")
     parser.add_argument("--device", default="cpu", help="target device (default: cpu)")
     parser.add_argument("--strategy", choices=NAMES, default="auto")
     parser.add_argument("--dtype", help="convert floating tensors, e.g. float16 or bf16")
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also say why the strategy was chosen")
+    add_storage_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     reports: list[LoadReport] = []
     from ..checkpoint import resolve
 
-    with resolve(args.source) as layout:
+    source = source_of(args)
+    with resolve(source) as layout:
         total = layout.total_bytes
     with byte_progress("loading", total, quiet=args.quiet or args.json) as progress:
-        state = load(args.source, device=args.device, strategy=args.strategy, dtype=args.dtype,
+        state = load(source, device=args.device, strategy=args.strategy, dtype=args.dtype,
                      max_host_memory=args.max_host_memory, on_progress=progress,
                      on_report=reports.append,
                      verify=(args.sums or True) if args.verify else None)

@@ -21,6 +21,7 @@ from ..format import TensorInfo
 from ..io import NAMES, Strategy, make_strategy
 from ..io.auto import choose, gather
 from ..place import parse_device
+from ..remote import StorageOptions, as_remote
 from .collective import Traffic, exchange
 from .direct import read_direct
 from .parts import Axis, normalize, part_shape
@@ -76,7 +77,8 @@ class ShardReport:
 def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | None = None,
                  device: str | torch.device = "cpu", mode: Mode = "direct",
                  strategy: str | Strategy = "auto", max_host_memory: int | str | None = None,
-                 max_gap: int | None = None) -> tuple[dict[str, torch.Tensor], ShardReport]:
+                 max_gap: int | None = None, storage_options: StorageOptions | None = None
+                 ) -> tuple[dict[str, torch.Tensor], ShardReport]:
     """This rank's part of every tensor ``plan`` gives it, as a state dict on ``device``.
 
         dist.init_process_group("nccl", timeout=timedelta(minutes=5))
@@ -88,6 +90,9 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
     by one rank and sent on with broadcast/scatter (for storage that is slow per reader).
     ``max_gap``: in direct mode, strided slices read across gaps up to this many bytes rather than
     issue another read (default: gaps up to a page or the slice's run length, at most 2x the bytes).
+    An object-storage URL (``"s3://bucket/llama/"``, with ``storage_options``) works the same way:
+    in direct mode each rank fetches only its slices' byte ranges, in collective mode each byte
+    is fetched once in the group.
     If any rank fails, every rank raises (``RankFailed`` on those that did not fail themselves).
     """
     if mode not in MODES:
@@ -103,7 +108,7 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
     try:
         error: Exception | None = None
         try:
-            layout = resolve(source)
+            layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
             ranks = range(peers.world) if mode == "collective" else [peers.rank]
             indices = {rank: _indices(layout, plan, rank, peers.world) for rank in ranks}
         except Exception as exc:

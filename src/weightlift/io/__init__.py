@@ -8,12 +8,14 @@ from __future__ import annotations
 from .base import Strategy, Unavailable
 from .direct import DirectStrategy
 from .mapped import MmapStrategy
+from .remote import RemoteStrategy
 from .stream import StreamStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "mmap": MmapStrategy,
     "direct": DirectStrategy,
     "stream": StreamStrategy,
+    "remote": RemoteStrategy,
 }
 
 #: What ``strategy=`` accepts.

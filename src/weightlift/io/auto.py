@@ -36,6 +36,7 @@ class Facts:
     direct_refused: str | None  # why O_DIRECT does not work here, None if it does
     streaming: bool = False     # tensors are handed out and dropped (``stream()``), not kept
     budget: int | None = None   # the host-memory budget of the load
+    remote: bool = False        # the shards are objects in object storage, not local files
 
     @property
     def residency(self) -> float:
@@ -52,6 +53,10 @@ class Choice:
 
 
 def choose(facts: Facts) -> Choice:
+    if facts.remote:
+        return Choice("remote", "the checkpoint is in object storage: parallel ranged GETs, "
+                      "each conditional on the object's ETag, straight into the destinations",
+                      facts)
     cached = f"{facts.residency:.0%} of the checkpoint is in the page cache"
     warning = None
     if not facts.copying and facts.total_bytes > facts.available:
@@ -100,6 +105,11 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
            ) -> Facts:
     """Measure the facts. ``probe_direct=False`` skips the O_DIRECT probe where the answer cannot
     matter (a cached checkpoint loaded to keep), saving a load a few milliseconds."""
+    if any(shard.remote for shard in shards):
+        return Facts(device=device, copying=copying, total_bytes=total_bytes, resident_bytes=0,
+                     file_bytes=sum(shard.header.file_size for shard in shards),
+                     available=available_memory(), direct_refused="object storage",
+                     streaming=streaming, budget=budget, remote=True)
     resident = 0
     for shard in shards:
         try:
