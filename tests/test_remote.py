@@ -217,6 +217,14 @@ def test_https_style_directory_url_and_a_header_longer_than_the_first_guess(
     assert_equal({"rows": rows}, {"rows": local["t9.1"][3:7]})
 
 
+def test_verify_on_a_url_is_refused_before_any_tensor(tmp_path: Path) -> None:
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
+    with serve_directory(tmp_path) as base:
+        with pytest.raises(CheckpointError, match="object-storage sources") as caught:
+            weightlift.load(f"{base}/model.safetensors", verify={"model.safetensors": "0" * 64})
+    assert "model.safetensors" in str(caught.value)
+
+
 def test_load_into_a_module_from_a_url(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
     expected = {k: torch.randn_like(v) for k, v in model.state_dict().items()}

@@ -265,6 +265,11 @@ def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | Non
     """A ``Verifier`` for the files ``entries`` cover, or None when ``verify`` is off."""
     if verify is None or verify is False:
         return None
+    remote = [shard.path for shard in layout.shards if shard.remote]
+    if remote:
+        raise CheckpointError("verify= checks files as the local read path streams them; it does "
+                              "not support object-storage sources yet (an ETag is no SHA-256): "
+                              "download the files, or load without verify=", path=remote[0])
     entries = list(entries)
     return Verifier(layout, expected_digests(layout, verify, whole_shards(layout, entries)))
 
