@@ -301,3 +301,20 @@ def test_a_config_that_does_not_fit_the_weights_names_the_tensor(
     with pytest.raises(PlacementError, match=r"size mismatch for model\.layers\.0\.mlp\.gate_proj"
                                              r"\.weight: the checkpoint has shape \[64, 32\]"):
         from_pretrained(families["qwen2"], config=config)
+
+
+def test_a_base_model_checkpoint_feeds_a_tied_head(tmp_path: Path,
+                                                   recwarn: pytest.WarningsRecorder) -> None:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    path = save(tmp_path, transformers.GPT2Model(config), "gpt2-base")  # no "transformer."
+    want = GPT2LMHeadModel.from_pretrained(path)
+    with FloatAllocations() as allocations:
+        got = from_pretrained(path, model_class=GPT2LMHeadModel)
+    assert got.lm_head.weight is got.transformer.wte.weight
+    assert_same_model(got, want)
+    assert not [w for w in recwarn if "newly initialised" in str(w.message)
+                or "does not use" in str(w.message)], "nothing was missing or left over"
+    # The tied head took the loaded embeddings: no head-sized tensor was ever allocated.
+    assert allocations.bytes < got.lm_head.weight.numel() * got.lm_head.weight.element_size()

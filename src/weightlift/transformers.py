@@ -232,6 +232,7 @@ def from_pretrained(source: str | os.PathLike[str], *, model_class: Any = None,
     else:  # copied from the read buffers straight to the device
         result = load_into(module, weights, strict=False, strategy=strategy,
                            device=target_device, max_host_memory=max_host_memory)
+    model.tie_weights()  # a head tied to a base-model checkpoint's embeddings gets them now
     missing = {model_name(name) for name in result.missing_keys}
     missing.update(name for name, t in _named_tensors(model) if t.is_meta)  # e.g. a new head
     _materialise(model, target_device)
