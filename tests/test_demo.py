@@ -17,7 +17,7 @@ from weightlift.bench.loaders import WEIGHTLIFT_STRATEGIES
 from weightlift.cli import main
 from weightlift.cli import demo
 from weightlift.cli.bench import measure
-from weightlift.cli.demo import AUTO, MMAP, PEER
+from weightlift.cli.demo import AUTO, PEER
 
 
 def rows_of(out: str) -> list[list[str]]:
@@ -38,26 +38,25 @@ def test_demo_shows_both_scenarios_against_safetensors_and_why_auto_chose(
     assert main(["demo", "--size", "8MB", "--cache-dir", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     runs = {(run["scenario"], run["loader"]): run for run in data["runs"]}
-    assert set(runs) == {("device", AUTO), ("device", PEER), ("to_cpu", AUTO), ("to_cpu", MMAP),
-                         ("to_cpu", PEER)}
+    assert set(runs) == {("device", AUTO), ("device", PEER), ("to_cpu", AUTO), ("to_cpu", PEER)}
     assert all(run["status"] == "ok" and run["cache"] == "cold" for run in runs.values())
     for scenario in ("device", "to_cpu"):
         auto = runs[(scenario, AUTO)]
         assert auto["strategy"] in WEIGHTLIFT_STRATEGIES and auto["reason"]
-    assert runs[("to_cpu", MMAP)]["strategy"] == "mmap"
+    assert runs[("device", PEER)]["strategy"] is None  # a peer: no weightlift strategy
     assert all(run["bytes"] == data["checkpoint"]["bytes"] for run in runs.values())
     assert len(list(tmp_path.glob("synthetic-llama-*"))) == 1
 
     # The screen, from the same measured runs.
     console = Console(width=100, file=io.StringIO())
-    for scenario, heading, _ in demo.SECTIONS:
+    for scenario, heading in demo.SECTIONS:
         console.print(demo.table([r for r in sessions[0].runs if r.scenario == scenario],
                                  heading))
     for line in demo.story(sessions[0], budget=64 << 20):
         console.print(line, highlight=False)
     out = console.file.getvalue()
     names = [row[0] for row in rows_of(out)]
-    assert [name.split("→")[0] for name in names] == [AUTO, PEER, AUTO, MMAP, PEER]
+    assert [name.split("→")[0] for name in names] == [AUTO, PEER, AUTO, PEER]
     for row in rows_of(out):
         assert float(row[1]) > 0 and float(row[2]) > 0   # seconds, GB/s
         assert row[3].endswith("B") and row[4].endswith("B")  # peak host memory, cache left

@@ -283,6 +283,19 @@ def test_f4_loads_bit_exact_through_every_strategy(tmp_path: Path, strategy: str
     assert torch.equal(got.view(torch.uint8), packed)
 
 
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="this torch has no float4")
+def test_f4_slices_read_whole_tensors_and_refuse_parts(tmp_path: Path) -> None:
+    packed = torch.arange(40, dtype=torch.uint8).reshape(5, 8)
+    path = tmp_path / "f4.safetensors"
+    save_file({"w": packed.view(torch.float4_e2m1fn_x2)}, path)
+    with safe_open(path, framework="pt") as f:
+        whole = f.get_slice("w")[:]
+        assert whole.dtype == torch.float4_e2m1fn_x2 and torch.equal(whole.view(torch.uint8),
+                                                                      packed)
+        with pytest.raises(SafetensorError, match="F4 packs 2 elements per byte.*whole tensor"):
+            f.get_slice("w")[1:3]
+
+
 def test_dtypes_torch_lacks_are_refused_clearly(tmp_path: Path) -> None:
     header = b'{"w":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[0,3]}}'
     path = tmp_path / "f6.safetensors"

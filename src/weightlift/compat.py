@@ -22,7 +22,7 @@ import torch
 
 from . import api
 from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import CheckpointError, FormatError, WeightliftError
+from .errors import CheckpointError, WeightliftError
 from .budget import resolve_budget
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
@@ -234,10 +234,6 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
         from .distributed.direct import read_direct
 
         layout = self._layout()
-        if entry.info.dtype.pack > 1:
-            raise FormatError(f"{entry.info.dtype.name} packs {entry.info.dtype.pack} elements per "
-                              "byte, so it cannot be sliced element by element; read it whole "
-                              "with get_tensor", path=layout.root, tensor=entry.name)
         rest = None
         if has_advanced(index):  # lists and tensors: read the block holding them, then index it
             index, rest = split_index(entry.info.shape, index, entry.name)

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from .errors import FormatError
 from .format import TensorInfo
 
 #: One item of a basic index.
@@ -126,6 +127,9 @@ def byte_ranges(info: TensorInfo, axes: tuple[Axis, ...]) -> tuple[Range, ...]:
         inner -= 1
     if inner == 0:
         return ((info.start, info.end),)
+    if info.dtype.pack > 1:
+        raise FormatError(f"{info.dtype.name} packs {info.dtype.pack} elements per byte, so only "
+                          "the whole tensor can be read, not a part of it", tensor=info.name)
     item = info.dtype.itemsize
     strides = [math.prod(shape[dim + 1:]) * item for dim in range(len(shape))]
     last = axes[inner - 1]

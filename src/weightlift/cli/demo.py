@@ -30,12 +30,11 @@ from ..units import format_bytes, parse_size
 from .bench import checkpoint_source, device_target, measure, title
 
 AUTO = "weightlift auto"
-MMAP = "weightlift mmap"
 PEER = "safetensors load_file"
-#: (scenario, heading, loaders) in the order the screen shows them.
+#: (scenario, heading) in the order the screen shows them; each has a row per loader.
 SECTIONS = (
-    ("device", "For a GPU: each tensor copied to its device buffer, then dropped", (AUTO, PEER)),
-    ("to_cpu", "Into CPU memory: a state dict kept", (AUTO, MMAP, PEER)),
+    ("device", "For a GPU: each tensor copied to its device buffer, then dropped"),
+    ("to_cpu", "Into CPU memory: a state dict kept"),
 )
 
 
@@ -58,24 +57,21 @@ def loaders() -> list[str]:
         peer = True
     except ImportError:
         peer = False
-    names = {name for _, _, section in SECTIONS for name in section}
-    return [name for name in (AUTO, MMAP, PEER) if name in names and (name != PEER or peer)]
+    return [AUTO, PEER] if peer else [AUTO]
 
 
 def run(args: argparse.Namespace) -> int:
     source = checkpoint_source(None, args.size, args.cache_dir, quiet=args.json)
     settings = Settings(source, budget=args.max_host_memory, device=device_target())
-    session = measure(settings, loaders(), scenarios=[s for s, _, _ in SECTIONS],
+    session = measure(settings, loaders(), scenarios=[s for s, _ in SECTIONS],
                       caches=["cold"], reps=1, verify=False)
-    # The loader list is the same for both scenarios; mmap is shown only where it tells something.
-    session.runs = [r for r in session.runs if (r.scenario, r.loader) != ("device", MMAP)]
     if args.json:
         print(json.dumps(report.to_json(session), indent=2))
         return 0
     console = Console()
     console.print(f"[bold]{title(session)}[/bold]; each load in a fresh process, page cache "
                   "evicted first")
-    for scenario, heading, _ in SECTIONS:
+    for scenario, heading in SECTIONS:
         console.print(table([r for r in session.runs if r.scenario == scenario], heading))
     budget = resolve_budget(args.max_host_memory)
     for line in story(session, budget):
@@ -121,7 +117,7 @@ def story(session: Session, budget: int) -> list[str]:
                      f"safetensors' {cpu_peer.seconds:.2f} s) and left "
                      f"{format_bytes(cpu.cache_left)} of page cache where safetensors left "
                      f"{format_bytes(cpu_peer.cache_left)}.")
-    choices = {scenario: runs[(scenario, AUTO)] for scenario, _, _ in SECTIONS
+    choices = {scenario: runs[(scenario, AUTO)] for scenario, _ in SECTIONS
                if (scenario, AUTO) in runs and runs[(scenario, AUTO)].strategy}
     if len({(r.strategy, r.reason) for r in choices.values()}) == 1 and len(choices) > 1:
         first = next(iter(choices.values()))
