@@ -64,4 +64,7 @@ def bitplanes(data: torch.Tensor, group: int) -> torch.Tensor:
 def lookup(table: tuple[int, ...] | tuple[float, ...], index: torch.Tensor,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``table[index]`` elementwise, with the table on ``index``'s device."""
-    return constant(table, dtype, index.device)[index.to(torch.int64)]
+    # index_select, not advanced indexing: the latter goes parallel on tiny inputs and was 100×
+    # slower on a busy CPU.
+    flat = index.reshape(-1).to(torch.int32)
+    return constant(table, dtype, index.device).index_select(0, flat).view(index.shape)
