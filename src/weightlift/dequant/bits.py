@@ -13,8 +13,9 @@ import torch
 
 
 def field(blocks: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """Bytes ``[begin, end)`` of every block: ``(n_blocks, end - begin)`` uint8."""
-    return blocks[:, begin:end]
+    """Bytes ``[begin, end)`` of every block: ``(n_blocks, end - begin)`` uint8, copied to be
+    contiguous so the ops after it run on plain dense tensors."""
+    return blocks[:, begin:end].contiguous()
 
 
 def f16(blocks: torch.Tensor, begin: int) -> torch.Tensor:
