@@ -16,14 +16,14 @@ import torch
 
 from .checkpoint import Entry
 from .dequant import check_supported, dequantize, packed_type, unpacked_shape
-
-#: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
-#: batch (~1 MiB) and the allocator's slack around them (measured 4-7 MiB in all).
-DEQUANT_WORKSPACE = 8 << 20
 from .errors import PlacementError
 from .format import TensorInfo
 from .ggml import GGMLType
 from .plan import Piece
+
+#: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
+#: batch (~1 MiB) and the allocator's slack around them (measured 4-7 MiB in all).
+DEQUANT_WORKSPACE = 8 << 20
 
 
 def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
@@ -114,7 +114,8 @@ class Sink:
         info = piece.entry.info
         kind = self.unpacking.get(piece.entry.name)
         if kind is not None:  # pieces of packed tensors are whole blocks (plan_chunks)
-            lo, hi = (offset // kind.type_size * kind.block_size for offset in (piece.begin, piece.end))
+            lo = piece.begin // kind.type_size * kind.block_size
+            hi = piece.end // kind.type_size * kind.block_size
             self._dequantize(dst[lo:hi], src, kind)
             return
         if dst.dtype == info.dtype.torch:
