@@ -120,7 +120,8 @@ class Sink:
         info = piece.entry.info
         kind = self.unpacking.get(piece.entry.name)
         if kind is not None:  # pieces of packed tensors are whole blocks (plan_chunks)
-            lo, hi = (offset // kind.type_size * kind.block_size for offset in (piece.begin, piece.end))
+            lo = piece.begin // kind.type_size * kind.block_size
+            hi = piece.end // kind.type_size * kind.block_size
             self._dequantize(dst[lo:hi], src, kind)
             return
         if dst.dtype == info.dtype.torch:

@@ -9,8 +9,8 @@ Two shapes of plan, for the two ways bytes reach their destination:
 * ``Chunk`` — the bytes pass through a reused ring slot and are copied into destinations that
   already exist (a device, a dtype conversion, a module's parameters). A chunk is a run of whole
   small tensors, or a piece of one large tensor cut at an element boundary (packed GGML tensors:
-at a row boundary, or a block boundary when a row is larger than a chunk, so each piece can be
-dequantized on its own).
+  at a row boundary, or a block boundary when a row is larger than a chunk, so each piece can be
+  dequantized on its own).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import torch
 
 
 def field(blocks: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """Bytes ``[begin, end)`` of every block: ``(n_blocks, end - begin)`` uint8."""
-    return blocks[:, begin:end]
+    """Bytes ``[begin, end)`` of every block: ``(n_blocks, end - begin)`` uint8, copied to be
+    contiguous so the ops after it run on plain dense tensors."""
+    return blocks[:, begin:end].contiguous()
 
 
 def f16(blocks: torch.Tensor, begin: int) -> torch.Tensor:
@@ -64,4 +65,7 @@ def bitplanes(data: torch.Tensor, group: int) -> torch.Tensor:
 def lookup(table: tuple[int, ...] | tuple[float, ...], index: torch.Tensor,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``table[index]`` elementwise, with the table on ``index``'s device."""
-    return constant(table, dtype, index.device)[index.to(torch.int64)]
+    # index_select, not advanced indexing: the latter goes parallel on tiny inputs and was 100×
+    # slower on a busy CPU.
+    flat = index.reshape(-1).to(torch.int32)
+    return constant(table, dtype, index.device).index_select(0, flat).view(index.shape)
