@@ -61,8 +61,13 @@ def test_auto_streams_past_the_uncached_rest_when_it_exceeds_the_budget() -> Non
     assert choose(facts(resident_bytes=cached, budget=64 << 20)).strategy == "mmap"
 
 
-def test_auto_uses_stream_for_a_partly_cached_checkpoint() -> None:
-    assert choose(facts(resident_bytes=2 * GiB)).strategy == "stream"
+def test_auto_reads_only_the_uncached_part_of_a_partly_cached_checkpoint() -> None:
+    choice = choose(facts(resident_bytes=2 * GiB))
+    assert choice.strategy == "direct"
+    assert "50% of the checkpoint is in the page cache" in choice.reason
+    assert "only the rest is read from disk" in choice.reason
+    refused = choose(facts(resident_bytes=2 * GiB, direct_refused="tmpfs says no"))
+    assert refused.strategy == "stream" and "tmpfs says no" in refused.reason
 
 
 def test_auto_warns_when_the_result_cannot_fit() -> None:

@@ -19,7 +19,8 @@ from .direct import DirectStrategy
 
 #: At or above this fraction cached, reading from the page cache beats any disk read.
 WARM = 0.9
-#: Above this fraction cached, buffered reads reuse enough cached pages to beat O_DIRECT.
+#: Above this fraction cached, the reason names the cached part that is not read again (``direct``
+#: splits every range into cached and uncached runs; ``stream`` reuses cached pages).
 PARTLY_WARM = 0.25
 
 
@@ -70,8 +71,12 @@ def choose(facts: Facts) -> Choice:
             why = "zero-copy tensors over the cached pages: no reads and no second copy"
         return Choice("mmap", f"{cached}: {why}", facts, warning)
     if facts.residency > PARTLY_WARM:
-        return Choice("stream", f"{cached}: buffered reads reuse the cached part and drop the "
-                      "cache behind them", facts, warning)
+        if facts.direct_refused is None:
+            return Choice("direct", f"{cached}: cached ranges are copied out of the page cache "
+                          "and only the rest is read from disk, with O_DIRECT", facts, warning)
+        return Choice("stream", f"{cached} and O_DIRECT is refused ({facts.direct_refused}): "
+                      "buffered reads reuse the cached part and drop the cache behind them",
+                      facts, warning)
     return _cold(facts, cached, warning)
 
 
@@ -85,7 +90,7 @@ def _cold(facts: Facts, cached: str, warning: str | None) -> Choice:
 
 def direct_refusal(shards: Sequence[Shard]) -> str | None:
     """Why O_DIRECT cannot read these files, or None when it can."""
-    strategy = DirectStrategy()
+    strategy = DirectStrategy(per_range=False)  # only the probe: no residency maps
     try:
         strategy.prepare(shards)
     except Unavailable as exc:
