@@ -202,3 +202,18 @@ def test_a_cold_file_keeps_no_residency_map(written: Path, tmp_path: Path) -> No
             assert cache is None or cache.cached_bytes(0) < 1 << 20
         finally:
             strategy.close()
+
+
+def test_sampled_residency_estimates_a_half_evicted_file(
+        half_evicted: tuple[Path, np.ndarray]) -> None:
+    path, resident = half_evicted
+    exact = int(resident.sum()) * PAGE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        estimate = weightlift.probes.sampled_resident_bytes(fd, samples=256)
+        pagecache.evict(path)
+        cold = weightlift.probes.sampled_resident_bytes(fd, samples=256)
+    finally:
+        os.close(fd)
+    assert abs(estimate - exact) <= 0.1 * path.stat().st_size, (estimate, exact)
+    assert cold == 0
