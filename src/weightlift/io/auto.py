@@ -104,7 +104,8 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
            streaming: bool = False, budget: int | None = None, probe_direct: bool = True
            ) -> Facts:
     """Measure the facts. ``probe_direct=False`` skips the O_DIRECT probe where the answer cannot
-    matter (a cached checkpoint loaded to keep), saving a load a few milliseconds."""
+    matter (a cached checkpoint that ``choose`` will map), saving a warm load the probe's disk
+    read (a few milliseconds, tens on a busy disk)."""
     resident = 0
     for shard in shards:
         try:
@@ -112,7 +113,11 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
         except OSError:
             pass  # unknown residency counts as cold
     file_bytes = sum(shard.header.file_size for shard in shards)
-    needed = probe_direct or streaming or not file_bytes or resident / file_bytes < WARM
+    # ``choose`` consults the probe only for a checkpoint not cached enough to map, or a stream
+    # whose uncached rest would stay cached beyond the budget.
+    beyond_budget = (streaming and not copying and budget is not None
+                     and file_bytes - resident > budget)
+    needed = probe_direct or not file_bytes or resident / file_bytes < WARM or beyond_budget
     return Facts(
         device=device,
         copying=copying,
