@@ -100,7 +100,11 @@ def warm(path: Path, start: int, end: int) -> None:
 
 def evict_every_other(path: Path, step: int) -> np.ndarray:
     """Cache the whole file, then evict every other ``step`` bytes (the 2nd, 4th, ... run);
-    returns the residency map once mincore shows exactly that."""
+    returns the residency map once mincore shows exactly that.
+
+    The page cache holds files in folios of up to 2 MiB and evicts only whole folios, so
+    ``step`` must be a multiple of 2 MiB for the state to be reachable.
+    """
     size = path.stat().st_size
     sync(path)
     warm(path, 0, size)
