@@ -29,6 +29,8 @@ class DirectStrategy(Strategy):
     name = "direct"
     in_flight = 16
     read_size = 8 << 20
+    #: Reads in flight when part of the checkpoint is copied out of the page cache.
+    CACHED_IN_FLIGHT = 32
 
     def __init__(self, per_range: bool = True) -> None:
         super().__init__()
@@ -57,6 +59,9 @@ class DirectStrategy(Strategy):
                 cache = CachedRanges(shards)
                 if cache.any_cached:
                     self.cache = cache
+                    # Copies out of the cache take worker threads too: keep as many O_DIRECT
+                    # reads in flight as a cold load would, or the disk idles between them.
+                    self.in_flight = self.CACHED_IN_FLIGHT
         except BaseException:
             self.close()
             raise
