@@ -73,7 +73,7 @@ class CachedRanges:
         self.fds: list[int | None] = []
         try:
             for shard in shards:
-                pages = _resident_pages(shard.fd)
+                pages = cached_pages(shard.fd)
                 self.resident.append(pages)
                 self.fds.append(None if pages is None else _random_access_fd(shard))
         except BaseException:
@@ -107,8 +107,9 @@ class CachedRanges:
         self.resident = []
 
 
-def _resident_pages(fd: int) -> np.ndarray | None:
-    """The file's page-residency map, or None when no page is cached or mincore cannot say."""
+def cached_pages(fd: int) -> np.ndarray | None:
+    """The file's page-residency map, or None when no page is cached (the common cold case) or
+    mincore cannot say."""
     try:
         pages = probes.resident_pages(fd)
     except OSError:
