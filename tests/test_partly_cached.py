@@ -196,10 +196,10 @@ def test_a_cold_file_keeps_no_residency_map(written: Path, tmp_path: Path) -> No
         except weightlift.io.Unavailable:
             pytest.skip("this file system refuses O_DIRECT")
         try:
-            # Only the header's read (and its read-ahead) may be cached: at most that page run
-            # is copied from the cache; the map holds nothing else.
-            cache = strategy.cache  # type: ignore[attr-defined]
-            assert cache is None or cache.cached_bytes(0) < 1 << 20
+            # The header's read (and its read-ahead) cached a few pages: not worth a map, and
+            # the load keeps the cold path's reads in flight.
+            assert strategy.cache is None  # type: ignore[attr-defined]
+            assert strategy.in_flight == type(strategy).in_flight
         finally:
             strategy.close()
 
