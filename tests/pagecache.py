@@ -81,21 +81,29 @@ def evict(path: Path) -> None:
 
 
 def warm(path: Path, start: int, end: int) -> None:
-    """Read ``[start, end)`` into the page cache with no read-ahead beyond it, and wait until
-    every page of it is cached."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        offset = start
-        while offset < end:
-            n = len(os.pread(fd, min(8 << 20, end - offset), offset))
-            if n == 0:
-                break
-            offset += n
-    finally:
-        os.close(fd)
+    """Read ``[start, end)`` into the page cache with no read-ahead beyond it, until mincore
+    shows every page of it cached (memory pressure may reclaim a page in between: read again)."""
     lo, hi = start // PAGE, -(-end // PAGE)
-    wait_for(path, lambda now: bool(now[lo:hi].all()), f"pages {lo}..{hi} cached")
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            offset = start
+            while offset < end:
+                n = len(os.pread(fd, min(8 << 20, end - offset), offset))
+                if n == 0:
+                    break
+                offset += n
+        finally:
+            os.close(fd)
+        now = pages(path)
+        if now[lo:hi].all():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: pages {lo}..{hi} never all cached "
+                                 f"({int(now[lo:hi].sum())} of {hi - lo})")
+        time.sleep(0.01)
 
 
 def evict_every_other(path: Path, step: int) -> np.ndarray:
@@ -103,19 +111,30 @@ def evict_every_other(path: Path, step: int) -> np.ndarray:
     returns the residency map once mincore shows exactly that.
 
     The page cache holds files in folios of up to 2 MiB and evicts only whole folios, so
-    ``step`` must be a multiple of 2 MiB for the state to be reachable.
+    ``step`` must be a multiple of 2 MiB for the state to be reachable. Memory pressure from
+    other processes may reclaim a page of the cached runs meanwhile: then the runs are read
+    and evicted again, until the state holds.
     """
     size = path.stat().st_size
-    sync(path)
-    warm(path, 0, size)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in range(step, size, 2 * step):
-            os.posix_fadvise(fd, offset, step, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
     expected = np.zeros(-(-size // PAGE), dtype=bool)
     for offset in range(0, size, 2 * step):
         expected[offset // PAGE:-(-min(offset + step, size) // PAGE)] = True
-    return wait_for(path, lambda now: bool(np.array_equal(now, expected)),
-                    f"every other {step} bytes cached")
+    sync(path)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        for offset in range(0, size, 2 * step):
+            warm(path, offset, min(offset + step, size))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(step, size, 2 * step):
+                os.posix_fadvise(fd, offset, step, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        now = pages(path)
+        if np.array_equal(now, expected):
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: the page cache never reached every other {step} "
+                                 f"bytes cached ({int(now.sum())} of {now.size} pages cached, "
+                                 f"{int(expected.sum())} expected)")
+        time.sleep(0.05)
