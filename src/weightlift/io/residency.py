@@ -80,8 +80,14 @@ class CachedRanges:
         try:
             for shard in shards:
                 pages = self._map(shard.fd)
+                fd = None
+                if pages is not None:
+                    try:
+                        fd = _random_access_fd(shard)
+                    except OSError:
+                        pages = None  # read it all with O_DIRECT, as if cold
                 self.resident.append(pages)
-                self.fds.append(None if pages is None else _random_access_fd(shard))
+                self.fds.append(fd)
         except BaseException:
             self.close()
             raise
