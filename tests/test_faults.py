@@ -35,6 +35,7 @@ import weightlift
 import weightlift.checkpoint
 from conftest import bytes_of, random_tensor
 from faultfs import Fault, FaultFS
+import pagecache
 from weightlift import probes
 from weightlift.errors import CheckpointError, ReadError, WeightliftError
 from weightlift.io import STRATEGIES
@@ -210,11 +211,7 @@ def cold(path: Path, strategy: str) -> None:
 
 def evict(path: Path) -> None:
     """Drop ``path`` from the page cache (dirty pages must be written back first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    pagecache.sync(path)
     probes.evict(path)
 
 

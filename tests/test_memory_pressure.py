@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from weightlift import probes
-from weightlift.io.auto import PARTLY_WARM, WARM, Facts, choose
+from weightlift.io.auto import WARM, Facts, choose
 
 MiB, GiB = 1 << 20, 1 << 30
 #: The group's limit: a Python with torch imported needs ~230 MiB of it.
@@ -126,7 +126,10 @@ def test_auto_maps_only_what_is_already_cached(facts: Facts) -> None:
         assert uncached <= (1 - WARM) * facts.file_bytes
     if choice.strategy == "direct":
         assert facts.direct_refused is None
-        assert facts.residency <= PARTLY_WARM
+        # Partly cached: direct copies the cached runs out of the cache and reads the rest.
+        assert facts.residency < WARM or facts.streaming
+    if choice.strategy == "stream":
+        assert facts.direct_refused is not None  # else direct reads around the cache
     assert choice.reason
 
 

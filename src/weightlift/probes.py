@@ -74,11 +74,14 @@ def resident_pages(fd: int) -> np.ndarray:
     return (vec & 1).astype(bool)
 
 
-def sampled_resident_bytes(fd: int, samples: int = 1024) -> int:
-    """Page-cache residency of ``fd`` estimated from ``samples`` evenly spaced pages.
+def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> int:
+    """Page-cache residency of ``fd`` estimated from ``samples`` pages in evenly spaced windows
+    of ``window`` consecutive pages.
 
-    A decision needs the fraction, not every page: mincore over a whole file costs ~10 ms per GB,
-    a second for a 100 GB checkpoint, where this costs about a millisecond at any size.
+    A decision needs the fraction, not every page: mincore over a whole file costs ~5 ms per GB,
+    half a second for a 100 GB checkpoint, where this costs a few hundred microseconds at any
+    size. Cached and evicted ranges come in runs of many pages, so a window of 16 pages tells
+    as much as 16 scattered ones for a sixteenth of the calls.
     """
     size = os.fstat(fd).st_size
     pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
@@ -88,18 +91,20 @@ def sampled_resident_bytes(fd: int, samples: int = 1024) -> int:
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    windows = max(1, samples // window)
+    flags = (ctypes.c_ubyte * window)()
+    mincore = _LIBC.mincore
+    hits = 0
     try:
-        flag = (ctypes.c_ubyte * 1)()
-        hits = 0
-        for i in range(samples):
-            page = i * pages // samples
-            if _LIBC.mincore(addr + page * PAGE_SIZE, PAGE_SIZE, flag) != 0:
+        for i in range(windows):
+            page = i * (pages - window) // max(1, windows - 1)
+            if mincore(addr + page * PAGE_SIZE, window * PAGE_SIZE, flags) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mincore failed: {os.strerror(err)}")
-            hits += flag[0] & 1
+            hits += sum(flag & 1 for flag in bytes(flags))
     finally:
         _LIBC.munmap(addr, size)
-    return size * hits // samples
+    return size * hits // (windows * window)
 
 
 def resident_bytes(path: str | os.PathLike[str]) -> int:

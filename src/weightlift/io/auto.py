@@ -19,7 +19,8 @@ from .direct import DirectStrategy
 
 #: At or above this fraction cached, reading from the page cache beats any disk read.
 WARM = 0.9
-#: Above this fraction cached, buffered reads reuse enough cached pages to beat O_DIRECT.
+#: Above this fraction cached, the reason names the cached part that is not read again (``direct``
+#: splits every range into cached and uncached runs; ``stream`` reuses cached pages).
 PARTLY_WARM = 0.25
 
 
@@ -75,8 +76,12 @@ def choose(facts: Facts) -> Choice:
             why = "zero-copy tensors over the cached pages: no reads and no second copy"
         return Choice("mmap", f"{cached}: {why}", facts, warning)
     if facts.residency > PARTLY_WARM:
-        return Choice("stream", f"{cached}: buffered reads reuse the cached part and drop the "
-                      "cache behind them", facts, warning)
+        if facts.direct_refused is None:
+            return Choice("direct", f"{cached}: cached ranges are copied out of the page cache "
+                          "and only the rest is read from disk, with O_DIRECT", facts, warning)
+        return Choice("stream", f"{cached} and O_DIRECT is refused ({facts.direct_refused}): "
+                      "buffered reads reuse the cached part and drop the cache behind them",
+                      facts, warning)
     return _cold(facts, cached, warning)
 
 
@@ -90,7 +95,7 @@ def _cold(facts: Facts, cached: str, warning: str | None) -> Choice:
 
 def direct_refusal(shards: Sequence[Shard]) -> str | None:
     """Why O_DIRECT cannot read these files, or None when it can."""
-    strategy = DirectStrategy()
+    strategy = DirectStrategy(per_range=False)  # only the probe: no residency maps
     try:
         strategy.prepare(shards)
     except Unavailable as exc:
@@ -104,7 +109,8 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
            streaming: bool = False, budget: int | None = None, probe_direct: bool = True
            ) -> Facts:
     """Measure the facts. ``probe_direct=False`` skips the O_DIRECT probe where the answer cannot
-    matter (a cached checkpoint loaded to keep), saving a load a few milliseconds."""
+    matter (a cached checkpoint that ``choose`` will map), saving a warm load the probe's disk
+    read (a few milliseconds, tens on a busy disk)."""
     if any(shard.remote for shard in shards):
         return Facts(device=device, copying=copying, total_bytes=total_bytes, resident_bytes=0,
                      file_bytes=sum(shard.header.file_size for shard in shards),
@@ -117,7 +123,11 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
         except OSError:
             pass  # unknown residency counts as cold
     file_bytes = sum(shard.header.file_size for shard in shards)
-    needed = probe_direct or streaming or not file_bytes or resident / file_bytes < WARM
+    # ``choose`` consults the probe only for a checkpoint not cached enough to map, or a stream
+    # whose uncached rest would stay cached beyond the budget.
+    beyond_budget = (streaming and not copying and budget is not None
+                     and file_bytes - resident > budget)
+    needed = probe_direct or not file_bytes or resident / file_bytes < WARM or beyond_budget
     return Facts(
         device=device,
         copying=copying,

@@ -3,6 +3,10 @@
 O_DIRECT needs the file offset, the length and the memory address aligned (to 4096 here, which
 covers every common logical block size). Tensors start anywhere, so each read covers the aligned
 extent around its range and writes the few extra bytes into slack that ``aligned_buffer`` owns.
+
+Pages already in the page cache when the load starts are not read again from disk: each range is
+split into cached and uncached runs (``residency.split_cached``) and only the uncached ones are
+read with O_DIRECT; cached runs are copied out of the cache.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from ..checkpoint import Shard
 from ..errors import ReadError
 from . import base
-from .base import Strategy, Unavailable, aligned_buffer, raw_memory
+from .base import Strategy, Unavailable, aligned_buffer, host_view, raw_memory
+from .residency import CachedRanges
 
 ALIGN = 4096
 
@@ -24,10 +29,15 @@ class DirectStrategy(Strategy):
     name = "direct"
     in_flight = 16
     read_size = 8 << 20
+    #: Reads in flight when part of the checkpoint is copied out of the page cache.
+    CACHED_IN_FLIGHT = 32
 
-    def __init__(self) -> None:
+    def __init__(self, per_range: bool = True) -> None:
         super().__init__()
         self.fds: list[int] = []
+        #: Copy ranges cached when the load starts out of the page cache instead of the disk.
+        self.per_range = per_range
+        self.cache: CachedRanges | None = None
 
     def prepare(self, shards: Sequence[Shard]) -> None:
         super().prepare(shards)
@@ -45,6 +55,13 @@ class DirectStrategy(Strategy):
                 if os.fstat(fd).st_ino != shard.stamp.inode:
                     raise Unavailable(f"{shard.path}: reopening for O_DIRECT reached another file")
                 self._probe(fd, shard)
+            if self.per_range:
+                cache = CachedRanges(shards)
+                if cache.any_cached:
+                    self.cache = cache
+                    # Copies out of the cache take worker threads too: keep as many O_DIRECT
+                    # reads in flight as a cold load would, or the disk idles between them.
+                    self.in_flight = self.CACHED_IN_FLIGHT
         except BaseException:
             self.close()
             raise
@@ -74,6 +91,19 @@ class DirectStrategy(Strategy):
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()
+        if self.cache is None:
+            self._read_direct(shard, start, end, dest)
+            return
+        for lo, hi, cached in self.cache.split(shard, start, end):
+            piece = dest[lo - start:hi - start]
+            if cached:
+                self.cache.read(shard, lo, host_view(piece))
+            else:
+                self._read_direct(shard, lo, hi, piece)
+
+    def _read_direct(self, shard: int, start: int, end: int, dest: torch.Tensor) -> None:
+        """O_DIRECT read of ``[start, end)`` into ``dest``; the aligned extent around it lands
+        in ``dest``'s neighbours (the same file bytes) or in slack the buffer owns."""
         if end == start:
             return
         lo = start - start % ALIGN
@@ -104,6 +134,9 @@ class DirectStrategy(Strategy):
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
 
 def _probe_read(fd: int, probe: torch.Tensor) -> None:

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import probes
 from ..checkpoint import Shard
 from .base import PAGE, Strategy, host_view, pread_into
+from .residency import cached_pages
 
 
 class StreamStrategy(Strategy):
@@ -37,7 +37,7 @@ class StreamStrategy(Strategy):
         self.cached_before = []
         for shard in shards:
             _fadvise(shard.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self.cached_before.append(_cached_pages(shard.fd) if self.evict else None)
+            self.cached_before.append(cached_pages(shard.fd) if self.evict else None)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         s = self.shards[shard]
@@ -70,15 +70,6 @@ class StreamStrategy(Strategy):
             return
         for run_lo, run_hi in _runs_of_false(cached[lo:hi]):
             _fadvise(fd, (lo + run_lo) * PAGE, (run_hi - run_lo) * PAGE, os.POSIX_FADV_DONTNEED)
-
-
-def _cached_pages(fd: int) -> np.ndarray | None:
-    """The file's cached pages, or None when none are (the common cold case: drop everything)."""
-    try:
-        pages = probes.resident_pages(fd)
-    except OSError:
-        return None
-    return pages if pages.any() else None
 
 
 def _runs_of_false(flags: np.ndarray) -> list[tuple[int, int]]:

@@ -1,0 +1,148 @@
+"""Per-range choice for partly cached checkpoints: cached ranges from the page cache, the rest
+from disk.
+
+A checkpoint a previous load left half cached should not be read again from disk where its pages
+are still in memory, nor lose O_DIRECT speed where they are not. ``split_cached`` is the pure
+decision (a byte range and a page-residency map → runs marked cached or not), usable by any read
+engine; ``CachedRanges`` holds one residency map per shard, taken once when a load starts, and
+copies cached runs with buffered reads that start no read-ahead.
+
+    ranges = CachedRanges(shards)            # mincore per shard; nothing kept for cold files
+    for lo, hi, cached in ranges.split(0, start, end):
+        ...                                  # cached: ranges.read(0, lo, view); else O_DIRECT
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import probes
+from ..checkpoint import Shard
+from .base import PAGE, pread_into
+
+#: One run of a range: ``(start, end, cached)`` in absolute file offsets.
+Run = tuple[int, int, bool]
+
+
+def split_cached(start: int, end: int, resident: np.ndarray | None, page: int = PAGE
+                 ) -> list[Run]:
+    """Cut ``[start, end)`` into maximal runs of cached and uncached pages.
+
+        split_cached(0, 3 * 4096, np.array([True, False, False]))
+        == [(0, 4096, True), (4096, 12288, False)]
+
+    ``resident[i]`` tells whether page ``i`` (bytes ``[i * page, (i + 1) * page)``) is cached;
+    pages past the end of ``resident`` count as uncached, and ``None`` means nothing is cached.
+    Runs meet at page boundaries, so each uncached run is block-aligned for O_DIRECT except
+    where the range itself starts or ends.
+    """
+    if end <= start:
+        return []
+    if resident is None:
+        return [(start, end, False)]
+    first, last = start // page, (end - 1) // page + 1
+    flags = np.zeros(last - first, dtype=bool)
+    known = resident[first:last]
+    flags[:known.size] = known
+    # Indices (relative to ``first``) where the flag changes: the run boundaries.
+    edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+    runs: list[Run] = []
+    lo = start
+    for edge in edges.tolist():
+        hi = (first + edge) * page
+        runs.append((lo, hi, bool(flags[edge - 1])))
+        lo = hi
+    runs.append((lo, end, bool(flags[-1])))
+    return runs
+
+
+class CachedRanges:
+    """Residency maps of a load's shards and buffered descriptors to copy their cached runs.
+
+    Maps are taken once, at the start of the load: a page evicted since is read again from disk
+    by the buffered read (correct, just slower), and a page cached since is read with O_DIRECT
+    (which the kernel keeps coherent with the cache). A file with less than ``MIN_CACHED`` in
+    the cache (by a sampled estimate, a fraction of a millisecond) is treated as cold: reading
+    that little again costs less than mapping a large file page by page, and cold loads (whose
+    header read cached a few pages) keep their plain O_DIRECT path.
+    """
+
+    #: Below this many cached bytes (estimated) a file is read as if cold.
+    MIN_CACHED = 4 << 20
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = shards
+        self.resident: list[np.ndarray | None] = []
+        self.fds: list[int | None] = []
+        try:
+            for shard in shards:
+                pages = self._map(shard.fd)
+                fd = None
+                if pages is not None:
+                    try:
+                        fd = _random_access_fd(shard)
+                    except OSError:
+                        pages = None  # read it all with O_DIRECT, as if cold
+                self.resident.append(pages)
+                self.fds.append(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, fd: int) -> np.ndarray | None:
+        try:
+            if probes.sampled_resident_bytes(fd) < self.MIN_CACHED:
+                return None
+        except OSError:
+            return None
+        return cached_pages(fd)
+
+    @property
+    def any_cached(self) -> bool:
+        return any(pages is not None for pages in self.resident)
+
+    def cached_bytes(self, shard: int) -> int:
+        pages = self.resident[shard]
+        return 0 if pages is None else int(np.count_nonzero(pages)) * PAGE
+
+    def split(self, shard: int, start: int, end: int) -> list[Run]:
+        """``split_cached`` with this shard's residency map."""
+        return split_cached(start, end, self.resident[shard])
+
+    def read(self, shard: int, start: int, dest: memoryview) -> None:
+        """Copy ``[start, start + len(dest))`` (a cached run) out of the page cache."""
+        fd = self.fds[shard]
+        if fd is None:
+            raise AssertionError("read() of a run split_cached did not mark cached")
+        pread_into(fd, dest, start, self.shards[shard].path)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)
+        self.fds = []
+        self.resident = []
+
+
+def cached_pages(fd: int) -> np.ndarray | None:
+    """The file's page-residency map, or None when no page is cached (the common cold case) or
+    mincore cannot say."""
+    try:
+        pages = probes.resident_pages(fd)
+    except OSError:
+        return None
+    return pages if pages.any() else None
+
+
+def _random_access_fd(shard: Shard) -> int:
+    """A buffered descriptor of the shard's file that starts no read-ahead: reading a cached run
+    must not pull the uncached pages after it into the cache (O_DIRECT reads those)."""
+    fd = os.open(f"/proc/self/fd/{shard.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except OSError:
+        pass  # advice only: reads stay correct, the kernel may read ahead
+    return fd
