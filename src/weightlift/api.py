@@ -18,6 +18,7 @@ from .checkpoint import Layout, Source, iter_entries, resolve
 from .errors import PlacementError
 from .format import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
+from .io.engine import ENGINES, make_engine
 from .io.auto import Choice, choose, gather
 from .place import make_sink, parse_device
 from .read import read_tensors
@@ -32,33 +33,37 @@ ReportCallback = Callable[[LoadReport], None]
 def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
          strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None,
-         on_report: ReportCallback | None = None) -> dict[str, torch.Tensor]:
+         on_report: ReportCallback | None = None, engine: str = "auto"
+         ) -> dict[str, torch.Tensor]:
     """Load a checkpoint (file, list of files, or directory) into a state dict.
 
         state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
 
     Raises a ``WeightliftError`` on any problem; never returns part of a state dict.
     ``on_progress(done_bytes, total_bytes)`` is called as data arrives and ``on_report`` once with
-    the ``LoadReport`` (which also turns on memory sampling).
+    the ``LoadReport`` (which also turns on memory sampling). ``engine``: ``"auto"`` (io_uring
+    where it helps and works, else threads), ``"uring"`` or ``"threads"``.
     """
     return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
-                     on_report=on_report, streaming=False))
+                     on_report=on_report, streaming=False, engine=engine))
 
 
 def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
            strategy: str = "auto", dtype: DType = None, max_host_memory: int | str | None = None,
            on_progress: ProgressCallback | None = None,
-           on_report: ReportCallback | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           on_report: ReportCallback | None = None, engine: str = "auto"
+           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
     budget ahead of the consumer, so a checkpoint larger than memory can pass through.
 
     Tensors of CPU loads may share one buffer with their small neighbours (no copy was made).
-    Closing the generator early stops the reads and releases everything at once.
+    Closing the generator early stops the reads and releases everything at once. A tensor's
+    memory is reused for later tensors only once every view of it has been dropped.
     """
     return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
-                streaming=True)
+                streaming=True, engine=engine)
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,10 @@ class Checkpoint:
         return self.layout.total_bytes
 
     def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
-                   dtype: DType = None) -> torch.Tensor:
+                   dtype: DType = None, engine: str = "auto") -> torch.Tensor:
         for _, tensor in run_load(self.layout, keys=[name], device=device, strategy=strategy,
-                              dtype=dtype, streaming=False, choices=self._choices):
+                              dtype=dtype, streaming=False, choices=self._choices,
+                              engine=engine):
             return tensor
         raise AssertionError("unreachable: a selected tensor is always yielded")
 
@@ -141,10 +147,12 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
          dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
-         choices: dict[tuple[str, bool], Choice] | None = None
+         choices: dict[tuple[str, bool], Choice] | None = None, engine: str = "auto"
          ) -> Iterator[tuple[str, torch.Tensor]]:
     if strategy not in NAMES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     owned = not isinstance(source, Layout)
     layout = resolve(source) if owned else source
     try:
@@ -170,12 +178,21 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         progress = _progress(on_progress, total)
         started = time.perf_counter()
         try:
+            runner, fallback = make_engine(engine, reader)
+            report.engine = runner.name
+            if fallback is not None:
+                report.fallbacks.append(fallback)
             tensors = read_tensors(layout, entries, reader, budget=budget, sink=sink,
-                                   window=budget if streaming else None, progress=progress)
-            for entry, tensor in tensors:
-                if report.time_to_first_tensor is None:
-                    report.time_to_first_tensor = time.perf_counter() - started
-                yield entry.name, tensor
+                                   window=budget if streaming else None, progress=progress,
+                                   engine=runner)
+            try:
+                for entry, tensor in tensors:
+                    if report.time_to_first_tensor is None:
+                        report.time_to_first_tensor = time.perf_counter() - started
+                    yield entry.name, tensor
+            finally:
+                tensors.close()  # every read reaped before the engine and the files go
+                runner.close()
             report.seconds = time.perf_counter() - started
         finally:
             reader.close()

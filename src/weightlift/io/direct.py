@@ -15,7 +15,8 @@ import torch
 from ..checkpoint import Shard
 from ..errors import ReadError
 from . import base
-from .base import Strategy, Unavailable, aligned_buffer, raw_memory
+from .base import Allocator, Strategy, Unavailable, aligned_buffer, raw_memory
+from .uring import Read
 
 ALIGN = 4096
 
@@ -57,8 +58,9 @@ class DirectStrategy(Strategy):
         except OSError as exc:
             raise Unavailable(f"{shard.path}: O_DIRECT reads fail here ({exc.strerror})") from None
 
-    def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
-        return aligned_buffer(nbytes, file_offset, ALIGN)
+    def alloc(self, nbytes: int, file_offset: int, raw: Allocator | None = None
+              ) -> torch.Tensor:
+        return aligned_buffer(nbytes, file_offset, ALIGN, raw=raw)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()
@@ -87,6 +89,16 @@ class DirectStrategy(Strategy):
                 raise ReadError(f"file ended at offset {lo + done + n} while reading up to {end}; "
                                 "it was truncated during the load", path=path)
             done = done + n if done + n >= need else kept
+
+    def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
+        end = start + dest.numel()
+        lo = start - start % ALIGN
+        hi = -(-end // ALIGN) * ALIGN
+        if (dest.data_ptr() - start) % ALIGN:
+            raise AssertionError("direct reads need buffers from alloc() or an aligned slot")
+        return Read(self.fds[shard], dest.data_ptr() - (start - lo), lo, hi - lo,
+                    need=end - lo if end > start else 0, block=ALIGN,
+                    path=self.shards[shard].path, direct=True)
 
     def close(self) -> None:
         for fd in self.fds:

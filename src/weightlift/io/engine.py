@@ -1,0 +1,109 @@
+"""Engines: how a strategy's reads are submitted and reaped. Strategies decide which bytes go where.
+
+* ``threads``: a pool of worker threads, each running the strategy's blocking ``read`` (preadv).
+* ``uring``: the strategy describes each read (``Strategy.describe``) and one io_uring keeps up to
+  64 of them in flight from the loading thread (``io/uring.py``).
+
+``auto`` takes io_uring where a strategy can describe its reads and the kernel allows a ring, and
+the thread pool otherwise; ``make_engine`` says which it took and, when it fell back, why.
+
+    engine, fallback = make_engine("auto", strategy)
+    pending = engine.read(strategy, shard=0, start=4096, dest=buffer)
+    pending.result()
+    engine.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from .base import Strategy
+from .uring import DEPTH, EngineUnavailable, UringEngine
+
+#: What ``engine=`` accepts.
+ENGINES = ("auto", "uring", "threads")
+#: Strategies ``auto`` gives the io_uring engine (where it measured faster than threads).
+AUTO_URING = frozenset({"direct"})
+
+
+class Pending(Protocol):
+    """A submitted read: ``concurrent.futures.Future`` or an io_uring ``Ticket``."""
+
+    def result(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+
+class Engine(Protocol):
+    name: str
+    #: Reads the engine keeps in flight at once.
+    depth: int
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        """Fill ``dest`` with ``shard``'s bytes from ``start`` on (as ``Strategy.read`` does)."""
+        ...
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        """Run another blocking step (e.g. mmap's ``populate``) alongside the reads."""
+        ...
+
+    def close(self) -> None:
+        """Wait for (or withdraw) everything submitted; nothing runs after this returns."""
+        ...
+
+
+class ThreadEngine:
+    """One blocking read per worker thread, ``depth`` threads."""
+
+    name = "threads"
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        return self.pool.submit(strategy.read, shard, start, dest)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RingEngine(UringEngine):
+    """``UringEngine`` behind the ``Engine`` interface: strategies describe, the ring reads."""
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        return self.submit(strategy.describe(shard, start, dest))
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        raise NotImplementedError("the io_uring engine only reads; use threads for populate")
+
+
+def can_describe(strategy: Strategy) -> bool:
+    """Whether ``strategy`` can hand its reads to an engine as ``Read`` descriptions."""
+    return type(strategy).describe is not Strategy.describe
+
+
+def make_engine(name: str, strategy: Strategy, depth: int = DEPTH) -> tuple[Engine, str | None]:
+    """The engine for a prepared ``strategy`` and, if io_uring was wanted and threads were taken
+    instead, why (for ``LoadReport.fallbacks``). ``name`` is one of ``ENGINES``."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if name == "threads" or (name == "auto" and strategy.name not in AUTO_URING):
+        return ThreadEngine(strategy.in_flight), None
+    if not can_describe(strategy):
+        # mmap faults pages in rather than reading: there is nothing for a ring to submit.
+        return ThreadEngine(strategy.in_flight), (
+            f"io_uring does not apply to {strategy.name} (it maps the files instead of reading "
+            "them); using the thread engine")
+    try:
+        return RingEngine(depth), None
+    except EngineUnavailable as exc:
+        return ThreadEngine(strategy.in_flight), (
+            f"io_uring is unavailable ({exc}); falling back to the thread engine")
