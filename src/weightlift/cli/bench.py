@@ -14,6 +14,7 @@ from ..bench import report
 from ..bench.loaders import WEIGHTLIFT_STRATEGIES, peer_loaders, reference_loaders
 from ..bench.runner import CACHES, SCENARIOS, Run, Session, Settings, benchmark
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
+from ..io.engine import ENGINES
 from ..units import format_bytes, parse_size
 from .progress import byte_progress, stderr
 
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="skip the bit-exact check of each loader against safetensors")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
                         help="weightlift's host-memory budget (default: its own default)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="weightlift's read engine (default auto: io_uring where it helps)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run as JSON")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the markdown table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_raw:
         loaders += reference_loaders()
     settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
-                        device=device_target())
+                        device=device_target(), engine=args.engine)
     session = measure(settings, loaders, scenarios=args.scenario, caches=args.cache,
                       reps=args.reps, verify=not args.no_verify)
     rows = report.summarize_runs(session.runs)
