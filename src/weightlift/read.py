@@ -107,9 +107,10 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                 pending.append((block, buf, futures))
                 ahead += block.nbytes
                 reads += len(futures)
-            block, buf, futures = pending.popleft()
+            block, buf, futures = pending[0]  # stays pending (cancelled on failure) until read
             for future in futures:
                 future.result()
+            pending.popleft()
             # Nothing is handed out whose bytes may have been read across a change of the file.
             strategy.shards[block.shard].check_unchanged()
             ahead -= block.nbytes
