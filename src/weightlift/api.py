@@ -190,6 +190,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                     if report.time_to_first_tensor is None:
                         report.time_to_first_tensor = time.perf_counter() - started
                     yield entry.name, tensor
+                    del tensor  # once the consumer drops it, its memory can take the next
             finally:
                 tensors.close()  # every read reaped before the engine and the files go
                 runner.close()

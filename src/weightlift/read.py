@@ -89,9 +89,12 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
         # Within a small window, smaller reads keep as many in flight as a large one would.
         read_size = min(read_size, window // (2 * engine.depth)) // ALIGN * ALIGN
         read_size = max(MIN_SLOT, read_size)
-        # Tensors the consumer drops give their memory back to the next blocks.
-        reuse = BufferPool(window)
     blocks = deque(plan_blocks(entries, read_size))
+    if window is not None and blocks:
+        # Tensors the consumer drops give their memory back to the next blocks. What is read
+        # ahead may exceed the window by one block (and each block has O_DIRECT slack); the
+        # pool keeps no more than that.
+        reuse = BufferPool(window + 2 * (max(block.nbytes for block in blocks) + 3 * ALIGN))
     pending: deque[tuple[Block, torch.Tensor, list[Pending]]] = deque()
     ahead = 0       # bytes submitted but not yet handed out
     reads = 0       # reads submitted but not yet collected

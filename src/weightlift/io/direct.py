@@ -92,13 +92,15 @@ class DirectStrategy(Strategy):
 
     def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
         end = start + dest.numel()
+        fd, path = self.fds[shard], self.shards[shard].path
+        if end == start:
+            return Read(fd, 0, start, 0, need=0, block=ALIGN, path=path, direct=True)
         lo = start - start % ALIGN
         hi = -(-end // ALIGN) * ALIGN
         if (dest.data_ptr() - start) % ALIGN:
             raise AssertionError("direct reads need buffers from alloc() or an aligned slot")
-        return Read(self.fds[shard], dest.data_ptr() - (start - lo), lo, hi - lo,
-                    need=end - lo if end > start else 0, block=ALIGN,
-                    path=self.shards[shard].path, direct=True)
+        return Read(fd, dest.data_ptr() - (start - lo), lo, hi - lo, need=end - lo, block=ALIGN,
+                    path=path, direct=True)
 
     def close(self) -> None:
         for fd in self.fds:
