@@ -356,3 +356,16 @@ def test_the_pool_keeps_no_more_than_its_limit() -> None:
     assert pool.fresh == 9
     del again, a_bigger_one
     pool.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_load_into_takes_an_engine(shards: Path, engine: str, tmp_path: Path) -> None:
+    expected = load_file(shards / "model-00002-of-00002.safetensors")
+    module = torch.nn.Module()
+    module.register_buffer("weight", torch.zeros(700, 700))
+    module.register_buffer("tail", torch.zeros(999, dtype=torch.int32))
+    source = {"weight": "b.weight", "tail": "b.tail"}
+    save_file({name: expected[key] for name, key in source.items()}, tmp_path / "m.safetensors")
+    weightlift.load_into(module, tmp_path / "m.safetensors", strategy="direct", engine=engine)
+    assert bytes_of(module.weight) == bytes_of(expected["b.weight"])
+    assert bytes_of(module.tail) == bytes_of(expected["b.tail"])

@@ -62,8 +62,8 @@ def module_slots(module: torch.nn.Module) -> list[Slot]:
 
 
 def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
-              strategy: str = "auto", device: str | torch.device | None = None
-              ) -> LoadIntoResult:
+              strategy: str = "auto", device: str | torch.device | None = None,
+              engine: str = "auto") -> LoadIntoResult:
     """Copy a checkpoint into ``module``'s parameters and buffers, in place.
 
         with torch.device("meta"):
@@ -76,14 +76,15 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
     from whichever of their names the checkpoint holds. Tensors on ``meta`` are created on
     ``device`` (default CPU) and filled; with ``device`` set, every tensor ends up there. A meta
     tensor the checkpoint does not hold (e.g. a non-persistent buffer) cannot be given values: it
-    is reported as missing, and created uninitialised when ``strict=False``.
+    is reported as missing, and created uninitialised when ``strict=False``. ``engine`` as for
+    ``load``.
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
         slots = module_slots(module)
         plan = _match(module, slots, layout, target, strict)
         for group, destinations in plan.by_device.items():
-            _read(layout, destinations, parse_device(group), strategy)
+            _read(layout, destinations, parse_device(group), strategy, engine)
         _install(plan, target)
     return LoadIntoResult(plan.missing, plan.unexpected)
 
@@ -169,10 +170,10 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 
 def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.device,
-          strategy: str) -> None:
+          strategy: str, engine: str = "auto") -> None:
     with torch.no_grad():
         for _ in api.run_load(layout, keys=list(destinations), device=device, strategy=strategy,
-                          dtype=None, streaming=False, destinations=destinations):
+                          dtype=None, streaming=False, destinations=destinations, engine=engine):
             pass
 
 
