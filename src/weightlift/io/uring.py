@@ -227,14 +227,13 @@ class UringEngine:
     # -- submission ----------------------------------------------------------------------------
 
     def submit(self, read: Read) -> Ticket:
-        """Queue ``read``; it reaches the kernel at the next ``io_uring_enter``."""
+        """Queue ``read``; it reaches the kernel with the next batch, when a ticket is waited for
+        (one ``io_uring_enter`` submits everything queued and reaps what completed)."""
         ticket = Ticket(self, read)
         if read.need <= 0:
             ticket.finished = True
             return ticket
         self._queued.append(ticket)
-        if len(self._flying) < self._capacity:
-            self._pump(wait=False)
         return ticket
 
     def withdraw(self, ticket: Ticket) -> bool:
@@ -244,7 +243,13 @@ class UringEngine:
         ticket.cancelled = ticket.finished = True
         return True
 
+    def flush(self) -> None:
+        """Hand what is queued to the kernel now (as much as the ring takes), without waiting."""
+        if self._queued and len(self._flying) < self._capacity:
+            self._pump(wait=False)
+
     def wait(self, ticket: Ticket) -> None:
+        self.flush()  # submit the batch even when this ticket is already done
         while not ticket.finished:
             self._pump(wait=True)
 
