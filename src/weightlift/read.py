@@ -103,7 +103,7 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             # Keep the pool busy, within the window, allocating buffers just in time.
             # The block being waited for may exceed the window alone (one large tensor); the
             # window bounds what is read beyond it, so large tensors do not stall the pipeline.
-            while blocks and (not pending or (reads < 2 * engine.depth and (
+            while blocks and (not pending or (reads < engine.ahead and (
                     window is None or ahead - pending[0][0].nbytes + blocks[0].nbytes <= window))):
                 block = blocks.popleft()
                 buf, futures = _submit_block(block, strategy, engine, reuse)

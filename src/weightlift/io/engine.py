@@ -42,6 +42,9 @@ class Engine(Protocol):
     name: str
     #: Reads the engine keeps in flight at once.
     depth: int
+    #: Reads a pipeline submits ahead of the one it waits for (a thread pool wants a queue of
+    #: its own behind its workers; a ring keeps its whole depth in the kernel).
+    ahead: int
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
         """Fill ``dest`` with ``shard``'s bytes from ``start`` on (as ``Strategy.read`` does)."""
@@ -63,6 +66,7 @@ class ThreadEngine:
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
+        self.ahead = 2 * depth
         self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
@@ -77,6 +81,10 @@ class ThreadEngine:
 
 class RingEngine(UringEngine):
     """``UringEngine`` behind the ``Engine`` interface: strategies describe, the ring reads."""
+
+    @property
+    def ahead(self) -> int:
+        return self.depth
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
         return self.submit(strategy.describe(shard, start, dest))
