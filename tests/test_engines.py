@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import gc
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -371,3 +372,25 @@ def test_load_into_takes_an_engine(shards: Path, engine: str, tmp_path: Path) ->
     weightlift.load_into(module, tmp_path / "m.safetensors", strategy="direct", engine=engine)
     assert bytes_of(module.weight) == bytes_of(expected["b.weight"])
     assert bytes_of(module.tail) == bytes_of(expected["b.tail"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_cli_forces_an_engine_and_reports_it(shards: Path, engine: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from weightlift.cli import main
+
+    assert main(["load", str(shards), "--strategy", "direct", "--engine", engine, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"] == engine and report["fallbacks"] == []
+
+
+def test_doctor_says_whether_io_uring_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightlift.cli.doctor import collect
+
+    assert collect()["system"]["io_uring_refused"] == URING_REFUSED
+
+    def refuse(entries: int, params: object) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(uring, "setup", refuse)
+    assert os.strerror(errno.ENOSYS) in collect()["system"]["io_uring_refused"]
