@@ -23,6 +23,7 @@ from test_faults import no_leaks
 from weightlift.errors import ReadError
 from weightlift.io import base as io_base
 from weightlift.io import uring
+from weightlift.io import engine as engine_module
 from weightlift.io.direct import DirectStrategy
 from weightlift.io.pool import BufferPool
 from weightlift.report import LoadReport
@@ -108,12 +109,16 @@ def test_every_engine_reads_the_bytes_safetensors_reads(shards: Path, engine: st
 
 
 @needs_uring
-def test_auto_takes_io_uring_for_direct_and_threads_for_mmap(shards: Path) -> None:
+@pytest.mark.parametrize("chosen", [frozenset(), frozenset({"direct"})])
+def test_auto_takes_io_uring_where_it_measured_faster(shards: Path, chosen: frozenset[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "AUTO_URING", chosen)
     reports: list[LoadReport] = []
-    weightlift.load(shards, strategy="direct", on_report=reports.append)
-    weightlift.load(shards, strategy="mmap", on_report=reports.append)
-    assert [r.engine for r in reports] == ["uring", "threads"]
-    assert reports[0].fallbacks == [] and reports[1].fallbacks == []
+    for strategy in ("direct", "stream", "mmap"):
+        weightlift.load(shards, strategy=strategy, on_report=reports.append)
+    expected = ["uring" if s in chosen else "threads" for s in ("direct", "stream", "mmap")]
+    assert [r.engine for r in reports] == expected
+    assert all(r.fallbacks == [] for r in reports)
 
 
 @needs_uring
@@ -139,6 +144,7 @@ def test_an_unknown_engine_is_refused(shards: Path) -> None:
 def test_a_refused_ring_falls_back_to_threads_and_says_so(shards: Path, code: int, engine: str,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
+    monkeypatch.setattr(engine_module, "AUTO_URING", frozenset({"direct"}))
     def refuse(entries: int, params: object) -> int:
         raise OSError(code, os.strerror(code))
 

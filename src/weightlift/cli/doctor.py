@@ -144,7 +144,7 @@ def render(report: dict[str, Any]) -> None:
                   format_bytes(memlock), note)
     refused = sys_["io_uring_refused"]
     table.add_row("io_uring", "works" if refused is None else "unavailable",
-                  "O_DIRECT loads read 64 at a time through one ring" if refused is None
+                  "--engine uring reads 64 at a time through one ring" if refused is None
                   else f"[yellow]{refused}; loads use the thread engine[/]")
     devices = ", ".join(acc["devices"]) or "none"
     kind = "ROCm " + acc["rocm_version"] if acc["rocm_version"] else (

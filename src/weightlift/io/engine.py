@@ -4,7 +4,7 @@
 * ``uring``: the strategy describes each read (``Strategy.describe``) and one io_uring keeps up to
   64 of them in flight from the loading thread (``io/uring.py``).
 
-``auto`` takes io_uring where a strategy can describe its reads and the kernel allows a ring, and
+``auto`` takes io_uring for the strategies in ``AUTO_URING`` where the kernel allows a ring, and
 the thread pool otherwise; ``make_engine`` says which it took and, when it fell back, why.
 
     engine, fallback = make_engine("auto", strategy)
@@ -26,8 +26,12 @@ from .uring import DEPTH, EngineUnavailable, UringEngine
 
 #: What ``engine=`` accepts.
 ENGINES = ("auto", "uring", "threads")
-#: Strategies ``auto`` gives the io_uring engine (where it measured faster than threads).
-AUTO_URING = frozenset({"direct"})
+#: Strategies ``auto`` gives the io_uring engine: those where it measured faster than threads.
+#: None yet: on this project's 2-core VM, shared with other jobs, cold device-bound ``direct``
+#: streams measured 0.76-1.18 GB/s median through io_uring against 1.00-1.08 through threads
+#: (buffered ``stream`` 0.36-0.46 against 0.65-0.87; docs/benchmarks.md). Add "direct" here
+#: once an idle-machine run shows io_uring ahead.
+AUTO_URING: frozenset[str] = frozenset()
 
 
 class Pending(Protocol):
