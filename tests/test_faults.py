@@ -5,7 +5,8 @@ descriptor or thread is left behind, and the next load in the same process works
 Two injection points, both on the real read path:
 
 * the ``weightlift.io.base.preadv`` seam, through which ``stream`` and ``direct`` issue every data
-  read: EIO, short reads, EINTR exactly where the kernel would report them;
+  read on the thread engine, and the ``weightlift.io.uring`` seams (``enter``, ``completed``) of the
+  io_uring engine: EIO, short reads, EINTR exactly where the kernel would report them;
 * ``faultfs``, a FUSE file system failing reads at chosen offsets, so the kernel's page cache,
   readahead and ``mmap`` page faults see the error too (skipped where FUSE cannot be mounted).
 
@@ -40,6 +41,7 @@ from weightlift import probes
 from weightlift.errors import CheckpointError, ReadError, WeightliftError
 from weightlift.io import STRATEGIES
 from weightlift.io import base as io_base
+from weightlift.io import uring
 
 STRATEGY_NAMES = ["mmap", "direct", "stream", "auto"]
 #: Strategies whose data reads go through the preadv seam (mmap faults pages in instead).
@@ -129,29 +131,42 @@ def ckpt(tmp_path: Path) -> Path:
 
 
 def load_all(path: Path, strategy: str, mode: str,
-             on_progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+             on_progress: Callable[[int, int], None] | None = None,
+             engine: str = "auto") -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` through one entry point: ``load``, ``stream``, a copying load
     (dtype conversion: the ring of reused slots) or ``open().get_tensor``."""
     if mode == "load":
-        return weightlift.load(path, strategy=strategy, on_progress=on_progress)
+        return weightlift.load(path, strategy=strategy, on_progress=on_progress, engine=engine)
     if mode == "stream":
         return dict(weightlift.stream(path, strategy=strategy, max_host_memory="4MiB",
-                                      on_progress=on_progress))
+                                      on_progress=on_progress, engine=engine))
     if mode == "copy":
         return weightlift.load(path, strategy=strategy, dtype=torch.float64,
-                               max_host_memory="4MiB", on_progress=on_progress)
+                               max_host_memory="4MiB", on_progress=on_progress, engine=engine)
     if mode == "open":
         with weightlift.open(path) as checkpoint:
-            return {name: checkpoint.get_tensor(name, strategy=strategy)
+            return {name: checkpoint.get_tensor(name, strategy=strategy, engine=engine)
                     for name in checkpoint.keys()}
     raise ValueError(mode)
+
+
+#: Both read engines: a pool of blocking preadv calls and one io_uring.
+ENGINES = ["threads", "uring"]
+
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "uring" and uring.probe() is not None:
+        pytest.skip(f"io_uring unavailable here: {uring.probe()}")
+    return str(request.param)
 
 
 MODES = ["load", "stream", "copy", "open"]
 
 
-def assert_loads_correctly(path: Path, strategy: str, mode: str) -> None:
-    actual = load_all(path, strategy, mode)  # first: the oracle would warm the page cache
+def assert_loads_correctly(path: Path, strategy: str, mode: str, engine: str = "auto") -> None:
+    actual = load_all(path, strategy, mode, engine=engine)  # first: the oracle warms the cache
     expected = load_file(path)
     if mode == "copy":
         expected = {k: v.to(torch.float64) for k, v in expected.items()}
@@ -173,7 +188,8 @@ def data_offset(path: Path, fraction: float) -> int:
 
 
 class Kernel:
-    """Stands in for ``os.preadv``: counts calls and misbehaves where told."""
+    """Stands in for ``os.preadv`` and for the io_uring engine's kernel answers (``enter``,
+    ``completed``): counts reads and misbehaves where told."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
@@ -182,7 +198,34 @@ class Kernel:
         self.eof_at: int | None = None
         self.eintr_seen: set[int] = set()
         self.eintr = False
+        self.enters = 0
+        self._enter = uring.enter
         monkeypatch.setattr(io_base, "preadv", self)
+        monkeypatch.setattr(uring, "completed", self.completed)
+        monkeypatch.setattr(uring, "enter", self.enter)
+
+    def enter(self, fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+        self.enters += 1
+        if self.eintr and self.enters % 2:
+            raise InterruptedError(errno.EINTR, "Interrupted system call")
+        return self._enter(fd, to_submit, min_complete, flags)
+
+    def completed(self, fd: int, offset: int, length: int, result: int) -> int:
+        """What a completion reports: the same faults, at the same offsets, as ``__call__``."""
+        self.calls += 1
+        if self.eintr and offset not in self.eintr_seen:
+            self.eintr_seen.add(offset)
+            return -errno.EINTR
+        if self.eio_at is not None and offset <= self.eio_at < offset + length:
+            return -errno.EIO
+        if self.eof_at is not None and offset <= self.eof_at < offset + length:
+            return 0
+        if self.short and result > 1:
+            direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+            keep = result // 2 // 4096 * 4096 if direct else result // 2
+            if keep:
+                return keep  # the rest was read too, but the engine must ask for it again
+        return result
 
     def __call__(self, fd: int, buffers: list[memoryview], offset: int) -> int:
         self.calls += 1
@@ -218,12 +261,13 @@ def evict(path: Path) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
 def test_eio_is_a_read_error_naming_file_and_offset(ckpt: Path, strategy: str, mode: str,
+                                                    engine: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = Kernel(monkeypatch)
     kernel.eio_at = data_offset(ckpt, 0.6)
     cold(ckpt, strategy)
     with no_leaks():
-        error = failure(lambda: load_all(ckpt, strategy, mode))
+        error = failure(lambda: load_all(ckpt, strategy, mode, engine=engine))
     assert kernel.calls > 0
     assert issubclass(error.kind, ReadError)
     assert error.path == str(ckpt)
@@ -231,37 +275,38 @@ def test_eio_is_a_read_error_naming_file_and_offset(ckpt: Path, strategy: str, m
     assert offset <= kernel.eio_at < offset + length
     assert "Input/output error" in error.message
     kernel.eio_at = None
-    assert_loads_correctly(ckpt, strategy, mode)
+    assert_loads_correctly(ckpt, strategy, mode, engine)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
 @pytest.mark.parametrize("quirk", ["short", "eintr"])
 def test_short_reads_and_eintr_are_retried(ckpt: Path, strategy: str, mode: str, quirk: str,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = Kernel(monkeypatch)
     setattr(kernel, quirk, True)
     cold(ckpt, strategy)
     with no_leaks():
-        assert_loads_correctly(ckpt, strategy, mode)
+        assert_loads_correctly(ckpt, strategy, mode, engine)
     assert kernel.calls > 0
     assert quirk == "short" or kernel.eintr_seen
 
 
 @pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
-def test_a_read_that_hits_end_of_file_early_is_an_error(ckpt: Path, strategy: str,
+def test_a_read_that_hits_end_of_file_early_is_an_error(ckpt: Path, strategy: str, engine: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = Kernel(monkeypatch)
     kernel.eof_at = data_offset(ckpt, 0.3)
     cold(ckpt, strategy)
     with no_leaks():
-        error = failure(lambda: weightlift.load(ckpt, strategy=strategy))
+        error = failure(lambda: weightlift.load(ckpt, strategy=strategy, engine=engine))
     assert issubclass(error.kind, ReadError) and error.path == str(ckpt)
     assert "file ended at offset" in error.message
 
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-def test_loads_are_correct_under_a_storm_of_signals(ckpt: Path, strategy: str) -> None:
+def test_loads_are_correct_under_a_storm_of_signals(ckpt: Path, strategy: str,
+                                                    engine: str) -> None:
     """Real signals interrupting real system calls (reads, MADV_POPULATE_READ) in every thread."""
     delivered = 0
 
@@ -274,7 +319,7 @@ def test_loads_are_correct_under_a_storm_of_signals(ckpt: Path, strategy: str) -
     try:
         for mode in ("load", "copy"):
             evict(ckpt)
-            assert_loads_correctly(ckpt, strategy, mode)
+            assert_loads_correctly(ckpt, strategy, mode, engine)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -368,14 +413,16 @@ def test_a_file_that_vanishes_between_listing_and_opening(ckpt: Path,
     assert error.path == str(other)
 
 
-def test_stream_hands_out_only_tensors_read_before_the_fault(ckpt: Path,
+@pytest.mark.parametrize("strategy", ["stream", "direct"])
+def test_stream_hands_out_only_tensors_read_before_the_fault(ckpt: Path, strategy: str,
+                                                            engine: str,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     kernel = Kernel(monkeypatch)
     kernel.eio_at = data_offset(ckpt, 0.9)
     expected = load_file(ckpt)
     received: list[str] = []
-    tensors = weightlift.stream(ckpt, strategy="stream", max_host_memory="4MiB")
+    tensors = weightlift.stream(ckpt, strategy=strategy, max_host_memory="4MiB", engine=engine)
     with no_leaks():
         with pytest.raises(ReadError):
             for name, tensor in tensors:
@@ -397,18 +444,19 @@ needs_fuse = pytest.mark.skipif(FaultFS.unavailable() is not None,
 @needs_fuse
 @pytest.mark.parametrize("mode", ["load", "copy"])
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-def test_eio_from_the_file_system(ckpt: Path, strategy: str, mode: str, tmp_path: Path) -> None:
+def test_eio_from_the_file_system(ckpt: Path, strategy: str, mode: str, engine: str,
+                                  tmp_path: Path) -> None:
     where = data_offset(ckpt, 0.6)
     with FaultFS(ckpt.parent, tmp_path / "mnt", [Fault("eio", where, where + 1)]) as mnt:
         path = mnt / ckpt.name
         with no_leaks():
-            error = failure(lambda: load_all(path, strategy, mode))
+            error = failure(lambda: load_all(path, strategy, mode, engine=engine))
         assert issubclass(error.kind, ReadError), error.message
         assert error.path == str(path)
         offset, length = failed_read(error)
         assert offset <= where < offset + length
     with FaultFS(ckpt.parent, tmp_path / "mnt", []) as mnt:
-        assert_loads_correctly(mnt / ckpt.name, strategy, mode)
+        assert_loads_correctly(mnt / ckpt.name, strategy, mode, engine)
 
 
 # A short read from a FUSE server means end of file to the kernel, which zero-fills the rest of

@@ -20,6 +20,7 @@ from .errors import CheckpointError, PlacementError
 from .format import DTYPES
 from .ggml import GGMLType
 from .io import NAMES, Strategy, Unavailable, make_strategy
+from .io.engine import ENGINES, make_engine
 from .io.auto import Choice, choose, gather
 from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
@@ -38,7 +39,8 @@ def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = Non
          on_progress: ProgressCallback | None = None,
          on_report: ReportCallback | None = None,
          verify: Verify | None = None,
-         storage_options: StorageOptions | None = None) -> dict[str, torch.Tensor]:
+         storage_options: StorageOptions | None = None,
+         engine: str = "auto") -> dict[str, torch.Tensor]:
     """Load a checkpoint (file, list of files, or directory) into a state dict.
 
         state = weightlift.load("Llama-3-8B/", device="cuda", dtype=torch.float16)
@@ -49,12 +51,14 @@ def load(source: Source, *, device: Device = "cpu", keys: list[str] | None = Non
     the ``LoadReport`` (which also turns on memory sampling). ``verify``: check each file's
     SHA-256 as it is read (``True``: the digests of a Hugging Face cache; or ``{file: hex}``, or
     a ``sha256sum`` file), raising ``IntegrityError`` on a mismatch; see ``weightlift.verify``.
-    ``storage_options`` configure object-storage URLs (``s3://``, ``gs://``, ``az://``, ``https://``; see docs/remote.md).
+    ``storage_options`` configure object-storage URLs (``s3://``, ``gs://``, ``az://``,
+    ``https://``; see docs/remote.md). ``engine``: ``"auto"`` (io_uring where it helps and works,
+    else threads), ``"uring"`` or ``"threads"``.
     """
     source = as_remote(source, storage_options)
     return dict(run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                      max_host_memory=max_host_memory, on_progress=on_progress,
-                     on_report=on_report, streaming=False, verify=verify))
+                     on_report=on_report, streaming=False, verify=verify, engine=engine))
 
 
 def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = None,
@@ -62,7 +66,8 @@ def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = N
            on_progress: ProgressCallback | None = None,
            on_report: ReportCallback | None = None,
            verify: Verify | None = None,
-           storage_options: StorageOptions | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           storage_options: StorageOptions | None = None,
+           engine: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as tensors arrive, reading at most the host-memory
     budget ahead of the consumer, so a checkpoint larger than memory can pass through.
 
@@ -70,11 +75,12 @@ def stream(source: Source, *, device: Device = "cpu", keys: list[str] | None = N
     Closing the generator early stops the reads and releases everything at once. With ``verify``,
     a file's digest is known only once its last byte is read: the generator raises
     ``IntegrityError`` before its last tensor, after earlier ones were yielded.
+    A tensor's memory is reused for later tensors only once every view of it has been dropped.
     """
     source = as_remote(source, storage_options)
     return run_load(source, keys=keys, device=device, strategy=strategy, dtype=dtype,
                 max_host_memory=max_host_memory, on_progress=on_progress, on_report=on_report,
-                streaming=True, verify=verify)
+                streaming=True, verify=verify, engine=engine)
 
 
 @dataclass(frozen=True)
@@ -141,13 +147,13 @@ class Checkpoint:
         return self.layout.total_bytes
 
     def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
-                   dtype: DType = None) -> torch.Tensor:
+                   dtype: DType = None, engine: str = "auto") -> torch.Tensor:
         # Reading tensor by tensor, keep torch's pinned blocks cached between calls (one
         # allocation, not one per tensor); ``close()`` gives them back.
         self._pinned = self._pinned or torch.device(device).type == "cuda"
         for _, tensor in run_load(self.layout, keys=[name], device=device, strategy=strategy,
                               dtype=dtype, streaming=False, choices=self._choices,
-                              keep_pinned=True):
+                              keep_pinned=True, engine=engine):
             return tensor
         raise AssertionError("unreachable: a selected tensor is always yielded")
 
@@ -197,9 +203,12 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
          choices: dict[tuple[str, bool], Choice] | None = None, keep_pinned: bool = False,
-         verify: Verify | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+         verify: Verify | None = None, engine: str = "auto"
+         ) -> Iterator[tuple[str, torch.Tensor]]:
     if strategy not in NAMES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     owned = not isinstance(source, Layout)
     layout = resolve(source) if owned else source
     try:
@@ -233,14 +242,23 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         verifier = None
         try:
             verifier = make_verifier(layout, entries, verify)
+            runner, fallback = make_engine(engine, reader)
+            report.engine = runner.name
+            if fallback is not None:
+                report.fallbacks.append(fallback)
             tensors = read_tensors(layout, entries, reader, sink=sink,
                                    budget=ring_budget(budget, unpacking, target),
                                    window=budget if streaming else None, progress=progress,
-                                   verifier=verifier)
-            for entry, tensor in tensors:
-                if report.time_to_first_tensor is None:
-                    report.time_to_first_tensor = time.perf_counter() - started
-                yield entry.name, tensor
+                                   verifier=verifier, engine=runner)
+            try:
+                for entry, tensor in tensors:
+                    if report.time_to_first_tensor is None:
+                        report.time_to_first_tensor = time.perf_counter() - started
+                    yield entry.name, tensor
+                    del tensor  # once the consumer drops it, its memory can take the next
+            finally:
+                tensors.close()  # every read reaped before the engine and the files go
+                runner.close()
             report.seconds = time.perf_counter() - started
         finally:
             reader.close()

@@ -64,7 +64,7 @@ def module_slots(module: torch.nn.Module) -> list[Slot]:
 
 def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
               strategy: str = "auto", device: str | torch.device | None = None,
-              max_host_memory: int | str | None = None) -> LoadIntoResult:
+              max_host_memory: int | str | None = None, engine: str = "auto") -> LoadIntoResult:
     """Copy a checkpoint into ``module``'s parameters and buffers, in place.
 
         with torch.device("meta"):
@@ -83,7 +83,8 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
     load. In a transformers model it is computed after the load as transformers computes it
     (rotary ``inv_freq``, ``position_ids``; see ``weightlift.transformers``), and with
     ``strict=False`` missing weights are initialised by the model's own ``_init_weights``. In
-    other modules it is reported as missing, and created uninitialised when ``strict=False``.
+    other modules it is reported as missing, and created uninitialised when ``strict=False``. ``engine`` as for
+    ``load``.
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
@@ -95,7 +96,7 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
         computed = _computed_buffers(module, slots)
         plan = _match(module, [s for s in slots if id(s) not in computed], layout, target, strict)
         for group, destinations in plan.by_device.items():
-            _read(layout, destinations, parse_device(group), strategy, max_host_memory)
+            _read(layout, destinations, parse_device(group), strategy, max_host_memory, engine)
         plan.unloaded.extend(s for s in slots if id(s) in computed)
         _install(plan, target)
         if computed:
@@ -200,11 +201,12 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 
 def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.device,
-          strategy: str, max_host_memory: int | str | None = None) -> None:
+          strategy: str, max_host_memory: int | str | None = None, engine: str = "auto"
+          ) -> None:
     with torch.no_grad():
         for _ in api.run_load(layout, keys=list(destinations), device=device, strategy=strategy,
                           dtype=None, streaming=False, destinations=destinations,
-                          max_host_memory=max_host_memory):
+                          max_host_memory=max_host_memory, engine=engine):
             pass
 
 

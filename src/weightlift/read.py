@@ -1,27 +1,31 @@
 """Read: move planned byte ranges into tensors, several reads in flight, nothing left half-done.
 
-Two pipelines share one shape — submit reads ahead on a thread pool, take results in file order:
+Two pipelines share one shape — submit reads ahead on an engine (a thread pool or an io_uring,
+``io/engine.py``), take results in file order:
 
-* ``_own``: a CPU load with no conversion. Each ``Block`` gets a fresh buffer the strategy fills
-  directly; tensors are views of it (zero-copy ``view``s for mmap). No intermediate copy.
+* ``_own``: a CPU load with no conversion. Each ``Block`` gets a buffer the strategy fills
+  directly; tensors are views of it (zero-copy ``view``s for mmap). No intermediate copy. In a
+  stream, buffers whose tensors the consumer has dropped are read into again (``io/pool.py``).
 * ``_copy``: destinations already exist or live elsewhere (device, dtype conversion, a module's
   parameters). Chunks pass through a ring of reused slots sized from the host-memory budget, and the
   ``Sink`` copies each piece out; a slot is reused only after its copy is done.
 
 Whatever goes wrong, pending reads are cancelled and running ones finished before the error
-propagates, so no thread writes into memory after the caller has seen the failure.
+propagates, so no thread (or kernel completion) writes into memory after the caller has seen the
+failure.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from .checkpoint import Entry, Layout
 from .io.base import Strategy, aligned_window
+from .io.engine import Engine, Pending, ThreadEngine
+from .io.pool import BufferPool
 from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
 from .verify import Verifier
@@ -56,15 +60,18 @@ def ring_bytes(slot: int, count: int, *, pinned: bool) -> int:
     return count * (pinned_footprint(each) if pinned else each)
 
 
-def ring_shape(budget: int, strategy: Strategy, *, pinned: bool = False) -> tuple[int, int]:
-    """(slot size, slot count) for a copying load: as many reads in flight as the budget allows.
+def ring_shape(budget: int, strategy: Strategy, depth: int | None = None, *, pinned: bool = False
+               ) -> tuple[int, int]:
+    """(slot size, slot count) for a copying load: as many reads in flight as the budget allows
+    (``depth``: the engine's, default the strategy's thread count).
 
     ``pinned``: slots are page-locked through torch's allocator, so each takes a power of two;
     slots are sized so the rounded sizes fit the budget (``ring_bytes(*shape, pinned=True)``).
 
         ring_shape(8 << 20, make_strategy("direct"), pinned=True)  # → (249856, 32): 32 × 256 KiB
     """
-    wanted = min(MAX_SLOTS, 2 * strategy.in_flight)
+    depth = depth or strategy.in_flight
+    wanted = min(max(MAX_SLOTS, depth), 2 * depth)
     if pinned:
         each = _floor_power_of_two(min(strategy.read_size + SLACK, budget // wanted))
         each = max(each, MIN_SLOT)
@@ -89,40 +96,48 @@ def _floor_power_of_two(n: int) -> int:
 
 def read_tensors(layout: Layout, entries: Sequence[Entry], strategy: Strategy, *,
                  budget: int, sink: Sink | None = None, window: int | None = None,
-                 progress: Progress | None = None, verifier: Verifier | None = None
-                 ) -> Iterator[tuple[Entry, torch.Tensor]]:
+                 progress: Progress | None = None, verifier: Verifier | None = None,
+                 engine: Engine | None = None) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Yield ``(entry, tensor)`` in file order. ``sink`` set: copy mode, else own mode with at most
     ``window`` bytes read ahead of the consumer (None: no limit, for loads that keep everything).
     ``verifier``: every block read is handed to it in file order; its digests are checked before
     the last tensor is yielded (``IntegrityError``).
 
-    ``strategy`` must be prepared for ``layout.shards``. Raises on any failure; checks at the end
-    that no file changed while it was read.
+    ``strategy`` must be prepared for ``layout.shards``. ``engine`` (default: a thread pool made
+    and closed here) carries the reads out; a given engine stays the caller's to close. Raises on
+    any failure; checks at the end that no file changed while it was read.
     """
     for index in sorted({entry.shard for entry in entries}):
         layout.shards[index].check_unchanged()  # e.g. an ``open()`` checkpoint edited since
-    pool = ThreadPoolExecutor(max_workers=strategy.in_flight, thread_name_prefix="weightlift-read")
+    runner = engine if engine is not None else ThreadEngine(strategy.in_flight)
     try:
         if sink is None:
-            yield from _own(entries, strategy, pool, window, progress, verifier)
+            yield from _own(entries, strategy, runner, window, progress, verifier)
         else:
-            yield from _copy(entries, strategy, pool, sink, budget, progress, verifier)
+            yield from _copy(entries, strategy, runner, sink, budget, progress, verifier)
         for index in sorted({entry.shard for entry in entries}):
             layout.shards[index].check_unchanged()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if engine is None:
+            runner.close()
 
 
-def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
+def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
          window: int | None, progress: Progress | None, verifier: Verifier | None
          ) -> Iterator[tuple[Entry, torch.Tensor]]:
     read_size = strategy.read_size
+    reuse = None
     if window is not None:
         # Within a small window, smaller reads keep as many in flight as a large one would.
-        read_size = min(read_size, window // (2 * strategy.in_flight)) // ALIGN * ALIGN
+        read_size = min(read_size, window // (2 * engine.depth)) // ALIGN * ALIGN
         read_size = max(MIN_SLOT, read_size)
     blocks = deque(plan_blocks(entries, read_size))
-    pending: deque[tuple[Block, torch.Tensor, list[Future[None]]]] = deque()
+    if window is not None and blocks:
+        # Tensors the consumer drops give their memory back to the next blocks. What is read
+        # ahead may exceed the window by one block (and each block has O_DIRECT slack); the
+        # pool keeps no more than that.
+        reuse = BufferPool(window + 2 * (max(block.nbytes for block in blocks) + 3 * ALIGN))
+    pending: deque[tuple[Block, torch.Tensor, list[Pending]]] = deque()
     ahead = 0       # bytes submitted but not yet handed out
     reads = 0       # reads submitted but not yet collected
     try:
@@ -130,16 +145,17 @@ def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
             # Keep the pool busy, within the window, allocating buffers just in time.
             # The block being waited for may exceed the window alone (one large tensor); the
             # window bounds what is read beyond it, so large tensors do not stall the pipeline.
-            while blocks and (not pending or (reads < 2 * strategy.in_flight and (
+            while blocks and (not pending or (reads < engine.ahead and (
                     window is None or ahead - pending[0][0].nbytes + blocks[0].nbytes <= window))):
                 block = blocks.popleft()
-                buf, futures = _submit_block(block, strategy, pool)
+                buf, futures = _submit_block(block, strategy, engine, reuse)
                 pending.append((block, buf, futures))
                 ahead += block.nbytes
                 reads += len(futures)
-            block, buf, futures = pending.popleft()
+            block, buf, futures = pending[0]  # stays pending (cancelled on failure) until read
             for future in futures:
                 future.result()
+            pending.popleft()
             # Nothing is handed out whose bytes may have been read across a change of the file.
             strategy.shards[block.shard].check_unchanged()
             held = _verify(verifier, block.shard, block.start, buf, window is not None,
@@ -149,16 +165,17 @@ def _own(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor,
             strategy.consumed(block.shard, block.start, block.end)
             if progress is not None:
                 progress(block.nbytes)
-            tensors = [(entry, as_tensor(buf[entry.info.start - block.start:
-                                             entry.info.end - block.start], entry.info))
-                       for entry in block.entries]
-            for entry, tensor in tensors[:-1] if held else tensors:
-                yield entry, tensor
-            if held:
-                verifier.finish()  # type: ignore[union-attr] # nothing of a bad file comes out
-                yield tensors[-1]
+            for index, entry in enumerate(block.entries):
+                if held and index == len(block.entries) - 1:
+                    verifier.finish()  # type: ignore[union-attr] # nothing of a bad file comes out
+                lo, hi = entry.info.start - block.start, entry.info.end - block.start
+                yield entry, as_tensor(buf[lo:hi], entry.info)
+            del buf  # the consumer's tensors alone decide when this memory is reused
     finally:
         _cancel(future for _, _, futures in pending for future in futures)
+        pending.clear()
+        if reuse is not None:
+            reuse.close()
 
 
 def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tensor,
@@ -173,24 +190,24 @@ def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tenso
     return last
 
 
-def _submit_block(block: Block, strategy: Strategy, pool: ThreadPoolExecutor
-                  ) -> tuple[torch.Tensor, list[Future[None]]]:
+def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: BufferPool | None
+                  ) -> tuple[torch.Tensor, list[Pending]]:
     if strategy.zero_copy:
         buf = strategy.view(block.shard, block.start, block.end)
-        return buf, [pool.submit(strategy.populate, block.shard, lo, hi) for lo, hi in block.reads]
-    buf = strategy.alloc(block.nbytes, block.start)
-    futures = [pool.submit(strategy.read, block.shard, lo, buf[lo - block.start:hi - block.start])
+        return buf, [engine.call(strategy.populate, block.shard, lo, hi) for lo, hi in block.reads]
+    buf = strategy.alloc(block.nbytes, block.start, reuse.take if reuse is not None else None)
+    futures = [engine.read(strategy, block.shard, lo, buf[lo - block.start:hi - block.start])
                for lo, hi in block.reads if hi > lo]
     return buf, futures
 
 
-def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor, sink: Sink,
+def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Sink,
           budget: int, progress: Progress | None, verifier: Verifier | None
           ) -> Iterator[tuple[Entry, torch.Tensor]]:
     # Pinned slots let host→device copies run asynchronously while the next reads land, unless
     # the strategy found it cannot read into page-locked memory here.
     pinned = sink.pinned and not strategy.zero_copy and strategy.pin_refused is None
-    slot_size, count = ring_shape(budget, strategy, pinned=pinned)
+    slot_size, count = ring_shape(budget, strategy, engine.depth, pinned=pinned)
     chunks = deque(plan_chunks(entries, slot_size))
     free: list[torch.Tensor] = []
     if not strategy.zero_copy:
@@ -198,7 +215,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                 for _ in range(min(count, len(chunks)))]
     had_slots = bool(free)
     fenced: deque[tuple[torch.Tensor, object | None]] = deque()
-    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Future[None]]] = deque()
+    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Pending]] = deque()
     try:
         while chunks or pending:
             while chunks and len(pending) < count:
@@ -212,7 +229,7 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
                         break
                     slot = free.pop()
                 chunk = chunks.popleft()
-                src, future = _submit_chunk(chunk, slot, strategy, pool)
+                src, future = _submit_chunk(chunk, slot, strategy, engine)
                 pending.append((chunk, slot, src, future))
             chunk, slot, src, future = pending.popleft()
             future.result()
@@ -252,15 +269,15 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, pool: ThreadPoolExecutor
 
 
 def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,
-                  pool: ThreadPoolExecutor) -> tuple[torch.Tensor, Future[None]]:
+                  engine: Engine) -> tuple[torch.Tensor, Pending]:
     if slot is None:
         src = strategy.view(chunk.shard, chunk.start, chunk.end)
-        return src, pool.submit(strategy.populate, chunk.shard, chunk.start, chunk.end)
+        return src, engine.call(strategy.populate, chunk.shard, chunk.start, chunk.end)
     src = aligned_window(slot, chunk.nbytes, chunk.start, ALIGN)
-    return src, pool.submit(strategy.read, chunk.shard, chunk.start, src)
+    return src, engine.read(strategy, chunk.shard, chunk.start, src)
 
 
-def _cancel(futures: Iterator[Future[None]]) -> None:
+def _cancel(futures: Iterator[Pending]) -> None:
     """Cancel what has not started and wait for what has, ignoring their errors (one is raised)."""
     started = [future for future in futures if not future.cancel()]
     for future in started:

@@ -27,6 +27,8 @@ class LoadReport:
     reason: str
     budget: int
     fallbacks: list[str] = field(default_factory=list)
+    #: How reads were submitted: "threads" (a pool of blocking reads) or "uring" (io_uring).
+    engine: str = "threads"
     tensors: int = 0
     bytes: int = 0
     seconds: float = 0.0

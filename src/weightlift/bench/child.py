@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     spec = json.loads(args[0])
     job = Job(source=spec["source"], files=tuple(spec["files"]), scenario=spec["scenario"],
-              device=spec.get("device", "cpu"), budget=spec.get("budget"))
+              device=spec.get("device", "cpu"), budget=spec.get("budget"),
+              engine=spec.get("engine", "auto"))
     try:
         result = measure(job, spec["loader"], largest=spec.get("largest", 0),
                          verify=spec.get("verify", False), sample=spec.get("sample", True))

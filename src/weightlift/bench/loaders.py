@@ -37,6 +37,7 @@ class Job:
     scenario: str                  # "to_cpu", "device" or "model" (a whole transformers model)
     device: str                    # where tensors end up: "cpu", or "cuda" in the device scenario
     budget: int | None = None      # weightlift's max_host_memory (None: its default)
+    engine: str = "auto"           # weightlift's read engine: auto, uring or threads
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def _weightlift(strategy: str, sha256: bool = False) -> Callable[[Job], Tensors]
         import weightlift
 
         # No on_report: its memory sampling would be a cost peers don't pay (see _choice).
-        options: dict[str, object] = dict(strategy=strategy, max_host_memory=job.budget)
+        options: dict[str, object] = dict(strategy=strategy, max_host_memory=job.budget,
+                                          engine=job.engine)
         if sha256:
             # The HF cache's blob names, else digests `weightlift bench --sha256` computed before
             # timing (called on its own, the loader computes them first).
@@ -309,11 +311,58 @@ def raw_read(files: tuple[str, ...], *, direct: bool = True, block: int = RAW_BL
             os.close(fd)
 
 
+RAW_URING_BLOCK = 4 << 20
+RAW_URING_DEPTH = 64
+
+
+def raw_uring_read(files: tuple[str, ...], *, block: int = RAW_URING_BLOCK,
+                   depth: int = RAW_URING_DEPTH) -> int:
+    """Read ``files`` with O_DIRECT through one io_uring, ``depth`` reads of ``block`` bytes in
+    flight (what fio's best engine and runai-model-streamer do), and discard the data."""
+    import mmap
+
+    from ..io.uring import Read, UringEngine
+
+    ring = UringEngine(depth)
+    memory = mmap.mmap(-1, block * depth)  # page aligned, as O_DIRECT needs
+    address = torch.frombuffer(memory, dtype=torch.uint8).data_ptr()
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECT) for path in files]
+    total = 0
+    try:
+        requests = [(fd, path, offset, min(block, os.fstat(fd).st_size - offset))
+                    for fd, path in zip(fds, files)
+                    for offset in range(0, os.fstat(fd).st_size, block)]
+        slots: list = [None] * depth
+        for index, (fd, path, offset, size) in enumerate(requests):
+            slot = index % depth
+            if slots[slot] is not None:
+                slots[slot].result()  # this slot's previous read is done: reuse its memory
+            length = -(-size // 4096) * 4096
+            slots[slot] = ring.submit(Read(fd, address + slot * block, offset, length, size,
+                                           4096, path, direct=True))
+            total += size
+        for ticket in slots:
+            if ticket is not None:
+                ticket.result()
+    finally:
+        ring.close()
+        for fd in fds:
+            os.close(fd)
+    return total
+
+
 def _direct_refused() -> str | None:
     return None if hasattr(os, "O_DIRECT") else "this platform has no O_DIRECT"
 
 
+def _uring_refused() -> str | None:
+    from ..io.uring import probe
+
+    return _direct_refused() or probe()
+
+
 RAW = "raw O_DIRECT read"
+RAW_URING = "raw io_uring O_DIRECT read (depth 64)"
 RAW_BUFFERED = "raw buffered read"
 
 #: weightlift's strategies, in the order tables list them.
@@ -349,6 +398,8 @@ LOADERS: dict[str, Loader] = {
                             check=_dequant_missing, formats=("gguf",), verifiable=False),
     RAW: Loader(RAW, "reference", lambda job: iter(()), check=_direct_refused,
                 raw=lambda files: raw_read(files, direct=True), formats=BOTH),
+    RAW_URING: Loader(RAW_URING, "reference", lambda job: iter(()), check=_uring_refused,
+                      raw=lambda files: raw_uring_read(files), formats=BOTH),
     RAW_BUFFERED: Loader(RAW_BUFFERED, "reference", lambda job: iter(()),
                          raw=lambda files: raw_read(files, direct=False), formats=BOTH),
 }

@@ -145,6 +145,7 @@ class Settings:
 
     source: str
     budget: int | None = None          # weightlift's max_host_memory
+    engine: str = "auto"               # weightlift's read engine
     memory_limit: int | None = None    # cgroup limit each child runs under
     device: str = "cpu"                # the device scenario's target
     use_cgroup: bool = True            # measure in a fresh cgroup when the machine allows it
@@ -175,6 +176,7 @@ def run_one(run: Run, settings: Settings, *, verify: bool = False,
         in_group = cgroup_usable(settings)
     job = {"loader": run.loader, "scenario": run.scenario, "source": settings.source,
            "files": settings.files, "budget": settings.budget, "verify": verify,
+           "engine": settings.engine,
            "largest": settings.largest, "sample": not in_group,
            "device": settings.device if run.scenario == "device" else "cpu"}
     argv = [sys.executable, "-m", "weightlift.bench.child", json.dumps(job)]

@@ -21,6 +21,7 @@ from ..bench.synthetic_gguf import planned_bytes as gguf_planned_bytes
 from ..bench.synthetic_gguf import synthetic_gguf
 from ..checkpoint import resolve
 from ..remote import is_remote
+from ..io.engine import ENGINES
 from ..units import format_bytes, parse_size
 from .progress import byte_progress, stderr
 
@@ -80,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="skip the bit-exact check of each loader against safetensors")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
                         help="weightlift's host-memory budget (default: its own default)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="weightlift's read engine (default auto: io_uring where it helps)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run as JSON")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the markdown table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if is_remote(source):
         loaders, caches, verify = remote_runs(loaders)
     settings = Settings(source, budget=args.max_host_memory, memory_limit=args.memory_limit,
-                        device=device_target())
+                        device=device_target(), engine=args.engine)
     session = measure(settings, loaders, scenarios=args.scenario, caches=caches,
                       reps=args.reps, verify=verify)
     rows = report.summarize_runs(session.runs)

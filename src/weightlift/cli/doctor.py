@@ -3,7 +3,7 @@
 Everything a slow or killed load usually comes down to, in one place: memory (available, swap,
 cgroup limit), the memlock limit that caps pinned memory, accelerators, and for SOURCE its file
 system, whether O_DIRECT works there, how much of it is already in the page cache, and the
-strategy ``auto`` would pick with its reason. ``collect`` gathers, ``render`` prints.
+strategy ``auto`` would pick with its reason, and whether io_uring works here (and why not). ``collect`` gathers, ``render`` prints.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .. import probes
 from ..checkpoint import resolve
+from ..io import uring
 from ..io.auto import choose, gather
 from ..units import format_bytes
 
@@ -66,6 +67,8 @@ def system() -> dict[str, Any]:
         # RLIM_INFINITY (-1) → None: no limit on pinned (page-locked) memory.
         "memlock_soft": None if soft == resource.RLIM_INFINITY else soft,
         "memlock_hard": None if hard == resource.RLIM_INFINITY else hard,
+        # None when an io_uring can be set up here, else why not (loads then use threads).
+        "io_uring_refused": uring.probe(),
     }
 
 
@@ -139,6 +142,10 @@ def render(report: dict[str, Any]) -> None:
         note = "[yellow]pinned host buffers may fail above this; raise `ulimit -l`[/]"
     table.add_row("memlock (ulimit -l)", "unlimited" if memlock is None else
                   format_bytes(memlock), note)
+    refused = sys_["io_uring_refused"]
+    table.add_row("io_uring", "works" if refused is None else "unavailable",
+                  "--engine uring reads 64 at a time through one ring" if refused is None
+                  else f"[yellow]{refused}; loads use the thread engine[/]")
     devices = ", ".join(acc["devices"]) or "none"
     kind = "ROCm " + acc["rocm_version"] if acc["rocm_version"] else (
         "CUDA " + acc["cuda_version"] if acc["cuda_version"] else "CPU-only torch")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..api import load
 from ..io import NAMES
+from ..io.engine import ENGINES
 from ..report import LoadReport
 from ..units import format_bytes, parse_size
 from .progress import byte_progress
@@ -23,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "URL (s3://, gs://, az://, https://)")
     parser.add_argument("--device", default="cpu", help="target device (default: cpu)")
     parser.add_argument("--strategy", choices=NAMES, default="auto")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="how reads are issued: io_uring, a thread pool, or auto (default)")
     parser.add_argument("--dtype", help="convert floating tensors, e.g. float16 or bf16")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
                         help="host-memory budget, e.g. 512MB (default: min(512MB, available/8))")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     with byte_progress("loading", total, quiet=args.quiet or args.json) as progress:
         state = load(source, device=args.device, strategy=args.strategy, dtype=args.dtype,
                      max_host_memory=args.max_host_memory, on_progress=progress,
-                     on_report=reports.append,
+                     on_report=reports.append, engine=args.engine,
                      verify=(args.sums or True) if args.verify else None)
     del state
     report = reports[0]
@@ -64,6 +67,7 @@ def print_report(report: LoadReport, *, verbose: bool = False) -> None:
     table = Table(show_header=False, title=f"loaded {Path(report.source).name}")
     rows = [
         ("strategy", report.strategy),
+        ("engine", report.engine),
         ("tensors", str(report.tensors)),
         ("bytes", format_bytes(report.bytes)),
         ("seconds", f"{report.seconds:.3f}"),

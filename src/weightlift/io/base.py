@@ -11,15 +11,18 @@ import ctypes
 import mmap
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
 from ..checkpoint import Shard
 from ..errors import ReadError
+from .uring import Read
 
 PAGE = mmap.PAGESIZE
+#: Provides ``n`` bytes of host memory as a uint8 tensor.
+Allocator = Callable[[int], torch.Tensor]
 
 
 class Unavailable(Exception):
@@ -50,13 +53,27 @@ class Strategy(ABC):
         """Set up per-file state; raise ``Unavailable`` if this strategy cannot read these files."""
         self.shards = shards
 
-    def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
-        """A uint8 host buffer of ``nbytes`` that ``read`` can fill with ``[file_offset, +nbytes)``."""
-        return host_buffer(nbytes)
+    def alloc(self, nbytes: int, file_offset: int, raw: Allocator | None = None
+              ) -> torch.Tensor:
+        """A uint8 host buffer of ``nbytes`` that ``read`` can fill with ``[file_offset, +nbytes)``;
+        ``raw(n)`` (default ``host_buffer``) provides the memory, e.g. from a pool of reused ones."""
+        return (raw or host_buffer)(nbytes)
 
     @abstractmethod
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         """Fill ``dest`` (uint8, from ``alloc`` or a ring slot) with bytes from ``start`` on."""
+
+    def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
+        """``read(shard, start, dest)`` as a description an engine (io_uring) carries out; only
+        strategies that read with plain positional reads implement it."""
+        raise NotImplementedError(f"{self.name} cannot describe its reads")
+
+    def undescribable(self) -> str | None:
+        """Why this prepared strategy's reads cannot go to an engine as descriptions now (None:
+        they can). By default: unless the strategy implements ``describe``."""
+        if type(self).describe is Strategy.describe:
+            return "it does not read with positional reads"
+        return None
 
     def view(self, shard: int, start: int, end: int) -> torch.Tensor:
         """A zero-copy uint8 view of ``[start, end)`` (only for ``zero_copy`` strategies)."""
@@ -120,6 +137,11 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
     """
     if pin or nbytes < OWN_MAPPING:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return torch.frombuffer(anonymous_mapping(nbytes), dtype=torch.uint8)
+
+
+def anonymous_mapping(nbytes: int) -> mmap.mmap:
+    """Fresh zero-filled memory of our own (each page is faulted in and zeroed on first touch)."""
     mapping = mmap.mmap(-1, nbytes)
     if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
         # Reads fault every page of a fresh buffer in; 2 MiB pages make that 512× fewer faults.
@@ -127,16 +149,17 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
             mapping.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
             pass
-    return torch.frombuffer(mapping, dtype=torch.uint8)
+    return mapping
 
 
-def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False
-                   ) -> torch.Tensor:
+def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False,
+                   raw: Allocator | None = None) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` whose address ≡ ``file_offset`` (mod ``align``), with at least
     ``align`` bytes of owned slack on each side, so aligned reads around it stay inside memory we
-    own."""
-    raw = host_buffer(nbytes + 3 * align, pin=pin)
-    return aligned_window(raw, nbytes, file_offset, align)
+    own. ``raw(n)`` provides the memory (default: a fresh ``host_buffer``)."""
+    memory = raw(nbytes + 3 * align) if raw is not None else host_buffer(nbytes + 3 * align,
+                                                                          pin=pin)
+    return aligned_window(memory, nbytes, file_offset, align)
 
 
 def aligned_window(raw: torch.Tensor, nbytes: int, file_offset: int, align: int) -> torch.Tensor:

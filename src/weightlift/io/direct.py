@@ -19,8 +19,9 @@ import torch
 from ..checkpoint import Shard
 from ..errors import ReadError
 from . import base
-from .base import Strategy, Unavailable, aligned_buffer, host_view, raw_memory
+from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
 from .residency import CachedRanges
+from .uring import Read
 
 ALIGN = 4096
 
@@ -86,8 +87,9 @@ class DirectStrategy(Strategy):
                                 f"({exc.strerror or exc}); reading into pageable slots instead, "
                                 "so host-to-device copies do not overlap the reads")
 
-    def alloc(self, nbytes: int, file_offset: int) -> torch.Tensor:
-        return aligned_buffer(nbytes, file_offset, ALIGN)
+    def alloc(self, nbytes: int, file_offset: int, raw: Allocator | None = None
+              ) -> torch.Tensor:
+        return aligned_buffer(nbytes, file_offset, ALIGN, raw=raw)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()
@@ -129,6 +131,24 @@ class DirectStrategy(Strategy):
                 raise ReadError(f"file ended at offset {lo + done + n} while reading up to {end}; "
                                 "it was truncated during the load", path=path)
             done = done + n if done + n >= need else kept
+
+    def undescribable(self) -> str | None:
+        if self.cache is not None:
+            return ("part of the checkpoint is in the page cache, and cached ranges are copied "
+                    "out of it by buffered reads")
+        return None
+
+    def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
+        end = start + dest.numel()
+        fd, path = self.fds[shard], self.shards[shard].path
+        if end == start:
+            return Read(fd, 0, start, 0, need=0, block=ALIGN, path=path, direct=True)
+        lo = start - start % ALIGN
+        hi = -(-end // ALIGN) * ALIGN
+        if (dest.data_ptr() - start) % ALIGN:
+            raise AssertionError("direct reads need buffers from alloc() or an aligned slot")
+        return Read(fd, dest.data_ptr() - (start - lo), lo, hi - lo, need=end - lo, block=ALIGN,
+                    path=path, direct=True)
 
     def close(self) -> None:
         for fd in self.fds:

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import Shard
 from .base import PAGE, Strategy, host_view, pread_into
 from .residency import cached_pages
+from .uring import Read
 
 
 class StreamStrategy(Strategy):
@@ -45,6 +46,12 @@ class StreamStrategy(Strategy):
         if self.evict:
             # Read bytes are in their destination now; pages wholly inside the range can go.
             self._drop(shard, start, start + dest.numel(), inward=True)
+
+    def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
+        s, end = self.shards[shard], start + dest.numel()
+        then = (lambda: self._drop(shard, start, end, inward=True)) if self.evict else None
+        return Read(s.fd, dest.data_ptr(), start, end - start, need=end - start, block=1,
+                    path=s.path, direct=False, then=then)
 
     def consumed(self, shard: int, start: int, end: int) -> None:
         if self.evict:

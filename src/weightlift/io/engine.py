@@ -1,0 +1,117 @@
+"""Engines: how a strategy's reads are submitted and reaped. Strategies decide which bytes go where.
+
+* ``threads``: a pool of worker threads, each running the strategy's blocking ``read`` (preadv).
+* ``uring``: the strategy describes each read (``Strategy.describe``) and one io_uring keeps up to
+  64 of them in flight from the loading thread (``io/uring.py``).
+
+``auto`` takes io_uring for the strategies in ``AUTO_URING`` where the kernel allows a ring, and
+the thread pool otherwise; ``make_engine`` says which it took and, when it fell back, why.
+
+    engine, fallback = make_engine("auto", strategy)
+    pending = engine.read(strategy, shard=0, start=4096, dest=buffer)
+    pending.result()
+    engine.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from .base import Strategy
+from .uring import DEPTH, EngineUnavailable, UringEngine
+
+#: What ``engine=`` accepts.
+ENGINES = ("auto", "uring", "threads")
+#: Strategies ``auto`` gives the io_uring engine: those where it measured faster than threads.
+#: None yet: on this project's 2-core VM, shared with other jobs, cold device-bound ``direct``
+#: streams measured 0.76-1.18 GB/s median through io_uring against 1.00-1.08 through threads
+#: (buffered ``stream`` 0.36-0.46 against 0.65-0.87; docs/benchmarks.md). Add "direct" here
+#: once an idle-machine run shows io_uring ahead.
+AUTO_URING: frozenset[str] = frozenset()
+
+
+class Pending(Protocol):
+    """A submitted read: ``concurrent.futures.Future`` or an io_uring ``Ticket``."""
+
+    def result(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+
+class Engine(Protocol):
+    name: str
+    #: Reads the engine keeps in flight at once.
+    depth: int
+    #: Reads a pipeline submits ahead of the one it waits for (a thread pool wants a queue of
+    #: its own behind its workers; a ring keeps its whole depth in the kernel).
+    ahead: int
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        """Fill ``dest`` with ``shard``'s bytes from ``start`` on (as ``Strategy.read`` does)."""
+        ...
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        """Run another blocking step (e.g. mmap's ``populate``) alongside the reads."""
+        ...
+
+    def close(self) -> None:
+        """Wait for (or withdraw) everything submitted; nothing runs after this returns."""
+        ...
+
+
+class ThreadEngine:
+    """One blocking read per worker thread, ``depth`` threads."""
+
+    name = "threads"
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.ahead = 2 * depth
+        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        return self.pool.submit(strategy.read, shard, start, dest)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RingEngine(UringEngine):
+    """``UringEngine`` behind the ``Engine`` interface: strategies describe, the ring reads."""
+
+    @property
+    def ahead(self) -> int:
+        return self.depth
+
+    def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
+        return self.submit(strategy.describe(shard, start, dest))
+
+    def call(self, fn: Callable[..., None], *args: Any) -> Pending:
+        raise NotImplementedError("the io_uring engine only reads; use threads for populate")
+
+
+def make_engine(name: str, strategy: Strategy, depth: int = DEPTH) -> tuple[Engine, str | None]:
+    """The engine for a prepared ``strategy`` and, if io_uring was wanted and threads were taken
+    instead, why (for ``LoadReport.fallbacks``). ``name`` is one of ``ENGINES``."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if name == "threads" or (name == "auto" and strategy.name not in AUTO_URING):
+        return ThreadEngine(strategy.in_flight), None
+    why = strategy.undescribable()
+    if why is not None:
+        # mmap faults pages in rather than reading; a partly cached direct load copies cached
+        # ranges with buffered reads: there is nothing (or not only reads) for a ring to submit.
+        return ThreadEngine(strategy.in_flight), (
+            f"io_uring does not apply to {strategy.name} ({why}); using the thread engine")
+    try:
+        return RingEngine(depth), None
+    except EngineUnavailable as exc:
+        return ThreadEngine(strategy.in_flight), (
+            f"io_uring is unavailable ({exc}); falling back to the thread engine")

@@ -1,0 +1,369 @@
+"""The io_uring engine: many reads in flight through one ring, submitted and reaped in batches.
+
+Pure Python over the raw system calls (ctypes; the rings are mapped with ``mmap``), so nothing is
+compiled at install time. Single-threaded by design: reads are submitted by ``read()`` and reaped
+by whoever waits (``Ticket.result()``), so the ring's head and tail are touched only right before
+and after ``io_uring_enter``, whose system-call boundary orders memory on every architecture.
+
+    ring = UringEngine(depth=64)
+    ticket = ring.submit(Read(fd, address, offset=0, length=1 << 20, need=1 << 20, block=1,
+                              path="model.safetensors", direct=False))
+    ticket.result()     # raises ReadError on failure
+    ring.close()        # reaps every read still in flight before the ring goes away
+
+Every kernel answer passes through two module functions, the seams fault-injection tests stand in
+for: ``enter`` (the ``io_uring_enter`` system call: EINTR, EAGAIN) and ``completed`` (each
+completion's result: EIO, short reads, early end of file).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ReadError
+
+#: System call numbers (the same on x86-64 and arm64, the generic table).
+SYSCALLS = {"x86_64": (425, 426, 427), "aarch64": (425, 426, 427), "arm64": (425, 426, 427)}
+
+IORING_OFF_SQ_RING = 0
+IORING_OFF_CQ_RING = 0x8000000
+IORING_OFF_SQES = 0x10000000
+IORING_ENTER_GETEVENTS = 1
+IORING_OP_READ = 22
+#: Largest single read request; longer reads are submitted in pieces (the kernel caps at ~2 GiB).
+MAX_REQUEST = 1 << 30
+#: What ``depth`` means when nobody says: the queue depth the fastest peers use.
+DEPTH = 64
+
+_SQE = struct.Struct("<BBHiQQIIQHHiQQ")   # struct io_uring_sqe, 64 bytes
+_CQE = struct.Struct("<QiI")              # struct io_uring_cqe, 16 bytes
+_U32 = struct.Struct("<I")
+
+
+class _SqOffsets(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in
+                ("head", "tail", "ring_mask", "ring_entries", "flags", "dropped", "array",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]
+
+
+class _CqOffsets(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in
+                ("head", "tail", "ring_mask", "ring_entries", "overflow", "cqes", "flags",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]
+
+
+class _Params(ctypes.Structure):
+    """struct io_uring_params (120 bytes)."""
+
+    _fields_ = [(name, ctypes.c_uint32) for name in
+                ("sq_entries", "cq_entries", "flags", "sq_thread_cpu", "sq_thread_idle",
+                 "features", "wq_fd")] + [("resv", ctypes.c_uint32 * 3),
+                                          ("sq_off", _SqOffsets), ("cq_off", _CqOffsets)]
+
+
+assert ctypes.sizeof(_Params) == 120 and _SQE.size == 64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _numbers() -> tuple[int, int, int]:
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        raise OSError(errno.ENOSYS, f"io_uring system call numbers unknown on {machine}")
+    return SYSCALLS[machine]
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def setup(entries: int, params: _Params) -> int:
+    """``io_uring_setup``: a new ring's descriptor. Raises OSError (ENOSYS, EPERM, ...)."""
+    number = _numbers()[0]
+    return _check(_syscall(ctypes.c_long(number), ctypes.c_long(entries), ctypes.byref(params)))
+
+
+def enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+    """``io_uring_enter``: submit ``to_submit`` queued reads, wait for ``min_complete``."""
+    number = _numbers()[1]
+    return _check(_syscall(ctypes.c_long(number), ctypes.c_long(fd), ctypes.c_long(to_submit),
+                           ctypes.c_long(min_complete), ctypes.c_long(flags),
+                           ctypes.c_void_p(None), ctypes.c_long(0)))
+
+
+def completed(fd: int, offset: int, length: int, result: int) -> int:
+    """One completion's result (bytes read or -errno) for a read of ``length`` at ``offset``."""
+    return result
+
+
+def disabled_reason() -> str | None:
+    """Why the kernel setting ``kernel.io_uring_disabled`` forbids rings here, if it does."""
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    if value == "2":
+        return "kernel.io_uring_disabled=2 (io_uring is off for everyone)"
+    if value == "1":
+        return "kernel.io_uring_disabled=1 (only members of kernel.io_uring_group may use it)"
+    return None
+
+
+def probe() -> str | None:
+    """None when a ring can be set up here, else why not (what ``doctor`` prints)."""
+    try:
+        UringEngine(depth=2).close()
+    except EngineUnavailable as exc:
+        return str(exc)
+    return None
+
+
+class EngineUnavailable(Exception):
+    """io_uring cannot be used here; carries the reason (the load falls back to threads)."""
+
+
+@dataclass(eq=False)
+class Read:
+    """One read a strategy asks for: ``length`` bytes of ``fd`` from ``offset`` to ``address``.
+
+    ``need`` bytes must arrive (an O_DIRECT extent may run past the end of the file); a short
+    completion is resubmitted from the last multiple of ``block`` (4096 for O_DIRECT, whose reads
+    must start on a block boundary; 1 for buffered reads). ``then`` runs once all bytes arrived.
+    """
+
+    fd: int
+    address: int
+    offset: int
+    length: int
+    need: int
+    block: int
+    path: str
+    direct: bool
+    then: Callable[[], None] | None = None
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted ``Read``: ``result()`` waits for it (driving the ring), ``cancel()`` withdraws
+    it if the kernel has not got it yet. The same two calls as ``concurrent.futures.Future``."""
+
+    engine: UringEngine
+    read: Read
+    done: int = 0               # bytes arrived so far
+    finished: bool = False
+    cancelled: bool = False
+    error: BaseException | None = None
+    in_kernel: bool = field(default=False, repr=False)
+
+    def result(self) -> None:
+        self.engine.wait(self)
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> bool:
+        return self.engine.withdraw(self)
+
+
+class UringEngine:
+    """Reads through one io_uring of ``depth`` entries; at most ``depth`` in the kernel at once,
+    the rest queued here in submission order."""
+
+    name = "uring"
+
+    def __init__(self, depth: int = DEPTH) -> None:
+        self.depth = depth
+        params = _Params()
+        try:
+            self.fd = setup(depth, params)
+        except OSError as exc:
+            why = disabled_reason() if exc.errno in (errno.EPERM, errno.ENOSYS) else None
+            raise EngineUnavailable(f"io_uring_setup failed: {exc.strerror or exc}"
+                                    + (f"; {why}" if why else "")) from None
+        self._maps: list[mmap.mmap] = []
+        try:
+            sq, cq = params.sq_off, params.cq_off
+            self._sq = self._map(sq.array + params.sq_entries * 4, IORING_OFF_SQ_RING)
+            self._cq = self._map(cq.cqes + params.cq_entries * _CQE.size, IORING_OFF_CQ_RING)
+            self._sqes = self._map(params.sq_entries * _SQE.size, IORING_OFF_SQES)
+        except BaseException:
+            self._release()
+            raise
+        self._sq_head, self._sq_tail = sq.head, sq.tail
+        self._sq_mask = _U32.unpack_from(self._sq, sq.ring_mask)[0]
+        self._cq_head, self._cq_tail = cq.head, cq.tail
+        self._cq_mask = _U32.unpack_from(self._cq, cq.ring_mask)[0]
+        self._cqes = cq.cqes
+        self._capacity = min(params.sq_entries, params.cq_entries)
+        for index in range(params.sq_entries):  # SQE slot i is always ring position i
+            _U32.pack_into(self._sq, sq.array + 4 * index, index)
+        self._tail = _U32.unpack_from(self._sq, self._sq_tail)[0]
+        self._queued: deque[Ticket] = deque()
+        self._flying: dict[int, Ticket] = {}
+        self._next_id = 1
+
+    def _map(self, size: int, offset: int) -> mmap.mmap:
+        try:
+            mapping = mmap.mmap(self.fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        except OSError as exc:
+            raise EngineUnavailable(f"mapping the io_uring rings failed: {exc.strerror}") from None
+        self._maps.append(mapping)
+        return mapping
+
+    # -- submission ----------------------------------------------------------------------------
+
+    def submit(self, read: Read) -> Ticket:
+        """Queue ``read``; it reaches the kernel with the next batch, when a ticket is waited for
+        (one ``io_uring_enter`` submits everything queued and reaps what completed)."""
+        ticket = Ticket(self, read)
+        if read.need <= 0:
+            ticket.finished = True
+            return ticket
+        self._queued.append(ticket)
+        return ticket
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        if ticket.finished or ticket.in_kernel:
+            return False
+        self._queued.remove(ticket)
+        ticket.cancelled = ticket.finished = True
+        return True
+
+    def flush(self) -> None:
+        """Hand what is queued to the kernel now (as much as the ring takes), without waiting."""
+        if self._queued and len(self._flying) < self._capacity:
+            self._pump(wait=False)
+
+    def wait(self, ticket: Ticket) -> None:
+        self.flush()  # submit the batch even when this ticket is already done
+        while not ticket.finished:
+            self._pump(wait=True)
+
+    def _push(self, ticket: Ticket) -> None:
+        read = ticket.read
+        length = min(read.length - ticket.done, MAX_REQUEST)
+        user = self._next_id
+        self._next_id += 1
+        slot = self._tail & self._sq_mask
+        _SQE.pack_into(self._sqes, slot * _SQE.size, IORING_OP_READ, 0, 0, read.fd,
+                       read.offset + ticket.done, read.address + ticket.done, length, 0, user,
+                       0, 0, 0, 0, 0)
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self._flying[user] = ticket
+        ticket.in_kernel = True
+
+    def _pump(self, wait: bool) -> None:
+        """Hand queued reads to the kernel (as many as fit), optionally wait for one completion,
+        then reap everything that completed."""
+        while self._queued and len(self._flying) < self._capacity:
+            self._push(self._queued.popleft())
+        _U32.pack_into(self._sq, self._sq_tail, self._tail)
+        unsubmitted = (self._tail - _U32.unpack_from(self._sq, self._sq_head)[0]) & 0xFFFFFFFF
+        wait = wait and bool(self._flying)
+        if unsubmitted or wait:
+            try:
+                enter(self.fd, unsubmitted, 1 if wait else 0,
+                      IORING_ENTER_GETEVENTS if wait else 0)
+            except InterruptedError:
+                pass  # a signal: whatever completed is reaped below, the caller asks again
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBUSY):
+                    raise ReadError(f"io_uring_enter failed: {exc.strerror or exc}",
+                                    path=None) from exc
+                # The kernel is short of resources: reap to make room, the caller asks again.
+        self._reap()
+
+    # -- completion ----------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        head = _U32.unpack_from(self._cq, self._cq_head)[0]
+        tail = _U32.unpack_from(self._cq, self._cq_tail)[0]
+        while head != tail:
+            user, result, _ = _CQE.unpack_from(self._cq, self._cqes
+                                               + (head & self._cq_mask) * _CQE.size)
+            head = (head + 1) & 0xFFFFFFFF
+            ticket = self._flying.pop(user)
+            ticket.in_kernel = False
+            self._complete(ticket, result)
+        _U32.pack_into(self._cq, self._cq_head, head)
+
+    def _complete(self, ticket: Ticket, result: int) -> None:
+        read = ticket.read
+        offset = read.offset + ticket.done
+        length = min(read.length - ticket.done, MAX_REQUEST)
+        result = completed(read.fd, offset, length, result)
+        kind = "O_DIRECT read" if read.direct else "read"
+        if result in (-errno.EINTR, -errno.EAGAIN):
+            self._queued.appendleft(ticket)  # nothing was read: ask again
+            return
+        if result < 0:
+            return self._fail(ticket, ReadError(
+                f"{kind} of {length} bytes at offset {offset} failed: {os.strerror(-result)}",
+                path=read.path))
+        reached = ticket.done + result
+        if reached >= read.need:
+            ticket.done = reached
+            ticket.finished = True
+            if read.then is not None:
+                read.then()
+            return
+        # The next piece must start on a block boundary again: keep whole blocks only. Nothing
+        # more than a partial block past an aligned offset means the file ended there.
+        kept = reached // read.block * read.block
+        if kept <= ticket.done:
+            return self._fail(ticket, ReadError(
+                f"file ended at offset {read.offset + reached} while reading up to "
+                f"{read.offset + read.need}; it was truncated during the load", path=read.path))
+        ticket.done = kept
+        self._queued.appendleft(ticket)
+
+    @staticmethod
+    def _fail(ticket: Ticket, error: ReadError) -> None:
+        ticket.error = error
+        ticket.finished = True
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Withdraw queued reads and reap every read in the kernel, then unmap and close the
+        ring. Nothing lands in memory after this returns, even if interrupted meanwhile."""
+        for ticket in list(self._queued):
+            self.withdraw(ticket)
+        interrupted: BaseException | None = None
+        while self._flying:
+            try:
+                self._pump(wait=True)
+            except ReadError:
+                break  # the ring itself failed; its fd closes below, which cancels what is left
+            except BaseException as exc:  # e.g. KeyboardInterrupt: finish reaping first
+                interrupted = interrupted or exc
+        self._release()
+        if interrupted is not None:
+            raise interrupted
+
+    def _release(self) -> None:
+        for mapping in self._maps:
+            mapping.close()
+        self._maps = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def in_flight(self) -> int:
+        """Reads the kernel holds right now."""
+        return len(self._flying)
