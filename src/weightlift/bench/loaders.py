@@ -79,13 +79,15 @@ def _drain(state: dict[str, torch.Tensor]) -> Tensors:
 # weightlift
 
 
-def _weightlift(strategy: str, sha256: bool = False) -> Callable[[Job], Tensors]:
+def _weightlift(strategy: str, sha256: bool = False, engine: str | None = None
+                ) -> Callable[[Job], Tensors]:
+    """``engine`` forces a read engine (rows that compare engines); else the bench's own."""
     def run(job: Job) -> Tensors:
         import weightlift
 
         # No on_report: its memory sampling would be a cost peers don't pay (see _choice).
         options: dict[str, object] = dict(strategy=strategy, max_host_memory=job.budget,
-                                          engine=job.engine)
+                                          engine=engine or job.engine)
         if sha256:
             # The HF cache's blob names, else digests `weightlift bench --sha256` computed before
             # timing (called on its own, the loader computes them first).
@@ -372,11 +374,17 @@ TRANSFORMERS_GGUF = "transformers load_gguf_checkpoint (fp32)"
 WEIGHTLIFT_BF16 = "weightlift auto → bf16"
 #: ``weightlift auto`` with ``verify=``: the cost of checking every file's SHA-256 (``--sha256``).
 VERIFIED = "weightlift auto +sha256"
+#: ``weightlift <strategy>`` on the io_uring engine, next to the same rows on the bench's engine
+#: (``--compare-engines``).
+URING_ROWS = {f"weightlift {s} +io_uring": s for s in ("direct", "stream")}
 
 LOADERS: dict[str, Loader] = {
     **{f"weightlift {s}": Loader(f"weightlift {s}", "weightlift", _weightlift(s),
                                  choice=_choice(s), formats=BOTH)
        for s in WEIGHTLIFT_STRATEGIES},
+    **{name: Loader(name, "weightlift", _weightlift(s, engine="uring"), check=_uring_refused,
+                    choice=_choice(s), formats=BOTH)
+       for name, s in URING_ROWS.items()},
     VERIFIED: Loader(VERIFIED, "weightlift", _weightlift("auto", sha256=True),
                      choice=_choice("auto")),
     "safetensors load_file": Loader("safetensors load_file", "peer",

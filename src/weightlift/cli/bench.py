@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
-from ..bench.loaders import (TRANSFORMERS_GGUF, VERIFIED, WEIGHTLIFT_BF16, WEIGHTLIFT_STRATEGIES,
+from ..bench.loaders import (TRANSFORMERS_GGUF, URING_ROWS, VERIFIED, WEIGHTLIFT_BF16, WEIGHTLIFT_STRATEGIES,
                              model_loaders, peer_loaders, reference_loaders, write_digests)
 from ..bench.models import SCENARIO as MODEL, needs_config
 from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Settings, benchmark
@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategies", type=_choices(WEIGHTLIFT_STRATEGIES),
                         default=list(WEIGHTLIFT_STRATEGIES),
                         help="weightlift strategies to measure (default all)")
+    parser.add_argument("--compare-engines", action="store_true",
+                        help="also measure direct and stream on the io_uring engine, next to the "
+                             "rows on --engine's (default auto: threads where io_uring is not "
+                             "known to be faster)")
     parser.add_argument("--sha256", action="store_true",
                         help="also measure auto with verify= (every file's SHA-256 checked as it "
                              "is read; digests from the HF cache, else computed before the runs)")
@@ -134,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     loaders = [f"weightlift {s}" for s in args.strategies]
     if fmt == "gguf":
         loaders.append(WEIGHTLIFT_BF16)
+    if args.compare_engines:
+        loaders += list(URING_ROWS)
     if args.sha256:
         loaders.append(VERIFIED)
         _prepare_digests(source)
