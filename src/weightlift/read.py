@@ -133,20 +133,22 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
         read_size = max(MIN_SLOT, read_size)
     blocks = deque(plan_blocks(entries, read_size))
     if window is not None and blocks:
-        # Tensors the consumer drops give their memory back to the next blocks. What is read
-        # ahead may exceed the window by one block (and each block has O_DIRECT slack); the
-        # pool keeps no more than that.
-        reuse = BufferPool(window + 2 * (max(block.nbytes for block in blocks) + 3 * ALIGN))
+        # Tensors the consumer drops give their memory back to the next blocks. The pool keeps
+        # idle mappings only while everything it handed out and holds stays within the window
+        # plus one block (the one the consumer holds, with its O_DIRECT slack): reuse never
+        # raises a stream's bound of budget + largest tensor.
+        reuse = BufferPool(window + max(block.nbytes for block in blocks) + 3 * ALIGN)
     pending: deque[tuple[Block, torch.Tensor, list[Pending]]] = deque()
     ahead = 0       # bytes submitted but not yet handed out
     reads = 0       # reads submitted but not yet collected
     try:
         while blocks or pending:
-            # Keep the pool busy, within the window, allocating buffers just in time.
-            # The block being waited for may exceed the window alone (one large tensor); the
-            # window bounds what is read beyond it, so large tensors do not stall the pipeline.
+            # Keep the engine busy, within the window, allocating buffers just in time. Every
+            # block read ahead counts against the window, the one being waited for included (it
+            # may exceed the window alone: one tensor larger than the budget), so a stream holds
+            # at most the window plus the tensor its consumer has: budget + largest tensor.
             while blocks and (not pending or (reads < engine.ahead and (
-                    window is None or ahead - pending[0][0].nbytes + blocks[0].nbytes <= window))):
+                    window is None or ahead + blocks[0].nbytes <= window))):
                 block = blocks.popleft()
                 buf, futures = _submit_block(block, strategy, engine, reuse)
                 pending.append((block, buf, futures))

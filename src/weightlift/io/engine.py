@@ -26,12 +26,12 @@ from .uring import DEPTH, EngineUnavailable, UringEngine
 
 #: What ``engine=`` accepts.
 ENGINES = ("auto", "uring", "threads")
-#: Strategies ``auto`` gives the io_uring engine: those where it measured faster than threads.
-#: None yet: on this project's 2-core VM, shared with other jobs, cold device-bound ``direct``
-#: streams measured 0.76-1.18 GB/s median through io_uring against 1.00-1.08 through threads
-#: (buffered ``stream`` 0.36-0.46 against 0.65-0.87; docs/benchmarks.md). Add "direct" here
-#: once an idle-machine run shows io_uring ahead.
-AUTO_URING: frozenset[str] = frozenset()
+#: Strategies ``engine="auto"`` reads through io_uring. On this project's VM, side by side in one
+#: run each (6 GB, 3 interleaved reps, docs/benchmarks.md), ``direct`` on io_uring was ahead of the
+#: thread pool in 4 of 5 scenario/cache cells (e.g. to_cpu cold 1.65 against 1.45 GB/s median,
+#: device cold 1.75 against 1.36); buffered ``stream`` was behind in every cell (0.73-1.36 against
+#: 1.07-1.53), so it keeps the threads.
+AUTO_URING: frozenset[str] = frozenset({"direct"})
 
 
 class Pending(Protocol):
@@ -105,6 +105,8 @@ def make_engine(name: str, strategy: Strategy, depth: int = DEPTH) -> tuple[Engi
     if name == "threads" or (name == "auto" and strategy.name not in AUTO_URING):
         return ThreadEngine(strategy.in_flight), None
     why = strategy.undescribable()
+    if why is not None and name == "auto":
+        return ThreadEngine(strategy.in_flight), None  # nothing was asked of io_uring: no fallback
     if why is not None:
         # mmap faults pages in rather than reading; a partly cached direct load copies cached
         # ranges with buffered reads: there is nothing (or not only reads) for a ring to submit.
