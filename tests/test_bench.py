@@ -260,6 +260,8 @@ def test_every_loader_returns_the_safetensors_bytes(name: str, scenario: str,
     result = child.measure(job, name, verify=True)
     assert result["status"] == "ok"
     assert result["bytes"] == synthetic.planned_bytes(SIZE)
+    # The first tensor came out during the load: time to first tensor is part of the load's time.
+    assert 0 <= result["first"] <= result["seconds"]
 
 
 def test_verification_catches_wrong_bytes(checkpoint: Path) -> None:

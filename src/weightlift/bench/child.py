@@ -210,11 +210,14 @@ def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = Fals
     sampler = Sampler(job.files, sample=sample)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        first: float | None = None
         started = time.perf_counter()
         if loader.raw is not None:
             nbytes = loader.raw(job.files)
         else:
             for name, tensor in loader.run(job):
+                if first is None:  # time to first tensor: what a stream's consumer waits
+                    first = time.perf_counter() - started
                 sink(name, tensor)
             if job.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -226,7 +229,7 @@ def measure(job: Job, loader_name: str, *, largest: int = 0, verify: bool = Fals
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if fallbacks:  # e.g. O_DIRECT refused: the strategy that really ran is named there
         result["reason"] = "; ".join(filter(None, [result.get("reason"), *fallbacks]))
-    result.update(seconds=seconds, bytes=nbytes, cgroup_baseline=usage_before, **memory)
+    result.update(seconds=seconds, first=first, bytes=nbytes, cgroup_baseline=usage_before, **memory)
     return result
 
 

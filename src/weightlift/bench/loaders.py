@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.base import anonymous_mapping
 from . import models
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
@@ -292,8 +293,6 @@ def raw_read(files: tuple[str, ...], *, direct: bool = True, block: int = RAW_BL
     ``direct`` reads with O_DIRECT (the storage itself); otherwise buffered reads through the
     page cache, which on some machines (VMs whose host caches the disk) beat O_DIRECT.
     """
-    import mmap
-
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     fds = [os.open(path, flags) for path in files]
     try:
@@ -303,7 +302,7 @@ def raw_read(files: tuple[str, ...], *, direct: bool = True, block: int = RAW_BL
 
         def read(request: tuple[int, int]) -> int:
             if not hasattr(local, "buffer"):
-                local.buffer = memoryview(mmap.mmap(-1, block))  # page aligned, as O_DIRECT needs
+                local.buffer = memoryview(anonymous_mapping(block))  # page aligned, as O_DIRECT needs
             return os.preadv(request[0], [local.buffer], request[1])
 
         with ThreadPoolExecutor(in_flight) as pool:
@@ -321,12 +320,10 @@ def raw_uring_read(files: tuple[str, ...], *, block: int = RAW_URING_BLOCK,
                    depth: int = RAW_URING_DEPTH) -> int:
     """Read ``files`` with O_DIRECT through one io_uring, ``depth`` reads of ``block`` bytes in
     flight (what fio's best engine and runai-model-streamer do), and discard the data."""
-    import mmap
-
     from ..io.uring import Read, UringEngine
 
     ring = UringEngine(depth)
-    memory = mmap.mmap(-1, block * depth)  # page aligned, as O_DIRECT needs
+    memory = anonymous_mapping(block * depth)  # page aligned, as O_DIRECT needs
     address = torch.frombuffer(memory, dtype=torch.uint8).data_ptr()
     fds = [os.open(path, os.O_RDONLY | os.O_DIRECT) for path in files]
     total = 0

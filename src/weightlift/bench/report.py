@@ -25,6 +25,7 @@ class Row:
     status: str
     runs: int
     seconds: Summary | None
+    first: Summary | None
     gbps: Summary | None
     peak_memory: Summary | None
     cache_left: Summary | None
@@ -57,6 +58,7 @@ def summarize_runs(results: Sequence[RunResult]) -> list[Row]:
             loader=loader, scenario=scenario, cache=cache, status=status_of(group),
             runs=len(group),
             seconds=summarize(r.seconds for r in ok),
+            first=summarize(r.first for r in ok),
             gbps=summarize(r.gbps for r in ok),
             # A killed run reached the limit; its status says so, its peak would only repeat it.
             peak_memory=summarize(r.peak_memory for r in ok),
@@ -76,7 +78,8 @@ def _order(value: str, known: tuple[str, ...]) -> int:
 # cells shared by the terminal and markdown tables
 
 #: Column name and whether it holds a number (right-aligned); one table per scenario and cache.
-COLUMNS = (("loader", False), ("s min / med", True), ("GB/s best / med", True),
+COLUMNS = (("loader", False), ("s min / med", True), ("first tensor ms", True),
+           ("GB/s best / med", True),
            ("peak host mem", True), ("cache left", True), ("status", False))
 
 
@@ -95,8 +98,11 @@ def cells(row: Row) -> list[str]:
         seconds = _pair(row.seconds.min, row.seconds.median, row.seconds.n, ".3f")
     if row.gbps is not None:
         gbps = _pair(row.gbps.max, row.gbps.median, row.gbps.n, ".2f")
+    first = "-"
+    if row.first is not None:
+        first = _pair(row.first.min * 1e3, row.first.median * 1e3, row.first.n, ".1f")
     return [
-        loader, seconds, gbps,
+        loader, seconds, first, gbps,
         "-" if row.peak_memory is None else format_bytes(row.peak_memory.median),
         "-" if row.cache_left is None else format_bytes(row.cache_left.median),
         row.status,

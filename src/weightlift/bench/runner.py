@@ -62,6 +62,8 @@ class RunResult:
     #: "ok", "oom-killed", "failed" or "wrong bytes" (verification).
     status: str
     seconds: float | None = None
+    #: Seconds until the loader handed out its first tensor (None: raw reads hand none out).
+    first: float | None = None
     bytes: int | None = None
     #: Peak host memory the load added (page cache included), and how it was measured.
     peak_memory: int | None = None
@@ -199,6 +201,7 @@ def run_one(run: Run, settings: Settings, *, verify: bool = False,
                     cache_left=None if before is None or after is None else after - before)
     if result is not None:
         out.seconds, out.bytes = result.get("seconds"), result.get("bytes")
+        out.first = result.get("first")
         out.strategy, out.reason = result.get("strategy"), result.get("reason")
         out.error = result.get("error")
     if status == "failed" and out.error is None:

@@ -124,8 +124,6 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 #: Buffers at least this large get their own anonymous mapping.
 OWN_MAPPING = 1 << 20
-#: Transparent huge page size on x86-64 and most arm64 kernels.
-HUGE_PAGE = 2 << 20
 
 
 def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
@@ -141,15 +139,15 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
 
 
 def anonymous_mapping(nbytes: int) -> mmap.mmap:
-    """Fresh zero-filled memory of our own (each page is faulted in and zeroed on first touch)."""
-    mapping = mmap.mmap(-1, nbytes)
-    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        # Reads fault every page of a fresh buffer in; 2 MiB pages make that 512× fewer faults.
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return mapping
+    """Fresh zero-filled memory of our own (each page is faulted in and zeroed on first touch).
+
+    Private, like malloc's: a shared anonymous mapping is shmem, whose faults also insert every
+    page into a page-cache mapping (~25 % more system time for a 6 GB load here). No
+    ``MADV_HUGEPAGE``: where the guest hands freed memory back to its host (virtio-balloon free
+    page reporting, as on this project's VM) or memory is fragmented (direct compaction), 2 MiB
+    faults made a cold 6 GB ``direct`` load 2.4× slower (0.8 vs 2.0 GB/s, docs/benchmarks.md).
+    """
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False,
