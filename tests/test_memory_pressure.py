@@ -99,6 +99,28 @@ def test_stream_passes_a_checkpoint_larger_than_the_memory_limit(big_checkpoint:
     assert result["rss_growth"] <= BUDGET + 3 * TENSOR_INTS * 4
 
 
+@pytest.mark.cgroup
+def test_default_budget_is_half_of_what_the_group_has_left() -> None:
+    """Under a limit, the default budget counts what the group already holds (this Python and
+    torch), so budget + the tensor being consumed fit in what is left."""
+    usable, why = probes.MemoryGroup.available()
+    if not usable:
+        pytest.skip(f"cannot create a memory cgroup: {why}")
+    child = ("import json, torch, weightlift.budget as b, weightlift.probes as p\n"
+             "available = b.available_memory()\n"
+             "print(json.dumps({'available': available, 'usage': p.cgroup_usage(),"
+             " 'budget': b.default_budget(available)}))")
+    with probes.MemoryGroup(limit=LIMIT) as group:
+        done = subprocess.run(group.command([sys.executable, "-c", child]), capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    # Usage only grew between the two reads: what was left then is at least what is left now.
+    assert result["available"] + result["usage"] >= LIMIT - 4 * MiB
+    assert result["available"] <= LIMIT - 100 * MiB  # a Python with torch holds more than that
+    assert result["budget"] == max(64 * MiB, result["available"] // 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # auto's choice under a budget
 

@@ -77,9 +77,10 @@ def test_auto_warns_when_the_result_cannot_fit() -> None:
 
 def test_budget_default_and_parsing() -> None:
     assert default_budget(24 * GiB) == DEFAULT_CAP
-    assert default_budget(256 << 20) == 64 << 20
-    assert default_budget(1 * GiB) == 256 << 20
-    assert default_budget(1536 << 20) == 384 << 20
+    assert default_budget(100 << 20) == 64 << 20
+    assert default_budget(256 << 20) == 128 << 20
+    assert default_budget(768 << 20) == 384 << 20
+    assert default_budget(1536 << 20) == DEFAULT_CAP  # 512 MiB, capped at 512 MB
     assert default_budget(4 * GiB) == DEFAULT_CAP
     assert resolve_budget("512MB") == 512 * 1000**2
     assert resolve_budget(100 << 20) == 100 << 20

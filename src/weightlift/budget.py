@@ -7,7 +7,7 @@ to keep ~32 reads of 8 MiB in flight on a server.
 
 from __future__ import annotations
 
-from .probes import cgroup_memory_limit, meminfo
+from .probes import cgroup_memory_limit, cgroup_usage, meminfo
 from .units import parse_size
 
 #: The default never exceeds this ("no larger than 512 MB").
@@ -17,23 +17,29 @@ MINIMUM = 4 << 20
 
 
 def available_memory() -> int:
-    """Memory a load can use without swapping: MemAvailable, capped by a cgroup limit."""
+    """Memory a load can use without swapping: MemAvailable, capped by what is left under a
+    cgroup limit (the limit less what the group already holds, e.g. the Python and torch
+    importing weightlift: ~300 MiB)."""
     available = meminfo().get("MemAvailable", 0)
     limit = cgroup_memory_limit()
-    return min(available, limit) if limit is not None else available
+    if limit is None:
+        return available
+    return min(available, max(0, limit - (cgroup_usage() or 0)))
 
 
 def default_budget(available: int | None = None) -> int:
-    """1/4 of available memory, at least 64 MiB and at most 512 MB.
+    """Half of the available memory (what is left, ``available_memory``), at least 64 MiB and
+    at most 512 MB.
 
-    Under a 1.5 GiB cgroup that is ~384 MiB: 32 reads of ~12 MiB in flight. (1/32 gave 64 MiB
-    there and O_DIRECT loads ran ~25% slower for want of requests in flight; 1/8 gave 192 MiB
-    and 0.83-0.88× the unconstrained load.) A stream holds the budget plus the tensor its
-    consumer has, so even a 1 GiB cgroup keeps room for a 250 MiB tensor and the rest.
+    Under a 1.5 GiB cgroup that is the cap: a device-bound stream there runs like an
+    unconstrained one. Smaller budgets cost speed, as a stream's window is what keeps reads in
+    flight past a large tensor: 1/32 of the limit (64 MiB) ran ~25 % slower, 1/8 (192 MiB)
+    0.83-0.88×, 1/4 (384 MiB) 0.89× (docs/benchmarks.md). A stream holds the budget plus the
+    tensor its consumer has; the other half of what is left is room for that tensor.
     """
     if available is None:
         available = available_memory()
-    return max(min(DEFAULT_CAP, available // 4), 64 << 20)
+    return max(min(DEFAULT_CAP, available // 2), 64 << 20)
 
 
 def resolve_budget(value: int | str | None) -> int:

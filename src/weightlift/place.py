@@ -22,12 +22,12 @@ from .dequant import check_supported, dequantize, packed_type, unpacked_shape
 from .errors import PlacementError
 from .format import TensorInfo
 from .ggml import GGMLType
-from .io.base import host_buffer
+from .io.base import Prefaulter, host_buffer
 from .plan import Piece
 
 #: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
-#: batch (~1 MiB) and the allocator's slack around them (measured 4-7 MiB in all).
-DEQUANT_WORKSPACE = 8 << 20
+#: batch (2**18 elements: ~4 MiB at once) and the allocator's slack around them.
+DEQUANT_WORKSPACE = 16 << 20
 
 
 def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
@@ -75,6 +75,7 @@ class Sink:
         self.destinations = destinations
         self.targets: dict[str, torch.Tensor] = {}
         self.unpacking: dict[str, GGMLType] = {}  # targets filled by dequantizing packed pieces
+        self.prefault = Prefaulter()  # fresh CPU targets are faulted in on a second core
 
     def target_dtype(self, info: TensorInfo) -> torch.dtype:
         if self.dtype is not None and self.dtype.is_floating_point and packed_type(info):
@@ -102,7 +103,13 @@ class Sink:
             self.unpacking[entry.name] = check_supported(kind, tensor=entry.name)
             shape = unpacked_shape(shape, kind)
         if self.destinations is None:
-            return torch.empty(shape, dtype=dtype, device=self.device)
+            if self.device.type != "cpu":
+                return torch.empty(shape, dtype=dtype, device=self.device)
+            numel = 1
+            for size in shape:
+                numel *= size
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            return self.prefault.buffer(numel * itemsize).view(dtype).view(shape)
         dst = self.destinations[entry.name]
         if tuple(dst.shape) != shape:
             raise PlacementError(f"checkpoint shape {list(shape)} does not match the "
@@ -159,7 +166,9 @@ class Sink:
             fence.synchronize()  # type: ignore[attr-defined]
 
     def drain(self) -> None:
-        """Wait for every copy queued so far, fenced or not (copies here are synchronous)."""
+        """Wait for every copy queued so far, fenced or not (copies here are synchronous), and
+        for the prefaulting thread."""
+        self.prefault.close()
 
     def release_slots(self) -> None:
         """The ring's slots are gone; give back what an allocator cached for them."""

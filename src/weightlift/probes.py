@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import os
 import shlex
@@ -176,14 +177,18 @@ class _Hierarchy:
     root: str              # the mount's root inside the hierarchy (not "/" inside containers)
 
 
-def _hierarchies() -> list[_Hierarchy]:
-    """Mounted memory hierarchies: v1 ``memory`` controllers and v2 mounts offering ``memory``."""
+@functools.lru_cache(maxsize=1)
+def _hierarchies() -> tuple[_Hierarchy, ...]:
+    """Mounted memory hierarchies: v1 ``memory`` controllers and v2 mounts offering ``memory``.
+
+    Read once per process: cgroup hierarchies are mounted at boot, and parsing mountinfo on every
+    load was a millisecond of a warm stream's time to first tensor."""
     found: list[_Hierarchy] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError:
-        return found
+        return ()
     for line in lines:
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
@@ -195,7 +200,7 @@ def _hierarchies() -> list[_Hierarchy]:
             found.append(_Hierarchy(1, mount, fields[3]))
         elif fstype == "cgroup2" and "memory" in (_read(mount / "cgroup.controllers") or "").split():
             found.append(_Hierarchy(2, mount, fields[3]))
-    return found
+    return tuple(found)
 
 
 def _read(path: Path, default: str | None = None) -> str | None:

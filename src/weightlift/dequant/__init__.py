@@ -22,10 +22,12 @@ from . import kquants, legacy, nonlinear
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
-#: Elements dequantized per batch: bounds the float32 intermediates (a few × 128 KiB). At torch's
-#: parallel grain size (32 768), every op runs on the calling thread: on a busy host, OpenMP
-#: regions waiting for a descheduled worker made a dequantizing load 30× slower with 128K batches.
-BATCH_ELEMENTS = 1 << 15
+#: Elements dequantized per batch: bounds the float32 intermediates (a few MiB). Each batch costs
+#: ~15 torch calls of fixed overhead: 2**18 made a bf16 load of a 500 MB Q4_K_M file 2.2-2.6×
+#: faster than 2**15 (1.4-1.7 s vs 3.7 s, idle 2-core VM; 1.9 vs 3.8 s on one thread). (On a host
+#: oversubscribed several times over, OpenMP regions waiting for descheduled workers made batches
+#: above torch's grain size, 32 768, slower; ``OMP_NUM_THREADS=1`` avoids that there.)
+BATCH_ELEMENTS = 1 << 18
 
 
 def _plain(dtype: torch.dtype) -> Kernel:

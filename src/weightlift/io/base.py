@@ -12,6 +12,7 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import torch
@@ -148,6 +149,48 @@ def anonymous_mapping(nbytes: int) -> mmap.mmap:
     faults made a cold 6 GB ``direct`` load 2.4× slower (0.8 vs 2.0 GB/s, docs/benchmarks.md).
     """
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+#: ``madvise`` advice: fault a range in writable without touching it (Linux 5.14).
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+class Prefaulter:
+    """Fresh host buffers faulted in by a thread of its own, ahead of the code that fills them.
+
+    Zeroing fresh pages is a large part of a CPU load that converts or dequantizes (the result
+    is new memory, written once); done on a second core while the first one computes, a 500 MB
+    Q4_K_M file dequantized to bf16 in a fresh process took 2.0-2.3 s instead of 3.3-3.8 s here.
+    ``MADV_POPULATE_WRITE`` faults pages in without writing them, so racing the filling code is
+    harmless. ``close()`` waits for the thread: nothing runs on a buffer after a load ended.
+
+        prefault = Prefaulter()
+        out = prefault.buffer(nbytes)   # uint8, being faulted in
+        ...; prefault.close()
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._works = True
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        buf = host_buffer(nbytes)
+        if self._works and nbytes >= OWN_MAPPING:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-prefault")
+            self._pool.submit(self._populate, buf.data_ptr(), nbytes)
+        return buf
+
+    def _populate(self, address: int, nbytes: int) -> None:
+        from ..probes import LIBC
+
+        if self._works and LIBC.madvise(address, nbytes, MADV_POPULATE_WRITE) != 0:
+            self._works = False  # e.g. a kernel before 5.14: the filling code faults pages in
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False,
