@@ -334,3 +334,31 @@ def test_bench_rejects_unknown_scenarios() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--scenario", "to_gpu"])
     assert exc.value.code == 2
+
+
+def test_runs_wait_until_freed_memory_has_settled(tmp_path: Path) -> None:
+    """The counter of memory handed back to the hypervisor is polled until it stops moving."""
+    counter = tmp_path / "reported_kib"
+    counter.write_text("100\n")
+    now = [0.0]
+    bumps = {0.5: "200\n", 1.0: "300\n"}  # returned in two bursts, then quiet
+
+    def sleep(seconds: float) -> None:
+        now[0] = round(now[0] + seconds, 3)
+        if now[0] in bumps:
+            counter.write_text(bumps[now[0]])
+
+    waited = runner.settle_reported_memory(quiet=2.5, path=counter, clock=lambda: now[0],
+                                           sleep=sleep)
+    assert waited == pytest.approx(3.5)  # quiet for 2.5 s after the last burst at 1.0 s
+    assert runner.settle_reported_memory(path=tmp_path / "absent") == 0.0  # bare metal: no wait
+    counter.write_text("0\n")
+    endless = iter(range(1, 10**6))
+
+    def busy(seconds: float) -> None:
+        now[0] = round(now[0] + seconds, 3)
+        counter.write_text(f"{next(endless)}\n")
+
+    now[0] = 0.0
+    assert runner.settle_reported_memory(limit=15.0, path=counter, clock=lambda: now[0],
+                                         sleep=busy) == pytest.approx(15.0)  # bounded

@@ -15,8 +15,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import probes
@@ -141,6 +143,45 @@ def set_cache(files: Sequence[str], state: str) -> None:
                     pass
 
 
+#: Checkpoints this large wait for freed memory to settle between runs (small ones: no effect
+#: worth the seconds).
+SETTLE_FROM = 256 << 20
+#: Memory the kernel has handed back to a hypervisor (virtio-balloon free page reporting).
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def settle_reported_memory(quiet: float = 2.5, limit: float = 15.0, path: Path = REPORTED_KIB,
+                           clock: Callable[[], float] = time.monotonic,
+                           sleep: Callable[[float], None] = time.sleep) -> float:
+    """On a VM that hands freed memory back to its host, wait until it has stopped (the counter
+    unchanged for ``quiet`` seconds, at most ``limit`` in all); returns the seconds waited, 0 where
+    there is no such counter.
+
+    The first touch of returned memory is a fault on the host too (0.54 GiB/s against 2 GiB/s on
+    this project's VM), and the kernel returns freed memory in bursts over seconds. Without this
+    a run inherits whatever the previous one freed and the host still backs, and a loader's rank
+    depended on the order (runai-model-streamer: 1.9 GB/s right after a loader that had freed
+    11 GiB, 0.5-0.7 GB/s alternating with weightlift).
+    """
+    began = clock()
+    try:
+        last = path.read_text()
+    except OSError:
+        return 0.0
+    changed = began
+    while clock() - began < limit:
+        sleep(0.1)
+        try:
+            now = path.read_text()
+        except OSError:
+            break
+        if now != last:
+            last, changed = now, clock()
+        elif clock() - changed >= quiet:
+            break
+    return clock() - began
+
+
 @dataclass
 class Settings:
     """What every run of one benchmark shares."""
@@ -154,6 +195,9 @@ class Settings:
     files: list[str] = field(default_factory=list)
     #: Bytes of the largest tensor: the size of the device scenario's destination buffer.
     largest: int = 0
+    #: Wait for freed memory to go back to the hypervisor before each run
+    #: (``settle_reported_memory``); None: for checkpoints of ``SETTLE_FROM`` bytes or more.
+    settle: bool | None = None
 
     def __post_init__(self) -> None:
         # Headers are read here, once, so children measuring a cold load never read them first.
@@ -161,6 +205,8 @@ class Settings:
             with resolve(self.source) as layout:
                 self.files = [shard.path for shard in layout.shards]
                 self.largest = max((e.info.nbytes for e in layout.entries.values()), default=0)
+                if self.settle is None:
+                    self.settle = layout.total_bytes >= SETTLE_FROM
 
 
 def cgroup_usable(settings: Settings) -> bool:
@@ -183,6 +229,8 @@ def run_one(run: Run, settings: Settings, *, verify: bool = False,
            "device": settings.device if run.scenario == "device" else "cpu"}
     argv = [sys.executable, "-m", "weightlift.bench.child", json.dumps(job)]
     set_cache(settings.files, run.cache)
+    if settings.settle:
+        settle_reported_memory()  # every run starts with the memory freed before it returned
     before = resident(settings.files)
     group_peak = None
     oom_kills = 0
