@@ -1,6 +1,8 @@
 """Real servers for the object-storage tests, all on 127.0.0.1 and free ports.
 
 * ``Moto``: an S3-compatible server (moto in server mode) with a bucket the tests upload to.
+* ``Azurite``: Microsoft's Azure Storage emulator (``azurite-blob``, from npm) in a subprocess,
+  with a container the tests upload to through ``azure-storage-blob``.
 * ``serve_directory``: ``RangeHTTPServer``, a third-party HTTP server that honours Range.
 * ``FaultServer``: our own small HTTP object server: ranges, ETags and Last-Modified done right,
   plus faults on demand (5xx then success, permanent 403/404, truncated bodies, stalls, content
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +29,12 @@ from pathlib import Path
 
 MOTO_KEYS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 BUCKET = "weightlift-tests"
+#: Azurite's published development account and key (the emulator's defaults, not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+               "K1SZFPTOtr/KBHBeksoGMGw==")
+#: Where .ci/run installs azurite (npm install --prefix .ci/node).
+AZURITE_CI = Path(__file__).resolve().parent.parent / ".ci/node/node_modules/.bin/azurite-blob"
 
 
 def free_port() -> int:
@@ -71,6 +82,91 @@ def moto_server() -> Iterator[Moto]:
         yield Moto(endpoint, client)
     finally:
         server.stop()
+
+
+def azurite_binary() -> str | None:
+    """``azurite-blob``: ``$WEIGHTLIFT_AZURITE``, else the copy .ci/run installs, else PATH."""
+    named = os.environ.get("WEIGHTLIFT_AZURITE")
+    if named:
+        return named
+    if AZURITE_CI.exists():
+        return str(AZURITE_CI)
+    return shutil.which("azurite-blob")
+
+
+@dataclass
+class Azurite:
+    endpoint: str     # "http://127.0.0.1:PORT": the emulator's blob service
+    container: object  # an azure.storage.blob ContainerClient
+
+    @property
+    def account_url(self) -> str:
+        """The account's URL: the emulator puts the account name first in the path."""
+        return f"{self.endpoint}/{AZURITE_ACCOUNT}"
+
+    def options(self, **extra: str) -> dict[str, str]:
+        """``storage_options`` that reach the emulator as a custom endpoint with the dev key."""
+        return {"endpoint": self.account_url, "account_name": AZURITE_ACCOUNT,
+                "account_key": AZURITE_KEY, **extra}
+
+    def upload_dir(self, directory: Path, prefix: str) -> str:
+        """Upload every file of ``directory`` under ``prefix/``; returns the ``az://`` URL."""
+        for path in sorted(directory.iterdir()):
+            with path.open("rb") as data:
+                self.container.upload_blob(f"{prefix}/{path.name}", data,  # type: ignore[attr-defined]
+                                           overwrite=True)
+        return f"az://{BUCKET}/{prefix}/"
+
+
+@contextmanager
+def azurite_server(binary: str, workdir: Path, timeout: float = 30.0) -> Iterator[Azurite]:
+    """``azurite-blob`` on 127.0.0.1 and a free port, storing under ``workdir``, with the container
+    ``BUCKET``; stopped (and waited for) on exit.
+
+        with azurite_server(azurite_binary(), tmp_path) as azurite:
+            url = azurite.upload_dir(checkpoint_dir, "ckpt")
+    """
+    from azure.storage.blob import BlobServiceClient
+
+    port = free_port()
+    log_path = workdir / "azurite.log"
+    command = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+               "--location", str(workdir / "data"), "--silent", "--skipApiVersionCheck",
+               "--loose", "--disableTelemetry"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    try:
+        _wait_listening(process, port, timeout, log_path)
+        endpoint = f"http://127.0.0.1:{port}"
+        service = BlobServiceClient(f"{endpoint}/{AZURITE_ACCOUNT}", credential={
+            "account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY})
+        yield Azurite(endpoint, service.create_container(BUCKET))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int, timeout: float,
+                    log_path: Path) -> None:
+    """Return once ``port`` accepts connections; fail with the server's output if it exits or
+    does not listen within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"azurite exited with {process.returncode}: "
+                               f"{log_path.read_text(errors='replace')[-2000:]}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"azurite did not listen on port {port} within {timeout:.0f} s: "
+                       f"{log_path.read_text(errors='replace')[-2000:]}")
 
 
 class _Quiet(http.server.ThreadingHTTPServer):
