@@ -8,6 +8,7 @@ files locally. Azurite comes from npm: .ci/run installs it into .ci/node; elsewh
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from collections.abc import Iterator
@@ -139,12 +140,19 @@ def test_azure_wrong_account_key_is_access_denied_without_the_key(
         azurite: Azurite, tmp_path: Path, clean_azure_env: pytest.MonkeyPatch) -> None:
     save_file(tensors(9, 1, 64), str(tmp_path / "model.safetensors"))
     url = azurite.upload_dir(tmp_path, "denied") + "model.safetensors"
-    wrong = AZURITE_KEY[::-1]  # valid base64 of the right length, the wrong key
+    wrong = base64.b64encode(bytes(range(64))).decode()  # a well-formed key, not the account's
     with pytest.raises(CheckpointError) as caught:
         weightlift.load(url, storage_options=azurite.options(account_key=wrong))
     message = str(caught.value)
     assert message.startswith(f"az://{BUCKET}/denied/model.safetensors: access denied (403)")
     assert wrong not in message and AZURITE_KEY not in message
+    malformed = "=" + AZURITE_KEY[:-1]  # not base64: refused before any request
+    with pytest.raises(CheckpointError) as caught:
+        weightlift.load(url, storage_options=azurite.options(account_key=malformed))
+    message = str(caught.value)
+    assert message.startswith(f"az://{BUCKET}/denied/model.safetensors: cannot set up the Azure "
+                              "client")
+    assert malformed not in message and AZURITE_KEY[:-1] not in message
 
 
 def test_azure_blob_replaced_mid_load_fails_the_read(
