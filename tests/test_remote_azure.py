@@ -29,6 +29,7 @@ from remote_servers import (  # noqa: E402
     Azurite,
     azurite_binary,
     azurite_server,
+    required,
 )
 from test_remote import (  # noqa: E402
     assert_equal,
@@ -44,11 +45,7 @@ INSTALL = ("npm install --no-save --prefix .ci/node azurite@3.35.0 (needs node â
 
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    binary = azurite_binary()
-    if binary is None:
-        if os.environ.get("CI"):  # CI installs it: a missing emulator there is a broken setup
-            pytest.fail(f"azurite-blob not found in CI: {INSTALL}")
-        pytest.skip(f"the Azure tests need the Azurite emulator: {INSTALL}")
+    binary = required(azurite_binary(), "the Azurite emulator (azurite-blob)", INSTALL)
     with azurite_server(binary, tmp_path_factory.mktemp("azurite")) as server:
         yield server
 
