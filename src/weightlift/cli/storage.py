@@ -16,7 +16,9 @@ def add_storage_flags(parser: argparse.ArgumentParser) -> None:
                        help="a storage option, e.g. region=eu-west-1, path_style=true, "
                             "concurrency=32, request_size=8MiB (see docs/remote.md); repeatable")
     group.add_argument("--endpoint-url", metavar="URL",
-                       help="an S3-compatible endpoint (MinIO, Ceph, R2); default AWS_ENDPOINT_URL")
+                       help="the store's endpoint: S3-compatible (MinIO, Ceph, R2), Azure "
+                            "(Azurite) or GCS; default AWS_ENDPOINT_URL, AZURE_STORAGE_ENDPOINT, "
+                            "GOOGLE_BASE_URL")
     group.add_argument("--anonymous", action="store_true",
                        help="unsigned requests, for public buckets")
 

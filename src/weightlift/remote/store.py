@@ -132,15 +132,15 @@ def connect(url: str, options: Mapping[str, object] | None = None,
         return Client(store, key, base, tuning)
     if _flag(options.pop("anonymous", False)):
         config["skip_signature"] = True
+    endpoint = _endpoint(kind, options, env)
+    if endpoint.startswith("http://"):
+        client_options.setdefault("allow_http", True)  # the user named a plain-HTTP endpoint
+    emulator = options.get("use_emulator", env.get("AZURE_STORAGE_USE_EMULATOR", False))
+    if kind == "Azure" and endpoint and _flag(emulator):
+        _emulator_at(endpoint, options, env)
     if kind == "S3":
-        if "endpoint_url" in options:
-            options["endpoint"] = options.pop("endpoint_url")
         if "path_style" in options:
             config["virtual_hosted_style_request"] = not _flag(options.pop("path_style"))
-        endpoint = str(options.get("endpoint") or env.get("AWS_ENDPOINT_URL")
-                       or env.get("AWS_ENDPOINT") or "")
-        if endpoint.startswith("http://"):
-            client_options.setdefault("allow_http", True)  # the user named a plain-HTTP endpoint
         profile = options.pop("profile", None) or (
             None if env.get("AWS_ACCESS_KEY_ID") else env.get("AWS_PROFILE"))
         if profile and not config.get("skip_signature"):
@@ -155,6 +155,57 @@ def connect(url: str, options: Mapping[str, object] | None = None,
         raise CheckpointError(f"cannot set up the {kind} client: {_reason(exc)} (check "
                               "storage_options and the environment)", path=scrub_url(url)) from None
     return Client(store, key, base, tuning)
+
+
+#: Each store's own name for a custom endpoint, and the environment variables it reads it from.
+_ENDPOINTS = {"S3": ("endpoint", ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")),
+              "GCS": ("base_url", ("GOOGLE_BASE_URL",)),
+              "Azure": ("endpoint", ("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT"))}
+#: Azurite's published development account (the Azure emulator's default; not a secret).
+EMULATOR_ACCOUNT = "devstoreaccount1"
+EMULATOR_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+                "K1SZFPTOtr/KBHBeksoGMGw==")
+
+
+def _endpoint(kind: str, options: dict[str, object], env: Mapping[str, str]) -> str:
+    """The custom endpoint of the store, if any; ``endpoint`` and ``endpoint_url`` in
+    ``options`` become the store's own key (``base_url`` for GCS).
+
+        _endpoint("GCS", {"endpoint": "http://127.0.0.1:4443"}, {})  # -> "http://127.0.0.1:4443"
+    """
+    key, names = _ENDPOINTS[kind]
+    for alias in ("endpoint_url", "endpoint"):
+        if alias != key and alias in options:
+            options[key] = options.pop(alias)
+    found = options.get(key) or next((env[name] for name in names if env.get(name)), "")
+    return str(found)
+
+
+def _emulator_at(endpoint: str, options: dict[str, object], env: Mapping[str, str]) -> None:
+    """Point ``use_emulator`` at ``endpoint``: object_store takes the emulator's address only from
+    ``AZURITE_BLOB_STORAGE_URL`` and would silently ignore the endpoint, so address the emulator
+    as a custom endpoint instead (path-style ``{endpoint}/{account}``, the published development
+    account and key unless others are given).
+
+        options = {"use_emulator": "true"}
+        _emulator_at("http://127.0.0.1:10001", options, {})
+        options["endpoint"]  # -> "http://127.0.0.1:10001/devstoreaccount1"
+    """
+    account = str(options.get("account_name") or env.get("AZURE_STORAGE_ACCOUNT_NAME")
+                  or EMULATOR_ACCOUNT)
+    options["use_emulator"] = False
+    options["account_name"] = account
+    if not urlsplit(endpoint).path.strip("/"):  # the emulator's URLs start with the account
+        options["endpoint"] = f"{endpoint.rstrip('/')}/{account}"
+    else:
+        options["endpoint"] = endpoint
+    credentials = ("account_key", "sas_key", "token", "bearer_token")
+    given = any(options.get(key) for key in credentials) or any(
+        env.get(name) for name in ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY",
+                                   "AZURE_STORAGE_MASTER_KEY", "AZURE_STORAGE_SAS_KEY",
+                                   "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN"))
+    if not given and account == EMULATOR_ACCOUNT:
+        options["account_key"] = EMULATOR_KEY
 
 
 def _tuning(options: dict[str, object], url: str) -> Tuning:
