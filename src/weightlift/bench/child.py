@@ -12,6 +12,8 @@ page-cache residency (mincore) at the same instant: file pages an mmap load maps
 from __future__ import annotations
 
 import json
+import os
+import struct
 import sys
 import threading
 import time
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import probes
+from ..api import parse_dtype
 from .loaders import LOADERS, Job
 from .runner import local_files
 
@@ -132,32 +135,72 @@ class Scratch:
         self.bytes += n
 
 
+@dataclass(frozen=True)
+class Expected:
+    """Where a tensor's bytes are in its file, as the file's own header says."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def safetensors_entries(path: str) -> dict[str, Expected]:
+    """Each tensor's dtype, shape and absolute byte range, from the file's header read with plain
+    ``struct`` and ``json`` (the format in full: an 8-byte length, then JSON), so the reference
+    shares no code with the loaders it checks and needs no optional package."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {name: Expected(path, entry["dtype"], tuple(entry["shape"]),
+                           base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def read_range(want: Expected, name: str) -> bytearray:
+    """The bytes of ``[want.start, want.end)``, with plain positional reads."""
+    data = bytearray(want.end - want.start)
+    view = memoryview(data)
+    done = 0
+    with open(want.path, "rb", buffering=0) as f:
+        while done < len(data):
+            n = os.preadv(f.fileno(), [view[done:]], want.start + done)
+            if n == 0:
+                raise AssertionError(f"{name}: {want.path} ends before its bytes")
+            done += n
+    return data
+
+
 class Verify:
-    """Compares every tensor bit for bit with what the safetensors package reads."""
+    """Compares every tensor bit for bit with the bytes its file holds at the offsets its header
+    gives, read with plain positional reads: the reference is the file itself, on every install
+    (``bench`` verifies where the safetensors package is not installed)."""
 
     def __init__(self, files: Sequence[str]) -> None:
-        from safetensors import safe_open
-
-        self.where = {}
+        self.where: dict[str, Expected] = {}
         for path in files:
-            with safe_open(path, framework="pt") as f:
-                self.where.update(dict.fromkeys(f.keys(), path))
-        self.safe_open = safe_open
+            self.where.update(safetensors_entries(path))
         self.seen: set[str] = set()
         self.bytes = 0
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.where:
             raise AssertionError(f"unexpected tensor {name!r}")
-        with self.safe_open(self.where[name], framework="pt") as f:
-            want = f.get_tensor(name)
-        got = tensor.detach().cpu()
-        if got.dtype != want.dtype or got.shape != want.shape:
+        want = self.where[name]
+        dtype = parse_dtype(want.dtype)
+        shape = want.shape
+        if want.dtype == "F4" and shape:  # torch's float4 packs two values in a byte
+            shape = (*shape[:-1], shape[-1] // 2)
+        got = tensor.detach().cpu().contiguous()
+        if got.dtype != dtype or tuple(got.shape) != shape:
             raise AssertionError(f"{name}: {got.dtype}{list(got.shape)} != "
-                                 f"{want.dtype}{list(want.shape)}")
-        if want.numel() and not torch.equal(got.reshape(-1).view(torch.uint8),
-                                            want.reshape(-1).view(torch.uint8)):
-            raise AssertionError(f"{name}: bytes differ from safetensors")
+                                 f"{dtype}{list(shape)} (the header of {want.path})")
+        size = want.end - want.start
+        if size and not torch.equal(got.reshape(-1).view(torch.uint8),
+                                    torch.frombuffer(read_range(want, name), dtype=torch.uint8)):
+            raise AssertionError(f"{name}: bytes differ from {want.path}")
         self.seen.add(name)
         self.bytes += tensor.nbytes
 
@@ -170,7 +213,7 @@ class Verify:
 class VerifyGGUF(Verify):
     """Compares every tensor's bytes with what gguf-py's ``GGUFReader`` reads."""
 
-    def __init__(self, files: Sequence[str]) -> None:  # noqa: D107 - no safetensors here
+    def __init__(self, files: Sequence[str]) -> None:  # noqa: D107 - not the safetensors header
         from gguf import GGUFReader
 
         self.where = {t.name: t for path in files for t in GGUFReader(path).tensors}

@@ -122,7 +122,8 @@ def rich_tables(rows: Sequence[Row]) -> list[Table]:
     for heading, group in sections(rows).items():
         table = Table(title=heading)
         for name, numeric in COLUMNS:
-            table.add_column(name, justify="right" if numeric else "left", no_wrap=name == "loader")
+            # Folded, never cut to "0.…", where a terminal is too narrow for the table.
+            table.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in group:
             table.add_row(*cells(row))
         tables.append(table)
@@ -142,8 +143,20 @@ def markdown(rows: Sequence[Row]) -> str:
 
 
 def unavailable_lines(session: Session) -> list[str]:
-    """Loaders that did not run or failed verification, with the reason."""
-    lines = [f"{name}: not run ({why})" for name, why in session.unavailable.items()]
+    """Loaders that did not run or failed verification, with the reason; those an extra would
+    bring in one line per extra (``pip install 'weightlift[bench]'``)."""
+    lines = []
+    by_install: dict[str, list[str]] = {}
+    for name, why in session.unavailable.items():
+        _, missing, install = why.partition(" is not installed ")
+        if missing:
+            by_install.setdefault(install, []).append(name)
+        else:
+            lines.append(f"{name}: not run ({why})")
+    lines += [f"not installed here, not run: {', '.join(names)} {install}"
+              for install, names in by_install.items()]
+    if session.unverified is not None:
+        lines.append(f"bytes not verified: {session.unverified}")
     lines += [f"{loader} ({scenario}): verification failed: {why}"
               for (loader, scenario), why in session.verified.items() if why != "ok"]
     return lines
@@ -157,6 +170,7 @@ def to_json(session: Session) -> dict[str, Any]:
         "verified": [{"loader": loader, "scenario": scenario, "result": result}
                      for (loader, scenario), result in session.verified.items()],
         "unavailable": session.unavailable,
+        "unverified": session.unverified,
         "summary": [row.to_dict() for row in summarize_runs(session.runs)],
         "runs": [run.to_dict() for run in session.runs],
     }

@@ -11,6 +11,7 @@ the checkpoint's page-cache residency.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -269,6 +270,8 @@ class Session:
     #: (loader, scenario) → "ok" or what went wrong, from the one verification run.
     verified: dict[tuple[str, str], str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: Why no loader was verified though verification was asked for (None: they were).
+    unverified: str | None = None
     machine: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
@@ -290,6 +293,8 @@ def benchmark(settings: Settings, loaders: Sequence[str], *, scenarios: Sequence
             session.unavailable[name] = why
     checks = []
     if verify:
+        session.unverified = reference_missing(settings.files)
+    if verify and session.unverified is None:
         checks = [Run(name, scenario, "warm", -1) for name in usable for scenario in scenarios
                   if LOADERS[name].kind != "reference" and LOADERS[name].verifiable
                   and scenario in LOADERS[name].scenarios]
@@ -312,6 +317,14 @@ def benchmark(settings: Settings, loaders: Sequence[str], *, scenarios: Sequence
         if on_result is not None:
             on_result(result)
     return session
+
+
+def reference_missing(files: Sequence[str]) -> str | None:
+    """Why the loaders' bytes cannot be checked here, or None. safetensors files are checked
+    against plain reads of the file (child.Verify); GGUF files against gguf-py's reader."""
+    if any(path.endswith(".gguf") for path in files) and importlib.util.find_spec("gguf") is None:
+        return "GGUF is checked against gguf-py's reader: pip install 'weightlift[bench]'"
+    return None
 
 
 def checkpoint_info(settings: Settings) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..bench import report
@@ -23,6 +22,7 @@ from ..checkpoint import resolve
 from ..remote import is_remote
 from ..io.engine import ENGINES
 from ..units import format_bytes, parse_size
+from .output import console as stdout
 from .progress import byte_progress, stderr
 
 
@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-raw", action="store_true",
                         help="skip the raw-read reference rows (O_DIRECT and buffered)")
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip the bit-exact check of each loader against safetensors")
+                        help="skip the bit-exact check of each loader against the files' "
+                             "bytes (read at the offsets their headers give)")
     parser.add_argument("--max-host-memory", type=parse_size, metavar="SIZE",
                         help="weightlift's host-memory budget (default: its own default)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
@@ -164,12 +165,12 @@ def run(args: argparse.Namespace) -> int:
     session = measure(settings, loaders, scenarios=args.scenario, caches=caches,
                       reps=args.reps, verify=verify)
     rows = report.summarize_runs(session.runs)
-    console = Console()
-    console.print(title(session), highlight=False)
+    console = stdout()
+    console.print(title(session), highlight=False, markup=False)
     for table in report.rich_tables(rows):
         console.print(table)
     for line in explain(session, rows):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     if args.json:
         report.write_json(session, args.json)
     if args.markdown:

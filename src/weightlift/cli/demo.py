@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table([r for r in session.runs if r.scenario == scenario], heading))
     budget = resolve_budget(args.max_host_memory)
     for line in story(session, budget):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     return 0 if all(r.status == "ok" for r in session.runs) else 1
 
 

@@ -15,7 +15,6 @@ import resource
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from .. import probes
@@ -23,6 +22,7 @@ from ..checkpoint import resolve
 from ..io import uring
 from ..io.auto import choose, gather
 from ..units import format_bytes
+from .output import console as stdout, label
 
 #: File systems whose files already live in memory.
 IN_MEMORY = ("tmpfs", "ramfs")
@@ -120,9 +120,11 @@ def _fstype(where: str | None) -> str | None:
 
 
 def render(report: dict[str, Any]) -> None:
-    console = Console()
+    console = stdout()
     sys_, acc = report["system"], report["accelerators"]
-    table = Table("check", "value", "note", title="weightlift doctor", show_lines=False)
+    table = Table(title="weightlift doctor", show_lines=False)
+    for header in ("check", "value", "note"):
+        label(table, header)
     size = report["source"]["bytes"] if "source" in report else None
     available = sys_["mem_available"]
     fits = ""

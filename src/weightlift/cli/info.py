@@ -8,12 +8,12 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from ..checkpoint import iter_entries, resolve
 from ..formats.gguf import GGUFMetadata
 from ..units import format_bytes
+from .output import console as stdout, label, number
 from .storage import add_storage_flags, source_of
 
 
@@ -69,26 +69,35 @@ def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None if metadata is None else dict(metadata)
 
 
+def table(title: str, *columns: tuple[str, bool]) -> Table:
+    """A table of ``(header, holds numbers)`` columns."""
+    out = Table(title=title)
+    for header, numeric in columns:
+        (number if numeric else label)(out, header)
+    return out
+
+
 def _print(info: dict) -> None:
-    console = Console()
+    console = stdout()
     console.print(f"[bold]{info['source']}[/]: {info['tensors']} tensors, "
                   f"{format_bytes(info['bytes'])} in {len(info['shards'])} file(s)")
-    dtypes = Table("dtype", "tensors", "bytes", title="dtypes")
+    dtypes = table("dtypes", ("dtype", False), ("tensors", True), ("bytes", True))
     for name, d in info["dtypes"].items():
         dtypes.add_row(name, str(d["tensors"]), format_bytes(d["bytes"]))
     console.print(dtypes)
-    shards = Table("file", "tensors", "size", title="files")
+    shards = table("files", ("file", False), ("tensors", True), ("size", True))
     for shard in info["shards"]:
         shards.add_row(shard["path"], str(shard["tensors"]), format_bytes(shard["file_bytes"]))
     console.print(shards)
     if info["metadata"]:
-        meta = Table("key", "value", title="metadata")
+        meta = table("metadata", ("key", False), ("value", False))
         for key, value in info["metadata"].items():
             value = str(value)
             meta.add_row(key, value if len(value) < 80 else value[:77] + "...")
         console.print(meta)
     if "tensor_list" in info:
-        tensors = Table("name", "dtype", "shape", "bytes", title="tensors")
+        tensors = table("tensors", ("name", False), ("dtype", False), ("shape", False),
+                        ("bytes", True))
         for t in info["tensor_list"]:
             tensors.add_row(t["name"], t["dtype"], str(t["shape"]), format_bytes(t["bytes"]))
         console.print(tensors)

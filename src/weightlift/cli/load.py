@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from ..api import load
@@ -14,6 +13,7 @@ from ..io import NAMES
 from ..io.engine import ENGINES
 from ..report import LoadReport
 from ..units import format_bytes, parse_size
+from .output import console, label
 from .progress import byte_progress
 from .storage import add_storage_flags, source_of
 
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(report: LoadReport, *, verbose: bool = False) -> None:
     table = Table(show_header=False, title=f"loaded {Path(report.source).name}")
+    label(table, "", no_wrap=True)
+    label(table, "")
     rows = [
         ("strategy", report.strategy),
         ("engine", report.engine),
@@ -88,4 +90,4 @@ def print_report(report: LoadReport, *, verbose: bool = False) -> None:
         rows.append(("fallback", fallback))
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    console().print(table)
