@@ -105,6 +105,21 @@ def _weightlift(strategy: str, sha256: bool = False, engine: str | None = None
     return run
 
 
+def _mmap_path(job: Job) -> Tensors:
+    """weightlift's ``mmap`` strategy used the way safetensors' ``load_file`` and llama.cpp use a
+    mapping by default: CPU tensors are views of the mapped files, and a device copy is made from
+    them by the caller, so the page cache fills with the checkpoint and stays when the load ends
+    (``stream(device=...)`` with ``mmap`` would drop each range once copied)."""
+    import weightlift
+
+    options = dict(strategy="mmap", max_host_memory=job.budget, engine=job.engine)
+    if job.scenario == "to_cpu":
+        yield from _drain(weightlift.load(job.source, **options))
+    else:
+        for name, tensor in weightlift.stream(job.source, device="cpu", **options):
+            yield name, _to_device(tensor, job)
+
+
 def digest_file(files: tuple[str, ...]) -> Path:
     """Where ``write_digests`` keeps the SHA-256 of ``files`` (named by their paths, sizes and
     modification times, so a changed file gets new digests)."""
@@ -369,6 +384,9 @@ WEIGHTLIFT_STRATEGIES = ("auto", "direct", "stream", "mmap")
 BOTH = ("safetensors", "gguf")
 TRANSFORMERS_GGUF = "transformers load_gguf_checkpoint (fp32)"
 WEIGHTLIFT_BF16 = "weightlift auto → bf16"
+#: weightlift's ``mmap`` strategy as safetensors and llama.cpp map files by default (``weightlift
+#: demo``'s contrast on an install without safetensors).
+MMAP_PATH = "weightlift mmap path"
 #: ``weightlift auto`` with ``verify=``: the cost of checking every file's SHA-256 (``--sha256``).
 VERIFIED = "weightlift auto +sha256"
 #: ``weightlift <strategy>`` on the io_uring engine, next to the same rows on the bench's engine
@@ -382,6 +400,7 @@ LOADERS: dict[str, Loader] = {
     **{name: Loader(name, "weightlift", _weightlift(s, engine="uring"), check=_uring_refused,
                     choice=_choice(s), formats=BOTH)
        for name, s in URING_ROWS.items()},
+    MMAP_PATH: Loader(MMAP_PATH, "weightlift", _mmap_path, choice=_choice("mmap"), formats=BOTH),
     VERIFIED: Loader(VERIFIED, "weightlift", _weightlift("auto", sha256=True),
                      choice=_choice("auto")),
     "safetensors load_file": Loader("safetensors load_file", "peer",

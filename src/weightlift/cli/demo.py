@@ -1,36 +1,42 @@
-"""``weightlift demo``: the project's point in one screen, measured, in under a minute.
+"""``weightlift demo``: the project's point in one screen, measured, in about a minute.
 
 A synthetic Llama-shaped checkpoint (generated once and cached) is loaded twice over, each load in
-a fresh process with the checkpoint evicted from the page cache first (``posix_fadvise``), by the
-bench's own child/runner machinery:
+a fresh process with the checkpoint evicted from the page cache first (``posix_fadvise``) and the
+memory freed before it settled, by the bench's own child/runner machinery:
 
 * **for a GPU** (the bench's ``device`` scenario: each tensor is copied into a reused destination
-  buffer and dropped): weightlift streams through a bounded window, where safetensors' mmap path
-  maps whole files, so its host memory and page cache grow with the checkpoint;
+  buffer and dropped): weightlift streams through a bounded window, where the mmap path (how
+  safetensors and llama.cpp load by default) maps whole files, so its host memory and page cache
+  grow with the checkpoint;
 * **into CPU memory** (a state dict kept): every loader holds the checkpoint; what differs is the
   speed and the page cache left behind.
 
-Needs only the core dependencies; safetensors rows appear when the package is installed.
+The mmap path is weightlift's own ``mmap`` strategy used as those libraries use a mapping, so the
+contrast shows with the core dependencies alone; safetensors' rows join where it is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from ..bench import report
 from ..bench.runner import RunResult, Session, Settings
 from ..budget import resolve_budget
 from ..units import format_bytes, parse_size
+from ..bench.loaders import MMAP_PATH
 from .bench import checkpoint_source, device_target, measure, title
+from .output import console as stdout, label, number
 
 AUTO = "weightlift auto"
+MMAP = MMAP_PATH
 PEER = "safetensors load_file"
+#: How the table names the mmap path (the line under it says more).
+MMAP_LABEL = "mmap, as safetensors/llama.cpp"
 #: (scenario, heading) in the order the screen shows them; each has a row per loader.
 SECTIONS = (
     ("device", "For a GPU: each tensor copied to its device buffer, then dropped"),
@@ -57,7 +63,7 @@ def loaders() -> list[str]:
         peer = True
     except ImportError:
         peer = False
-    return [AUTO, PEER] if peer else [AUTO]
+    return [AUTO, MMAP, PEER] if peer else [AUTO, MMAP]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(session), indent=2))
         return 0
-    console = Console()
+    console = stdout()
     console.print(f"[bold]{title(session)}[/bold]; each load in a fresh process, page cache "
                   "evicted first")
     for scenario, heading in SECTIONS:
@@ -81,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
 def table(runs: Sequence[RunResult], heading: str) -> Table:
     out = Table(title=heading, title_justify="left")
-    for name in ("loader", "seconds", "GB/s", "peak host memory", "page cache left"):
-        out.add_column(name, justify="left" if name == "loader" else "right", no_wrap=True)
+    label(out, "loader")
+    for name in ("seconds", "GB/s", "peak host memory", "page cache left"):
+        number(out, name)
     for result in runs:
-        name = result.loader
+        name = MMAP_LABEL if result.loader == MMAP else result.loader
         if result.loader == AUTO and result.strategy:
             name += f"→{result.strategy}"
         if result.status != "ok":
@@ -101,14 +108,12 @@ def story(session: Session, budget: int) -> list[str]:
     runs = {(r.scenario, r.loader): r for r in session.runs if r.status == "ok"}
     lines = []
     gpu, gpu_peer = runs.get(("device", AUTO)), runs.get(("device", PEER))
-    if gpu is not None:
-        text = (f"For a GPU, weightlift held {format_bytes(gpu.peak_memory)} of host memory for a "
-                f"{format_bytes(size)} checkpoint (budget {format_bytes(budget)})")
-        if gpu_peer is not None:
-            text += (f"; safetensors held {format_bytes(gpu_peer.peak_memory)} and left "
+    if gpu is not None and gpu_peer is not None:
+        lines.append(f"For a GPU, weightlift held {format_bytes(gpu.peak_memory)} of host memory "
+                     f"for a {format_bytes(size)} checkpoint (budget {format_bytes(budget)}); "
+                     f"safetensors held {format_bytes(gpu_peer.peak_memory)} and left "
                      f"{format_bytes(gpu_peer.cache_left)} in the page cache, weightlift "
-                     f"{format_bytes(gpu.cache_left)}")
-        lines.append(text + ".")
+                     f"{format_bytes(gpu.cache_left)}.")
     cpu, cpu_peer = runs.get(("to_cpu", AUTO)), runs.get(("to_cpu", PEER))
     if cpu is not None and cpu_peer is not None and cpu.seconds and cpu_peer.seconds:
         ratio = cpu_peer.seconds / cpu.seconds
@@ -117,6 +122,13 @@ def story(session: Session, budget: int) -> list[str]:
                      f"safetensors' {cpu_peer.seconds:.2f} s) and left "
                      f"{format_bytes(cpu.cache_left)} of page cache where safetensors left "
                      f"{format_bytes(cpu_peer.cache_left)}.")
+    contrast = meaning(runs, size, budget)
+    if contrast is not None:
+        lines.append(contrast)
+    if MMAP in {r.loader for r in session.runs}:
+        lines.append(f"{MMAP_LABEL}: weightlift's mmap strategy, used as safetensors and "
+                     "llama.cpp use a mapping by default; its memory is the mapping's, its speed "
+                     "weightlift's.")
     choices = {scenario: runs[(scenario, AUTO)] for scenario, _ in SECTIONS
                if (scenario, AUTO) in runs and runs[(scenario, AUTO)].strategy}
     if len({(r.strategy, r.reason) for r in choices.values()}) == 1 and len(choices) > 1:
@@ -135,3 +147,42 @@ def story(session: Session, budget: int) -> list[str]:
     lines.append(f"peak host memory: what the load added ({source}). More loaders and warm "
                  "runs: weightlift bench --peers")
     return lines
+
+
+def meaning(runs: Mapping[tuple[str, str], RunResult], size: int, budget: int) -> str | None:
+    """One line on what the mmap path's host memory and page cache mean next to weightlift's,
+    each claim made only where the measured numbers bear it out."""
+    parts = []
+    gpu, gpu_map = runs.get(("device", AUTO)), runs.get(("device", MMAP))
+    if gpu is not None and gpu_map is not None and None not in (gpu.peak_memory,
+                                                                 gpu_map.peak_memory):
+        held, mapped = gpu.peak_memory, gpu_map.peak_memory
+        text = (f"for a GPU the mmap path held {format_bytes(mapped)} of host memory "
+                f"({mapped / size:.0%} of the checkpoint) and weightlift "
+                f"{format_bytes(held)} ({held / size:.0%})")
+        if mapped > 1.25 * held:
+            text += f", {mapped / max(held, 1):.1f}× less"
+            if mapped >= size / 2 and held <= budget:
+                text += (": on the mmap path host memory grows with the checkpoint, weightlift's "
+                         f"stays within its {format_bytes(budget)} budget")
+        elif held > 1.25 * mapped:
+            text += ": weightlift held more at this size"
+        else:
+            text += ": about the same at this size"
+        parts.append(text)
+    left = [(runs[(s, MMAP)].cache_left, runs[(s, AUTO)].cache_left) for s, _ in SECTIONS
+            if (s, MMAP) in runs and (s, AUTO) in runs]
+    left = [(mapped, held) for mapped, held in left if mapped is not None and held is not None]
+    if left:
+        mapped, held = max(m for m, _ in left), max(h for _, h in left)
+        if mapped > held + size // 10:
+            parts.append(f"after the load the mmap path left {format_bytes(mapped)} in the page "
+                         f"cache where weightlift left {format_bytes(held)}: memory this machine "
+                         "(and a container's memory limit) still counts until the kernel "
+                         "reclaims it")
+        else:
+            parts.append(f"neither left much page cache behind ({format_bytes(mapped)} and "
+                         f"{format_bytes(held)})")
+    if not parts:
+        return None
+    return "What it means: " + "; ".join(parts) + "."
