@@ -4,6 +4,9 @@ and output. No timing assertions: only what the numbers are made of."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from weightlift.bench import child, report, runner, synthetic
+from weightlift.api import parse_dtype
 from weightlift.bench.loaders import LOADERS, RAW, Job, peer_loaders, raw_read
 from weightlift.bench.runner import Run, RunResult
 from weightlift.bench.stats import most_common, summarize
@@ -275,6 +279,127 @@ def test_verification_catches_wrong_bytes(checkpoint: Path) -> None:
         verify(name, tensor)
     with pytest.raises(AssertionError, match="missing"):
         verify.finish()
+
+
+def test_the_reference_reads_what_safetensors_reads(checkpoint: Path) -> None:
+    """The bench's reference (the header parsed with struct + json, bytes read with preads) agrees
+    with the safetensors package on every tensor: dtype, shape and bytes."""
+    files = [str(p) for p in synthetic.shard_paths(checkpoint)]
+    verify = child.Verify(files)
+    seen = 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                want, tensor = verify.where[name], f.get_tensor(name)
+                assert want.path == path
+                assert parse_dtype(want.dtype) == tensor.dtype
+                assert want.shape == tuple(tensor.shape)
+                assert bytes(child.read_range(want, name)) == \
+                    tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+                seen += 1
+    assert seen == len(verify.where) == len(synthetic.tensor_specs(synthetic.config_for(SIZE)))
+
+
+def without(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """An environment in which ``modules`` cannot be imported, in every process started from it
+    (as where they are not installed: ``find_spec`` finds nothing, ``import`` fails)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in modules))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+WITHOUT_SAFETENSORS = """
+import importlib.util, json, sys
+import torch
+import weightlift
+from weightlift.bench import child
+from weightlift.bench.loaders import LOADERS, Job, Loader
+
+assert importlib.util.find_spec("safetensors") is None
+source, files = sys.argv[1], tuple(sys.argv[2:])
+out = {"measured": child.measure(Job(source, files, "to_cpu", "cpu"), "weightlift auto",
+                                 verify=True)["status"]}
+
+def corrupt(job):
+    for i, (name, tensor) in enumerate(weightlift.stream(job.source)):
+        if i == 3:
+            tensor = tensor.clone()
+            tensor.reshape(-1).view(torch.uint8)[-1] ^= 1
+        yield name, tensor
+
+LOADERS["corrupt"] = Loader("corrupt", "weightlift", corrupt)
+
+def outcome(call):
+    try:
+        call()
+        return "ok"
+    except AssertionError as exc:
+        return str(exc)
+
+out["corrupt load"] = outcome(lambda: child.measure(Job(source, files, "device", "cpu"),
+                                                    "corrupt", verify=True))
+name, tensor = next(iter(weightlift.load(files[0]).items()))
+verify = child.Verify(files)
+out["retyped"] = outcome(lambda: verify(name, tensor.view(torch.int16)))
+out["reshaped"] = outcome(lambda: verify(name, tensor.reshape(-1)))
+out["missing"] = outcome(verify.finish)
+out["safetensors imported"] = sys.modules.get("safetensors") is not None
+print(json.dumps(out))
+"""
+
+
+def test_verification_needs_no_optional_package(checkpoint: Path, tmp_path: Path) -> None:
+    """With safetensors unimportable, a good load verifies and corrupted ones are caught."""
+    files = [str(p) for p in synthetic.shard_paths(checkpoint)]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SAFETENSORS, str(checkpoint), *files],
+                          capture_output=True, text=True, env=without(tmp_path, "safetensors"))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["measured"] == "ok"
+    assert "bytes differ from" in out["corrupt load"]
+    assert "torch.int16" in out["retyped"] and "torch.bfloat16" in out["retyped"]
+    assert "!=" in out["reshaped"]
+    assert "tensors missing" in out["missing"]
+    assert out["safetensors imported"] is False
+
+
+def test_bench_measures_and_verifies_on_a_base_install(checkpoint: Path, tmp_path: Path) -> None:
+    """``weightlift bench`` where only the core dependencies are installed: every row verified
+    and measured, no 'verification failed'."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "weightlift", "bench", str(checkpoint),
+                           "--strategies", "auto,mmap", "--scenario", "device", "--cache", "cold",
+                           "--reps", "1", "--no-raw", "--json", str(out)],
+                          capture_output=True, text=True,
+                          env=without(tmp_path, "safetensors", "matplotlib"))
+    assert done.returncode == 0, done.stderr
+    assert "verification failed" not in done.stdout
+    data = json.loads(out.read_text())
+    assert {v["loader"]: v["result"] for v in data["verified"]} == \
+        {"weightlift auto": "ok", "weightlift mmap": "ok"}
+    assert data["unverified"] is None
+    assert [(r["loader"], r["status"]) for r in data["runs"]] == \
+        [("weightlift auto", "ok"), ("weightlift mmap", "ok")]
+    assert "device, cold" in done.stdout and "weightlift mmap" in done.stdout
+
+
+def test_peers_an_extra_brings_are_named_in_one_line(checkpoint: Path) -> None:
+    why = "{} is not installed (pip install 'weightlift[bench]')"
+    settings = runner.Settings(str(checkpoint))
+    session = runner.Session(settings, unavailable={
+        "safetensors load_file": why.format("safetensors"),
+        "safetensors pread": why.format("safetensors"),
+        "fastsafetensors": why.format("fastsafetensors"),
+        "raw O_DIRECT read": "this platform has no O_DIRECT"})
+    assert report.unavailable_lines(session) == [
+        "raw O_DIRECT read: not run (this platform has no O_DIRECT)",
+        "not installed here, not run: safetensors load_file, safetensors pread, fastsafetensors "
+        "(pip install 'weightlift[bench]')"]
+    session.unverified = "GGUF is checked against gguf-py's reader: pip install 'weightlift[bench]'"
+    assert report.unavailable_lines(session)[-1] == f"bytes not verified: {session.unverified}"
 
 
 @pytest.mark.parametrize("direct", [True, False])
