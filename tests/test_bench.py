@@ -402,6 +402,17 @@ def test_peers_an_extra_brings_are_named_in_one_line(checkpoint: Path) -> None:
     assert report.unavailable_lines(session)[-1] == f"bytes not verified: {session.unverified}"
 
 
+def test_gguf_without_its_reference_is_measured_unverified_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    assert "weightlift[bench]" in str(runner.reference_missing(["model.gguf"]))
+    assert runner.reference_missing(["model-00001-of-00002.safetensors"]) is None
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_raw_reads_read_every_byte(checkpoint: Path, direct: bool) -> None:
     if direct and LOADERS[RAW].unavailable() is not None:
