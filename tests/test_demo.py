@@ -118,4 +118,8 @@ def test_the_meaning_line_says_what_the_numbers_show() -> None:
     assert line is not None
     assert "about the same at this size" in line and "grows" not in line
     assert "neither left much page cache behind" in line and "reclaims" not in line
+    runs[("to_cpu", AUTO)] = result("to_cpu", AUTO, 1000 * mib, 900 * mib)
+    line = demo.meaning(runs, size, budget)
+    assert line is not None and "neither" not in line
+    assert f"{format_bytes(0)} on the mmap path, {format_bytes(900 * mib)} with weightlift" in line
     assert demo.meaning({}, size, budget) is None

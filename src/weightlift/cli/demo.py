@@ -2,7 +2,7 @@
 
 A synthetic Llama-shaped checkpoint (generated once and cached) is loaded twice over, each load in
 a fresh process with the checkpoint evicted from the page cache first (``posix_fadvise``) and the
-memory freed before it settled, by the bench's own child/runner machinery:
+memory an earlier load freed settled, by the bench's own child/runner machinery:
 
 * **for a GPU** (the bench's ``device`` scenario: each tensor is copied into a reused destination
   buffer and dropped): weightlift streams through a bounded window, where the mmap path (how
@@ -25,10 +25,10 @@ from pathlib import Path
 from rich.table import Table
 
 from ..bench import report
+from ..bench.loaders import MMAP_PATH
 from ..bench.runner import RunResult, Session, Settings
 from ..budget import resolve_budget
 from ..units import format_bytes, parse_size
-from ..bench.loaders import MMAP_PATH
 from .bench import checkpoint_source, device_target, measure, title
 from .output import console as stdout, label, number
 
@@ -180,9 +180,12 @@ def meaning(runs: Mapping[tuple[str, str], RunResult], size: int, budget: int) -
                          f"cache where weightlift left {format_bytes(held)}: memory this machine "
                          "(and a container's memory limit) still counts until the kernel "
                          "reclaims it")
-        else:
+        elif max(mapped, held) < size // 10:
             parts.append(f"neither left much page cache behind ({format_bytes(mapped)} and "
                          f"{format_bytes(held)})")
+        else:
+            parts.append(f"page cache left behind: {format_bytes(mapped)} on the mmap path, "
+                         f"{format_bytes(held)} with weightlift")
     if not parts:
         return None
     return "What it means: " + "; ".join(parts) + "."
