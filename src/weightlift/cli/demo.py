@@ -45,7 +45,7 @@ SECTIONS = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="see what weightlift does, measured, in under a minute")
+    parser = sub.add_parser("demo", help="see what weightlift does, measured, in about a minute")
     parser.add_argument("--size", type=parse_size, default=1000**3, metavar="SIZE",
                         help="synthetic checkpoint size (default 1GB)")
     parser.add_argument("--cache-dir", type=Path,
