@@ -55,6 +55,22 @@ class MissingFileError(CheckpointError, FileNotFoundError):
         self.errno = 2  # ENOENT; strerror stays unset so str() is the message above
 
 
+class AccessDeniedError(CheckpointError, PermissionError):
+    """A checkpoint file exists but may not be read. Also a ``PermissionError``, as safetensors
+    raises for it."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        super().__init__(message, path=path, tensor=tensor)
+        self.errno = 13  # EACCES; strerror stays unset so str() is the message above
+
+
+class SliceError(WeightliftError, IndexError):
+    """An index ``get_slice(name)[...]`` cannot serve: out of range, or of a form safetensors'
+    slices refuse. Also an ``IndexError``, as numpy and torch raise for such indices; ``tensor``
+    names the tensor (the message is the reference's own, which does not)."""
+
+
 class IntegrityError(WeightliftError):
     """A file's SHA-256 is not the expected one: a corrupted or half-downloaded shard.
 

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .api import load
-from .compat import reference_errors, strategy_for
+from .compat import reference_errors, reference_open_errors, strategy_for
 
 
 @reference_errors
@@ -24,12 +24,14 @@ def load_file(filename: str | os.PathLike[str], device: str | int | torch.device
 
     ``backend`` (``"mmap"`` or ``"pread"``, as in safetensors >= 0.8) picks ``mmap`` or
     ``stream`` when no ``strategy`` is named; the default is weightlift's ``auto``. A missing
-    file raises ``FileNotFoundError``; other errors are also ``safetensors.SafetensorError``s
-    when that package is installed.
+    file raises ``FileNotFoundError`` and an unreadable one ``PermissionError``, with the
+    reference's messages; other errors are also ``safetensors.SafetensorError``s when that
+    package is installed.
     """
     if isinstance(device, int):
         device = f"cuda:{device}"
-    return load(filename, device=device, strategy=strategy_for(strategy, backend))
+    with reference_open_errors(filename):
+        return load(filename, device=device, strategy=strategy_for(strategy, backend))
 
 
 __all__ = ["load_file"]
