@@ -41,6 +41,11 @@ class PlacementError(WeightliftError):
     """A tensor could not be placed: unknown device, wrong shape or dtype for a destination."""
 
 
+class ModelMismatchError(PlacementError, RuntimeError):
+    """``weightlift.torch.load_model``: the file's tensors and the model's parameters differ
+    (missing or unexpected names). Also a ``RuntimeError``, as torch and safetensors raise."""
+
+
 class UnsupportedQuantization(PlacementError):
     """A GGML type weightlift cannot dequantize; the tensor still loads packed (without ``dtype=``)."""
 
