@@ -20,13 +20,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors import safe_open as reference_open
+from safetensors.numpy import load_file as reference_np_load_file
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file as reference_load_file
-from safetensors.torch import save_file
+from safetensors.torch import load_model as reference_load_model
+from safetensors.torch import save_file, save_model
 
+import weightlift.numpy as wnumpy
 import weightlift.torch as wtorch
 from weightlift.compat import numpy_dtype, safe_open
-from weightlift.errors import CheckpointError, SliceError, WeightliftError
+from weightlift.errors import (CheckpointError, MissingFileError, ModelMismatchError,
+                               SliceError, WeightliftError)
 
 from conftest import DTYPE_NAMES, bytes_of, random_tensor
 
@@ -462,6 +466,80 @@ def test_odd_dtypes_like_the_reference_test(tmp_path: Path) -> None:
         assert torch.equal(got[key], data[key]), key
     assert got["e4m3"].item() == -0.5 and got["e5m2"].item() == -0.5
     assert got["e8m0"].item() == 0.5
+
+
+class Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = self.a
+        self.c = torch.nn.Linear(8, 2)
+
+
+class Untied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+
+
+@pytest.mark.parametrize("saved, loaded", [(Tied, Tied), (Tied, Untied), (Untied, Tied),
+                                           (Untied, Untied)], ids=lambda cls: cls.__name__)
+def test_load_model_fills_and_reports_like_the_reference(tmp_path: Path, saved: type,
+                                                         loaded: type) -> None:
+    path = tmp_path / "model.safetensors"
+    save_model(saved(), path)
+    want_model, got_model = loaded(), loaded()
+    missing, unexpected = reference_load_model(want_model, path, strict=False)
+    got_missing, got_unexpected = wtorch.load_model(got_model, path, strict=False)
+    assert sorted(got_missing) == sorted(missing) and sorted(got_unexpected) == sorted(unexpected)
+    want_state, got_state = want_model.state_dict(), got_model.state_dict()
+    filled = [name for name in want_state if name not in missing]  # the rest keep their init
+    assert filled and all(same(got_state[name], want_state[name]) for name in filled)
+    assert (got_model.a.weight is got_model.b.weight) == (loaded is Tied)
+    if missing or unexpected:
+        with pytest.raises(RuntimeError) as want:
+            reference_load_model(loaded(), path)
+        with pytest.raises(ModelMismatchError) as got:
+            wtorch.load_model(loaded(), path)
+        assert str(got.value).endswith(str(want.value))
+        assert isinstance(got.value, RuntimeError)
+
+
+def test_load_model_refuses_tied_views_none_of_which_is_whole(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(4, 4)}, path)
+    model = torch.nn.Module()
+    storage = torch.zeros(40)
+    model.a = torch.nn.Linear(4, 4, bias=False)
+    model.b = torch.nn.Linear(4, 4, bias=False)
+    model.a.weight = torch.nn.Parameter(storage[:16].view(4, 4))
+    model.b.weight = torch.nn.Parameter(storage[8:24].view(4, 4))  # overlaps a, neither whole
+    with pytest.raises(ModelMismatchError, match=r"\['a.weight', 'b.weight'\].*none spans"):
+        wtorch.load_model(model, path)
+
+
+def test_numpy_load_file_matches_safetensors_numpy_load_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    arrays = {"f64": rng.standard_normal((3, 4)), "f16": rng.standard_normal(7).astype(np.float16),
+              "i8": rng.integers(-128, 127, (2, 2, 2), dtype=np.int8), "b": np.asarray(True),
+              "u64": rng.integers(0, 2**63, 5, dtype=np.uint64), "empty": np.zeros((0, 3))}
+    np_save_file(arrays, tmp_path / "np.safetensors")
+    want = reference_np_load_file(tmp_path / "np.safetensors")
+    got = wnumpy.load_file(tmp_path / "np.safetensors")
+    assert sorted(got) == sorted(want) == sorted(arrays)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
+        assert got[name].tobytes() == array.tobytes(), name
+
+
+def test_a_missing_shard_keeps_weightlift_s_message(tmp_path: Path) -> None:
+    """Only the named file itself gets the reference's wording; a shard an index lists does not."""
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {"w": "model-00001.safetensors"}}')
+    with pytest.raises(MissingFileError, match="shard 'model-00001.safetensors'.*missing"):
+        safe_open(index, "pt")
 
 
 def test_weightlift_torch_does_not_shadow_torch() -> None:

@@ -102,8 +102,8 @@ def reference_open_errors(filename: Source) -> Iterator[None]:
     try:
         yield
     except MissingFileError as exc:
-        if not _is_file(filename, exc.path):
-            raise
+        if not _is_file(filename, exc.path) or os.path.exists(exc.path or ""):
+            raise  # a shard an index names is missing, not the file itself
         name = os.fspath(filename)  # type: ignore[arg-type]
         error = MissingFileError(f"No such file or directory: {name}")
         error.path = exc.path
