@@ -27,8 +27,12 @@ import json
 import os
 import pickle
 import random
+import select
+import shutil
+import signal
 import struct
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -230,7 +234,7 @@ def test_numpy_slice(api: SimpleNamespace, tmp_path: Path) -> None:
 
 # -- test_errors.py ----------------------------------------------------------------------------
 
-def _as_nobody(call: Callable[[], object]) -> tuple[str, ...]:
+def _as_nobody(call: Callable[[], object], timeout: float = 120.0) -> tuple[str, ...]:
     """Run ``call`` in a forked child without root's right to read anything; the classes of the
     exception it raised (or ``("ok",)``). Upstream skips as root; a child that drops to
     ``nobody`` runs the check instead."""
@@ -249,39 +253,46 @@ def _as_nobody(call: Callable[[], object]) -> tuple[str, ...]:
         finally:
             os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if not ready:  # a lock some other thread held at the fork: do not hang the suite
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the child opening the file as nobody did not finish in {timeout} s")
+        with os.fdopen(read_end, "rb", closefd=False) as pipe:
+            data = pipe.read()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
     return tuple(json.loads(data))
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
-def test_permission_denied(api: SimpleNamespace, tmp_path: Path) -> None:
-    directory = tmp_path / "public"
-    directory.mkdir()
-    for parent in [directory, *directory.parents]:
-        if parent.stat().st_uid == os.geteuid():
-            parent.chmod(parent.stat().st_mode | 0o005)  # let a non-root child reach the file
-    path = directory / "model.safetensors"
-    np_save_file({"test": np.zeros(1, dtype=np.float32)}, path)
-    path.chmod(0)
-    # safetensors 0.8 reports every failed open as FileNotFoundError; main raises PermissionError
-    expected = ("FileNotFoundError" if api is APIS["safetensors"] and REFERENCE_0_8
-                else "PermissionError")
+def test_permission_denied(api: SimpleNamespace) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="weightlift-permission-"))
+    try:
+        directory.chmod(0o711)  # a child that dropped root can reach the file, not list the dir
+        path = directory / "model.safetensors"
+        np_save_file({"test": np.zeros(1, dtype=np.float32)}, path)
+        path.chmod(0)
+        # safetensors 0.8 reports any failed open as FileNotFoundError; main: PermissionError
+        expected = ("FileNotFoundError" if api is APIS["safetensors"] and REFERENCE_0_8
+                    else "PermissionError")
 
-    def open_it() -> None:
-        with api.safe_open(path, framework="np"):
-            pass
+        def open_it() -> None:
+            with api.safe_open(path, framework="np"):
+                pass
 
-    if os.geteuid() == 0:
-        raised = _as_nobody(open_it)
-    else:
-        try:
-            open_it()
-            raised = ("ok",)
-        except OSError as exc:
-            raised = tuple(cls.__name__ for cls in type(exc).__mro__)
-    assert expected in raised, raised
+        if os.geteuid() == 0:
+            raised = _as_nobody(open_it)
+        else:
+            try:
+                open_it()
+                raised = ("ok",)
+            except OSError as exc:
+                raised = tuple(cls.__name__ for cls in type(exc).__mro__)
+        assert expected in raised, raised
+    finally:
+        shutil.rmtree(directory)
 
 
 # -- test_pt_comparison.py: TorchTestCase ------------------------------------------------------
