@@ -48,7 +48,7 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
     used = sum(1 for item in items if item is not None and item is not Ellipsis)
     if used > len(shape):
         raise slice_error(f"{name}: too many indices for tensor of dimension {len(shape)} "
-                           f"(shape {list(shape)}, {used} indices given)", name)
+                          f"(shape {list(shape)}, {used} indices given)", name)
     if Ellipsis in items:
         at = next(i for i, item in enumerate(items) if item is Ellipsis)
         items[at:at + 1] = [slice(None)] * (len(shape) - used)
@@ -76,7 +76,7 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
             position = operator.index(item)
             if not -size <= position < size:
                 raise slice_error(f"{name}: index {position} is out of bounds for dimension "
-                                   f"{dim} with size {size}", name)
+                                  f"{dim} with size {size}", name)
             position %= size
             box.append(slice(position, position + 1, 1))
             rest.append(0)
@@ -101,13 +101,13 @@ def _positions(item: Any, shape: tuple[int, ...], dim: int, name: str) -> torch.
         return values.nonzero().reshape(-1)
     if values.is_floating_point() or values.is_complex():
         raise slice_error(f"{name}: tensors used as indices must be integer or boolean, got "
-                           f"{values.dtype}", name)
+                          f"{values.dtype}", name)
     values = values.to(torch.int64)
     bad = (values < -size) | (values >= size)
     if bool(bad.any()):
         wrong = int(values[bad].reshape(-1)[0])
         raise slice_error(f"{name}: index {wrong} is out of bounds for dimension {dim} with "
-                           f"size {size}", name)
+                          f"size {size}", name)
     return torch.where(values < 0, values + size, values)
 
 

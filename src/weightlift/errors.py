@@ -73,7 +73,7 @@ class AccessDeniedError(CheckpointError, PermissionError):
 class SliceError(WeightliftError, IndexError):
     """An index ``get_slice(name)[...]`` cannot serve: out of range, or of a form safetensors'
     slices refuse. Also an ``IndexError``, as numpy and torch raise for such indices; ``tensor``
-    names the tensor (the message is the reference's own, which does not)."""
+    names the tensor (messages worded as the reference's may not)."""
 
 
 class IntegrityError(WeightliftError):

@@ -78,7 +78,7 @@ def normalize(shape: tuple[int, ...], index: Index, name: str = "tensor"
     used = sum(1 for item in items if item is not None and item is not Ellipsis)
     if used > len(shape):
         raise slice_error(f"{name}: too many indices for tensor of dimension {len(shape)} "
-                           f"(shape {list(shape)}, {used} indices given)", name)
+                          f"(shape {list(shape)}, {used} indices given)", name)
     if ellipses:
         at = items.index(Ellipsis)
         items[at:at + 1] = [slice(None)] * (len(shape) - used)
@@ -116,7 +116,7 @@ def _axis(item: Any, size: int, dim: int, name: str) -> Axis:
         position += size
     if not 0 <= position < size:
         raise slice_error(f"{name}: index {operator.index(item)} is out of bounds for dimension "
-                           f"{dim} with size {size}", name)
+                          f"{dim} with size {size}", name)
     return Axis(position, 1, 1, False)
 
 
@@ -161,12 +161,12 @@ def reference_numpy_index(shape: tuple[int, ...], index: Any, name: str = "tenso
             position = _reference_int(item)
             if position is None:
                 raise slice_error(f"Unsupported slice index at position {dim}: expected slice, "
-                                   "int, or ellipsis", name)
+                                  "int, or ellipsis", name)
             size = shape[dim] if dim < len(shape) else 0
             if position < 0:
                 if position + size < 0:
                     raise slice_error(f"Invalid index {position} for dimension {dim} of size "
-                                       f"{size}", name)
+                                      f"{size}", name)
                 position += size
             items.append(position)
     where = f"Error during slicing {_show(items)} with shape {list(shape)}"
@@ -181,7 +181,7 @@ def reference_numpy_index(shape: tuple[int, ...], index: Any, name: str = "tenso
             asked = start if start >= size else stop - 1 if stop > size else None
             if asked is not None:
                 raise slice_error(f"{where}: index {asked} out of bounds for tensor dimension "
-                                   f"#{dim} of size {size}", name)
+                                  f"#{dim} of size {size}", name)
             if start > stop:  # the reference checks every bound first, then fails on this one
                 backwards = backwards or (f"{where}: slice start {start} is past its stop {stop} "
                                           f"in tensor dimension #{dim}")
@@ -189,7 +189,7 @@ def reference_numpy_index(shape: tuple[int, ...], index: Any, name: str = "tenso
         else:
             if item >= size:
                 raise slice_error(f"{where}: index {item} out of bounds for tensor dimension "
-                                   f"#{dim} of size {size}", name)
+                                  f"#{dim} of size {size}", name)
             basic.append(item)
     if backwards:  # (with a SystemError for a negative size, or a panic)
         raise slice_error(backwards, name)
