@@ -3,8 +3,9 @@
     import weightlift
     state = weightlift.load("path/to/checkpoint", device="cuda")
 
-Drop-ins: ``weightlift.safe_open`` (like ``safetensors.safe_open``) and
-``weightlift.torch.load_file``. Tensor-parallel loading: ``weightlift.distributed``.
+Drop-ins: ``weightlift.safe_open`` (like ``safetensors.safe_open``),
+``weightlift.torch.load_file``/``load_model`` and ``weightlift.numpy.load_file``.
+Tensor-parallel loading: ``weightlift.distributed``.
 """
 
 from .api import Checkpoint, TensorDescription, load, open, stream

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .slicing import slice_error
+
 
 def is_advanced(item: Any) -> bool:
     """True for a list, a numpy array or a torch tensor of at least one dimension."""
@@ -42,11 +44,11 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
     """``(box, rest)``: ``stored[box][rest]`` equals ``stored[index]`` under torch indexing."""
     items = list(index) if isinstance(index, tuple) else [index]
     if sum(1 for item in items if item is Ellipsis) > 1:
-        raise IndexError(f"{name}: an index can only have a single ellipsis ('...')")
+        raise slice_error(f"{name}: an index can only have a single ellipsis ('...')", name)
     used = sum(1 for item in items if item is not None and item is not Ellipsis)
     if used > len(shape):
-        raise IndexError(f"{name}: too many indices for a tensor of dimension {len(shape)} "
-                         f"(shape {list(shape)}): {used} were given")
+        raise slice_error(f"{name}: too many indices for tensor of dimension {len(shape)} "
+                          f"(shape {list(shape)}, {used} indices given)", name)
     if Ellipsis in items:
         at = next(i for i, item in enumerate(items) if item is Ellipsis)
         items[at:at + 1] = [slice(None)] * (len(shape) - used)
@@ -59,7 +61,7 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
             continue
         size = shape[dim]
         if is_advanced(item):
-            positions = _positions(item, size, dim, name)
+            positions = _positions(item, shape, dim, name)
             lo = int(positions.min()) if positions.numel() else 0
             hi = int(positions.max()) + 1 if positions.numel() else 0
             box.append(slice(lo, hi, 1))
@@ -73,8 +75,8 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
         else:
             position = operator.index(item)
             if not -size <= position < size:
-                raise IndexError(f"{name}: index {position} is out of bounds for dimension {dim} "
-                                 f"with size {size}")
+                raise slice_error(f"{name}: index {position} is out of bounds for dimension "
+                                  f"{dim} with size {size}", name)
             position %= size
             box.append(slice(position, position + 1, 1))
             rest.append(0)
@@ -82,8 +84,9 @@ def split_index(shape: tuple[int, ...], index: Any, name: str = "tensor"
     return tuple(box), tuple(rest)
 
 
-def _positions(item: Any, size: int, dim: int, name: str) -> torch.Tensor:
-    """The int64 positions a list/array/tensor index selects on a dimension of ``size``."""
+def _positions(item: Any, shape: tuple[int, ...], dim: int, name: str) -> torch.Tensor:
+    """The int64 positions a list/array/tensor index selects on dimension ``dim``."""
+    size = shape[dim]
     try:
         values = torch.as_tensor(np.asarray(item) if isinstance(item, list) else item)
     except (TypeError, ValueError) as exc:
@@ -92,18 +95,19 @@ def _positions(item: Any, size: int, dim: int, name: str) -> torch.Tensor:
         values = values.to(torch.int64)
     if values.dtype == torch.bool:
         if values.dim() != 1 or values.numel() != size:
-            raise IndexError(f"{name}: boolean index of shape {list(values.shape)} does not match "
-                             f"dimension {dim} with size {size}")
+            raise slice_error(f"{name}: The shape of the mask {list(values.shape)} at index "
+                              f"{dim} does not match the shape of the indexed tensor "
+                              f"{list(shape)} at index {dim}", name)
         return values.nonzero().reshape(-1)
     if values.is_floating_point() or values.is_complex():
-        raise IndexError(f"{name}: tensors used as indices must be integer or boolean, got "
-                         f"{values.dtype}")
+        raise slice_error(f"{name}: tensors used as indices must be integer or boolean, got "
+                          f"{values.dtype}", name)
     values = values.to(torch.int64)
     bad = (values < -size) | (values >= size)
     if bool(bad.any()):
         wrong = int(values[bad].reshape(-1)[0])
-        raise IndexError(f"{name}: index {wrong} is out of bounds for dimension {dim} with "
-                         f"size {size}")
+        raise slice_error(f"{name}: index {wrong} is out of bounds for dimension {dim} with "
+                          f"size {size}", name)
     return torch.where(values < 0, values + size, values)
 
 

@@ -12,8 +12,11 @@ and the source may be any checkpoint ``weightlift.load`` accepts (directory, ind
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar, Union
 
@@ -22,13 +25,13 @@ import torch
 
 from . import api
 from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import CheckpointError, WeightliftError
+from .errors import AccessDeniedError, CheckpointError, MissingFileError, WeightliftError
 from .budget import resolve_budget
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
 from .place import parse_device
 from .advanced import has_advanced, split_index
-from .slicing import Index, plan_slice
+from .slicing import Index, plan_slice, reference_numpy_index
 
 Array = Union[torch.Tensor, np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,6 +94,35 @@ def reference_errors(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def reference_open_errors(filename: Source) -> Iterator[None]:
+    """Opening ``filename`` fails as with the reference when the file itself is the problem:
+    ``FileNotFoundError`` saying ``No such file or directory: <filename>``, and
+    ``PermissionError`` when it may not be read. Both stay weightlift errors (``path`` set)."""
+    try:
+        yield
+    except MissingFileError as exc:
+        if not _is_file(filename, exc.path) or os.path.exists(exc.path or ""):
+            raise  # a shard an index names is missing, not the file itself
+        name = os.fspath(filename)  # type: ignore[arg-type]
+        error = MissingFileError(f"No such file or directory: {name}")
+        error.path = exc.path
+        raise error from None
+    except WeightliftError as exc:
+        if not isinstance(exc.__cause__, PermissionError) or not _is_file(filename, exc.path):
+            raise
+        denied = AccessDeniedError(str(exc))
+        denied.path, denied.tensor = exc.path, exc.tensor
+        raise denied from exc.__cause__
+
+
+def _is_file(filename: Source, path: str | None) -> bool:
+    """Whether ``path`` (from an error) is the file ``filename`` names."""
+    if path is None or not isinstance(filename, (str, os.PathLike)):
+        return False
+    return Path(path) == Path(os.fspath(filename))
+
+
 def _usage_error(message: str) -> Exception:
     """A ``ValueError`` (catchable as ``SafetensorError`` where the reference raises that)."""
     return reference_compatible(ValueError)(message)
@@ -126,7 +158,9 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
     ``strategy``: how bytes are read (``"auto"``, ``"mmap"``, ``"direct"``, ``"stream"``);
     ``backend`` (the reference's ``"mmap"`` or ``"pread"``) picks ``mmap`` or ``stream`` when no
     strategy is named. Errors are catchable as ``safetensors.SafetensorError`` when that package
-    is installed, and a missing file raises ``FileNotFoundError``, as with the reference.
+    is installed; a missing file raises ``FileNotFoundError`` and an unreadable one
+    ``PermissionError``, as with the reference. With ``framework="np"`` slices are checked as the
+    reference checks them (strict bounds, its messages); with ``"pt"`` they follow torch.
 
     Slices are read with one strategy prepared on first use and kept until ``close``. Unlike the
     reference, a handle refuses use after its ``with`` block, slices included.
@@ -145,7 +179,8 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
         if self.framework == "np" and self.device.type != "cpu":
             raise ValueError(f"framework='np' returns host arrays; device {device!r} is not 'cpu'")
         self.strategy = strategy
-        self._checkpoint: api.Checkpoint | None = api.open(filename)
+        with reference_open_errors(filename):
+            self._checkpoint: api.Checkpoint | None = api.open(filename)
         self._reader: Strategy | None = None
 
     # -- the reference's methods -----------------------------------------------------------
@@ -235,7 +270,9 @@ class safe_open:  # noqa: N801 - the name safetensors users already import
 
         layout = self._layout()
         rest = None
-        if has_advanced(index):  # lists and tensors: read the block holding them, then index it
+        if self.framework == "np":  # the reference's numpy slices: strict bounds, its messages
+            index = reference_numpy_index(entry.info.shape, index, entry.name)
+        elif has_advanced(index):  # lists and tensors: read the block holding them, then index it
             index, rest = split_index(entry.info.shape, index, entry.name)
         plan_slice(entry.info, index)  # raise IndexError & co. before preparing anything
         out: dict[str, torch.Tensor] = {}
@@ -295,4 +332,4 @@ def strategy_for(strategy: str | None, backend: str | None) -> str:
 
 
 __all__ = ["BACKENDS", "FRAMEWORKS", "NUMPY_DTYPES", "TensorSlice", "numpy_dtype", "reference_compatible",
-           "reference_errors", "safe_open", "strategy_for", "to_numpy"]
+           "reference_errors", "reference_open_errors", "safe_open", "strategy_for", "to_numpy"]

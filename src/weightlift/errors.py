@@ -41,6 +41,11 @@ class PlacementError(WeightliftError):
     """A tensor could not be placed: unknown device, wrong shape or dtype for a destination."""
 
 
+class ModelMismatchError(PlacementError, RuntimeError):
+    """``weightlift.torch.load_model``: the file's tensors and the model's parameters differ
+    (missing or unexpected names). Also a ``RuntimeError``, as torch and safetensors raise."""
+
+
 class UnsupportedQuantization(PlacementError):
     """A GGML type weightlift cannot dequantize; the tensor still loads packed (without ``dtype=``)."""
 
@@ -53,6 +58,22 @@ class MissingFileError(CheckpointError, FileNotFoundError):
                  tensor: str | None = None) -> None:
         super().__init__(message, path=path, tensor=tensor)
         self.errno = 2  # ENOENT; strerror stays unset so str() is the message above
+
+
+class AccessDeniedError(CheckpointError, PermissionError):
+    """A checkpoint file exists but may not be read. Also a ``PermissionError``, as safetensors
+    raises for it."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        super().__init__(message, path=path, tensor=tensor)
+        self.errno = 13  # EACCES; strerror stays unset so str() is the message above
+
+
+class SliceError(WeightliftError, IndexError):
+    """An index ``get_slice(name)[...]`` cannot serve: out of range, or of a form safetensors'
+    slices refuse. Also an ``IndexError``, as numpy and torch raise for such indices; ``tensor``
+    names the tensor (messages worded as the reference's may not)."""
 
 
 class IntegrityError(WeightliftError):
