@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from . import api
-from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import CheckpointError, WeightliftError
+from .advanced import has_advanced, split_index
 from .budget import resolve_budget
+from .errors import CheckpointError, WeightliftError
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
 from .place import parse_device
-from .advanced import has_advanced, split_index
 from .slicing import Index, plan_slice
+from .sources import Source
+from .sources.records import Entry, Layout, iter_entries
 
 Array = Union[torch.Tensor, np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import api
-from .checkpoint import Entry, Layout
 from .errors import PlacementError
 from .format import DTYPES, TensorInfo
 from .ggml import GGMLType
+from .sources.records import Entry, Layout
 
 if TYPE_CHECKING:
     from .load_into import LoadIntoResult

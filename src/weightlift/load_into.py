@@ -15,11 +15,12 @@ from typing import NamedTuple
 import torch
 
 from . import api
-from .checkpoint import Layout, Source, resolve
 from .computed import compute_unloaded, is_transformers_model
 from .errors import PlacementError
 from .format import TensorInfo
 from .place import parse_device
+from .sources import Source, resolve
+from .sources.records import Layout
 
 
 class LoadIntoResult(NamedTuple):

@@ -27,9 +27,9 @@ from .api import load
 from .api import open as open_checkpoint
 from .computed import compute_unloaded
 from .errors import CheckpointError, PlacementError, WeightliftError
-from .hub import resolve_source
 from .load_into import LoadIntoResult, _check, load_into, module_slots, put
 from .place import parse_device
+from .sources.hub import resolve_source
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PretrainedConfig, PreTrainedModel

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import probes
-from ..checkpoint import resolve
 from ..io import uring
 from ..io.auto import choose, gather
+from ..sources import resolve
 from ..units import format_bytes
 
 #: File systems whose files already live in memory.
