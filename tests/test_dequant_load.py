@@ -19,7 +19,7 @@ import weightlift
 from weightlift.api import run_load
 from weightlift.bench.dequant import random_blocks
 from weightlift.errors import UnsupportedQuantization
-from weightlift.ggml import GGML_TYPES_BY_NAME
+from weightlift.formats.ggml import GGML_TYPES_BY_NAME
 from weightlift.plan import plan_chunks
 from weightlift.sources import resolve
 from weightlift.sources.records import Layout

@@ -16,8 +16,8 @@ import torch
 
 from .budget import resolve_budget
 from .errors import CheckpointError, PlacementError
-from .format import DTYPES
-from .ggml import GGMLType
+from .formats.ggml import GGMLType
+from .formats.records import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather
 from .io.engine import ENGINES, make_engine

@@ -23,8 +23,8 @@ import torch
 
 from . import api
 from .errors import PlacementError
-from .format import DTYPES, TensorInfo
-from .ggml import GGMLType
+from .formats.ggml import GGMLType
+from .formats.records import DTYPES, TensorInfo
 from .sources.records import Entry, Layout
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import torch
 from . import api
 from .computed import compute_unloaded, is_transformers_model
 from .errors import PlacementError
-from .format import TensorInfo
+from .formats.records import TensorInfo
 from .place import parse_device
 from .sources import Source, resolve
 from .sources.records import Layout

@@ -19,8 +19,8 @@ import torch
 
 from .dequant import check_supported, dequantize, packed_type, unpacked_shape
 from .errors import PlacementError
-from .format import TensorInfo
-from .ggml import GGMLType
+from .formats.ggml import GGMLType
+from .formats.records import TensorInfo
 from .io.base import Prefaulter, host_buffer
 from .plan import Piece
 from .sources.records import Entry

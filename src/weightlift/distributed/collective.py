@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 from ..io import Strategy
 from ..place import as_tensor, typed_view
 from ..read import ALIGN, read_tensors

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import DTYPES, TensorInfo
+from ..formats.records import DTYPES, TensorInfo
 from ..io import Strategy
 from ..io.base import PAGE
 from ..read import read_tensors

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..api import prepare_strategy as prepare
 from ..budget import resolve_budget
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 from ..io import NAMES, Strategy, make_strategy
 from ..io.auto import choose, gather
 from ..place import parse_device

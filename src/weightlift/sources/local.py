@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import CheckpointError, MissingFileError
-from ..format import open_regular
 from ..formats import read_any_header
 from ..formats.gguf import check_split, split_parts
+from ..formats.records import open_regular
 from .records import (FileStamp, Layout, Shard, check_index, check_index_size, check_shard_name,
                       open_shards, parse_index)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from ..errors import CheckpointError, ReadError
-from ..format import Header, TensorInfo
 from ..formats.gguf import is_gguf
+from ..formats.records import Header, TensorInfo
 
 #: An index file larger than this is not a real index (70B models have ~100 KB indexes).
 MAX_INDEX_BYTES = 64 * 1024 * 1024

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import CheckpointError, FormatError, WeightliftError
-from ..format import check_header_length, parse_header
+from ..formats.safetensors import check_header_length, parse_header
 from ..remote import RemoteSource
 from ..remote.store import (HEADER_GUESS, Client, RemoteObject, connect, fetch, head,
                             head_existing, list_keys, missing)
