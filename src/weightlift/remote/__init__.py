@@ -1,4 +1,4 @@
-"""Object storage sources: ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` checkpoints.
+"""Object storage: ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` URLs, and their client.
 
 A remote shard is "something with a size, a header and ranged reads", like a local file: the
 source resolves to the same ``Layout`` (``sources.remote``), and the ``remote`` strategy
