@@ -38,7 +38,7 @@ class FileStamp:
 
 @dataclass
 class Shard:
-    """One open safetensors file of a checkpoint."""
+    """One open file (safetensors or GGUF) of a checkpoint."""
 
     path: str
     fd: int
