@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from weightlift.checkpoint import Layout, iter_entries, resolve
 from weightlift.errors import CheckpointError, FormatError
+from weightlift.sources import resolve
+from weightlift.sources.records import Layout, iter_entries
 
 from test_format_validation import safetensors_view as reference_view
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, quants
 from weightlift.bench.dequant import random_blocks
 from weightlift.dequant import KERNELS, dequantize, supports
 from weightlift.errors import PlacementError, UnsupportedQuantization
-from weightlift.ggml import GGML_TYPES_BY_NAME
+from weightlift.formats.ggml import GGML_TYPES_BY_NAME
 
 #: Types gguf-py can quantize, so real quantizer output is tested too.
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")

@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import weightlift  # noqa: E402
 from weightlift.bench.dequant import random_blocks  # noqa: E402
-from weightlift.ggml import GGML_TYPES_BY_NAME  # noqa: E402
+from weightlift.formats.ggml import GGML_TYPES_BY_NAME  # noqa: E402
 
 #: name → (GGML type, logical shape): several tensors larger than a 256 KiB ring slot, one Q8_0
 #: row (278 528 bytes) larger than a slot, small ones grouped, plain types next to packed ones.

@@ -18,10 +18,11 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 import weightlift
 from weightlift.api import run_load
 from weightlift.bench.dequant import random_blocks
-from weightlift.checkpoint import Layout, resolve
 from weightlift.errors import UnsupportedQuantization
-from weightlift.ggml import GGML_TYPES_BY_NAME
+from weightlift.formats.ggml import GGML_TYPES_BY_NAME
 from weightlift.plan import plan_chunks
+from weightlift.sources import resolve
+from weightlift.sources.records import Layout
 
 
 #: name → (GGML type, logical shape). Sizes put several tensors above a 256 KiB ring slot, and

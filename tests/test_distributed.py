@@ -34,7 +34,7 @@ from weightlift.distributed import (
 from weightlift.distributed.direct import extents, gather
 from weightlift.distributed.parts import normalize, part_in_rows
 from weightlift.errors import PlacementError, ReadError
-from weightlift.format import DTYPES, TensorInfo
+from weightlift.formats.records import DTYPES, TensorInfo
 from weightlift.io.stream import StreamStrategy
 
 #: The group's collective timeout: a hang would end here; a clean failure comes long before.

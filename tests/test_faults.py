@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import weightlift
-import weightlift.checkpoint
+import weightlift.sources.local
 from conftest import bytes_of, random_tensor
 from faultfs import Fault, FaultFS
 import pagecache
@@ -399,14 +399,14 @@ def test_a_file_that_vanishes_between_listing_and_opening(ckpt: Path,
     other = ckpt.with_name("b.safetensors")
     save_file(make_tensors(1), other)
     ckpt.rename(ckpt.with_name("a.safetensors"))  # a directory of two loose shards
-    open_shard = weightlift.checkpoint._open_shard
+    open_shard = weightlift.sources.local._open_shard
 
     def vanish_then_open(path: Path) -> object:
         if Path(path).name == "b.safetensors":
             Path(path).unlink()
         return open_shard(path)
 
-    monkeypatch.setattr(weightlift.checkpoint, "_open_shard", vanish_then_open)
+    monkeypatch.setattr(weightlift.sources.local, "_open_shard", vanish_then_open)
     with no_leaks():
         error = failure(lambda: weightlift.load(ckpt.parent))
     assert issubclass(error.kind, CheckpointError)

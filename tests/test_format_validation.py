@@ -1,4 +1,5 @@
-"""Every header validation rule of ``weightlift.format``, one test each, against hand-made bytes.
+"""Every header validation rule of ``weightlift.formats.safetensors``, one test each, against
+hand-made bytes.
 
 Each rejection asserts the exception type, that the message names the file (and the tensor, for a
 tensor-level problem), and, where the ``safetensors`` package reads the same bytes, that it
@@ -20,7 +21,8 @@ from safetensors.torch import _TYPES as SAFETENSORS_TORCH_DTYPES
 from safetensors.torch import save
 
 from weightlift.errors import FormatError
-from weightlift.format import DTYPES, MAX_HEADER_BYTES, Header, parse_header, read_header
+from weightlift.formats.records import DTYPES, Header
+from weightlift.formats.safetensors import MAX_HEADER_BYTES, parse_header, read_header
 
 
 def entry(dtype: str, shape: list[Any], offsets: list[Any], **extra: Any) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def test_header_length_past_end_of_file_is_rejected(tmp_path: Path) -> None:
 def test_header_length_over_100mb_is_rejected_without_allocating(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
-    import weightlift.format as fmt
+    import weightlift.formats.safetensors as fmt
 
     reads: list[int] = []
     real_pread = fmt.os.pread

@@ -17,7 +17,7 @@ from gguf import GGUFWriter
 
 import weightlift
 from weightlift.errors import PlacementError
-from weightlift.gguf_into import gguf_name, hf_name, permute_qk, unpermute_qk
+from weightlift.gguf_families import gguf_name, hf_name, permute_qk, unpermute_qk
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)

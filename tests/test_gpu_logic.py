@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 import weightlift.place as place
 from conftest import assert_same, bytes_of, random_tensor, write_raw
 from weightlift.api import prepare_strategy
-from weightlift.checkpoint import Layout, iter_entries, resolve
 from weightlift.distributed import sync
 from weightlift.errors import WeightliftError
 from weightlift.io import direct, make_strategy
@@ -33,6 +32,8 @@ from weightlift.place import AcceleratorSink, release_pinned_cache
 from weightlift.read import (ALIGN, MIN_SLOT, SLACK, pinned_footprint, read_tensors, ring_bytes,
                              ring_shape)
 from weightlift.report import LoadReport
+from weightlift.sources import resolve
+from weightlift.sources.records import Layout, iter_entries
 
 CUDA1 = torch.device("cuda", 1)
 

@@ -33,9 +33,10 @@ from safetensors.torch import _TYPES as SAFETENSORS_TORCH_DTYPES
 from safetensors.torch import save
 
 import weightlift
-from weightlift.checkpoint import resolve
 from weightlift.errors import WeightliftError
-from weightlift.format import Header, read_header
+from weightlift.formats.records import Header
+from weightlift.formats.safetensors import read_header
+from weightlift.sources import resolve
 
 from test_format_validation import safetensors_view
 

@@ -20,11 +20,11 @@ from transformers import LlamaForCausalLM
 
 import weightlift
 from conftest import assert_same
-from weightlift.checkpoint import resolve
 from weightlift.compat import safe_open
 from weightlift.errors import CheckpointError
-from weightlift.hub import HubReference, cache_dir, parse_reference, trusted_root
 from weightlift.load_into import load_into
+from weightlift.sources import resolve
+from weightlift.sources.hub import HubReference, cache_dir, parse_reference, trusted_root
 
 REPO = "tiny-org/tiny-llama"
 COMMIT = "a" * 40

@@ -96,7 +96,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def half_evicted(written: Path, tmp_path: Path) -> tuple[Path, np.ndarray]:
     copy = tmp_path / "model.safetensors"
     shutil.copyfile(written, copy)
-    with weightlift.checkpoint.resolve(copy) as layout:
+    with weightlift.sources.resolve(copy) as layout:
         if weightlift.io.auto.direct_refusal(layout.shards):
             pytest.skip("this file system refuses O_DIRECT")
     if not pagecache.evict_every_other(copy, STEP)[STEP // PAGE:].size:
@@ -201,7 +201,7 @@ def test_a_cold_file_keeps_no_residency_map(written: Path, tmp_path: Path) -> No
     copy = tmp_path / "model.safetensors"
     shutil.copyfile(written, copy)
     pagecache.evict(copy)
-    with weightlift.checkpoint.resolve(copy) as layout:
+    with weightlift.sources.resolve(copy) as layout:
         strategy = weightlift.io.make_strategy("direct")
         try:
             strategy.prepare(layout.shards)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightlift.format import DTYPES, TensorInfo
+from weightlift.formats.records import DTYPES, TensorInfo
 from weightlift.slicing import SlicePlan, plan_slice
 
 

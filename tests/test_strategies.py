@@ -131,7 +131,7 @@ def test_auto_explains_its_choice_where_o_direct_is_refused(checkpoint: Path, no
     weightlift.load(copy, on_report=reports.append)
     assert reports[0].strategy == "mmap"
     assert "page cache" in reports[0].reason
-    facts = weightlift.io.auto.gather(weightlift.checkpoint.resolve(copy).shards,
+    facts = weightlift.io.auto.gather(weightlift.sources.resolve(copy).shards,
                                       total_bytes=1, device="cpu", copying=False)
     assert facts.direct_refused is not None and "O_DIRECT" in facts.direct_refused
 
@@ -142,7 +142,7 @@ def test_auto_on_a_cold_checkpoint_reads_around_the_cache(checkpoint: Path,
     copy = tmp_path / "model.safetensors"
     shutil.copyfile(checkpoint, copy)
     checkpoint = copy
-    with weightlift.checkpoint.resolve(checkpoint) as layout:
+    with weightlift.sources.resolve(checkpoint) as layout:
         if weightlift.io.auto.direct_refusal(layout.shards):
             pytest.skip("this file system refuses O_DIRECT")
     pagecache.evict(checkpoint)  # writes dirty pages back first: those cannot be evicted

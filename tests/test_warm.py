@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 import pagecache
 import weightlift
 from conftest import assert_same, random_tensor
-from weightlift.checkpoint import resolve
 from weightlift.io import auto
+from weightlift.sources import resolve
 
 
 @pytest.fixture

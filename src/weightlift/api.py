@@ -15,17 +15,18 @@ from typing import Any
 import torch
 
 from .budget import resolve_budget
-from .checkpoint import Layout, Source, iter_entries, resolve
 from .errors import CheckpointError, PlacementError
-from .format import DTYPES
-from .ggml import GGMLType
+from .formats.ggml import GGMLType
+from .formats.records import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
-from .io.engine import ENGINES, make_engine
 from .io.auto import Choice, choose, gather
+from .io.engine import ENGINES, make_engine
 from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
 from .remote import StorageOptions, as_remote
 from .report import LoadReport, Monitor
+from .sources import Source, resolve
+from .sources.records import Layout, iter_entries
 from .verify import Verify, make_verifier
 
 Device = str | torch.device

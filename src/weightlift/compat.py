@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from . import api
-from .checkpoint import Entry, Layout, Source, iter_entries
-from .errors import AccessDeniedError, CheckpointError, MissingFileError, WeightliftError
+from .advanced import has_advanced, split_index
 from .budget import resolve_budget
+from .errors import AccessDeniedError, CheckpointError, MissingFileError, WeightliftError
 from .io import NAMES, Strategy, make_strategy
 from .io.auto import choose, gather
 from .place import parse_device
-from .advanced import has_advanced, split_index
 from .slicing import Index, plan_slice, reference_numpy_index
+from .sources import Source
+from .sources.records import Entry, Layout, iter_entries
 
 Array = Union[torch.Tensor, np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])

@@ -4,22 +4,31 @@ Each tensor is copied from the read buffers into the module's own storage (conve
 dtypes on the way, like ``load_state_dict``), so no state dict is ever built next to the model.
 Tensors on the ``meta`` device (or on another device than ``device=``) get fresh storage on the
 target device, which is then filled the same way and put in place of the old tensor.
+
+A GGUF checkpoint is first seen under the module's names through its family's rules
+(``gguf_families``: llama.cpp's names, and the layout changes to undo). Tensors that need work
+between the read and the module (a q/k permutation to undo, packed blocks to dequantize) pass
+through ``stream()`` one at a time (host memory: the budget plus one tensor).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
 from . import api
-from .checkpoint import Layout, Source, resolve
 from .computed import compute_unloaded, is_transformers_model
+from .dequant import check_supported, dequantize, packed_type
 from .errors import PlacementError
-from .format import TensorInfo
+from .formats.ggml import GGMLType
+from .formats.records import DTYPES, TensorInfo
+from .gguf_families import Transform, family_of
 from .place import parse_device
+from .sources import Source, resolve
+from .sources.records import Entry, Layout
 
 
 class LoadIntoResult(NamedTuple):
@@ -72,36 +81,94 @@ def load_into(module: torch.nn.Module, source: Source, *, strict: bool = True,
         weightlift.load_into(model, "Llama-3-8B/", device="cuda")
 
     Names must match the module's ``state_dict`` keys; GGUF files of Llama, Mistral and Qwen2
-    are mapped from llama.cpp's names (see ``weightlift.gguf_into``). ``strict``: raise when the module has keys
-    the checkpoint lacks or the reverse (otherwise return them). Shapes must always match; floating
-    dtypes are converted to the module's, other dtypes must match. Tied weights are loaded once,
-    from whichever of their names the checkpoint holds. Tensors on ``meta`` are created on
-    ``device`` (default CPU) and filled; with ``device`` set, every tensor ends up there.
-    ``max_host_memory`` bounds the host memory of the reads (see ``weightlift.load``).
+    are mapped from llama.cpp's names (see ``weightlift.gguf_families``). ``strict``: raise when
+    the module has keys the checkpoint lacks or the reverse (otherwise return them). Shapes must
+    always match; floating dtypes are converted to the module's, other dtypes must match. Tied
+    weights are loaded once, from whichever of their names the checkpoint holds. Tensors on
+    ``meta`` are created on ``device`` (default CPU) and filled; with ``device`` set, every tensor
+    ends up there. ``max_host_memory`` bounds the host memory of the reads (see
+    ``weightlift.load``); ``engine`` as for ``load``.
 
     A meta tensor the checkpoint does not hold (e.g. a non-persistent buffer) has no value to
     load. In a transformers model it is computed after the load as transformers computes it
     (rotary ``inv_freq``, ``position_ids``; see ``weightlift.transformers``), and with
     ``strict=False`` missing weights are initialised by the model's own ``_init_weights``. In
-    other modules it is reported as missing, and created uninitialised when ``strict=False``. ``engine`` as for
-    ``load``.
+    other modules it is reported as missing, and created uninitialised when ``strict=False``.
     """
     target = parse_device(device) if device is not None else None
     with resolve(source) as layout:
-        if layout.format == "gguf":  # llama.cpp names and q/k layout: see gguf_into
-            from .gguf_into import load_gguf_into
-            return load_gguf_into(module, layout, strict=strict, strategy=strategy,
-                                  target=target)
+        view, work = _module_view(layout, module)
         slots = module_slots(module)
         computed = _computed_buffers(module, slots)
-        plan = _match(module, [s for s in slots if id(s) not in computed], layout, target, strict)
+        plan = _match(module, [s for s in slots if id(s) not in computed], view, target, strict)
+        for destinations in plan.by_device.values():
+            for name in destinations.keys() & work.keys():
+                if work[name].packed is not None:  # refused before anything is read
+                    check_supported(work[name].packed, tensor=work[name].source)
         for group, destinations in plan.by_device.items():
-            _read(layout, destinations, parse_device(group), strategy, max_host_memory, engine)
+            plain = {n: d for n, d in destinations.items() if n not in work}
+            if plain:
+                _read(view, plain, parse_device(group), strategy, max_host_memory, engine)
+            worked = {n: d for n, d in destinations.items() if n in work}
+            if worked:
+                _rework(layout, worked, work, strategy, max_host_memory, engine)
         plan.unloaded.extend(s for s in slots if id(s) in computed)
         _install(plan, target)
         if computed:
             _compute(module, plan)
     return LoadIntoResult(plan.missing, plan.unexpected)
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A checkpoint tensor that needs work between the read and the module."""
+
+    source: str                 # its name in the checkpoint
+    packed: GGMLType | None     # packed blocks of this type, to dequantize
+    transform: Transform | None
+    argument: int               # the transform's ``n``
+
+
+def _module_view(layout: Layout, module: torch.nn.Module) -> tuple[Layout, dict[str, _Work]]:
+    """``layout`` under the module's names, and the tensors that need work (by those names).
+
+    Safetensors checkpoints already use them; a GGUF file's names and layouts are mapped back by
+    its family's rules, and a packed tensor is matched as the float32 tensor it will become."""
+    if layout.format != "gguf":
+        return layout, {}
+    family = family_of(layout.metadata, layout.root)
+    meta = layout.metadata or {}
+    prefix = _base_prefix(module)
+    renamed: dict[str, Entry] = {}
+    work: dict[str, _Work] = {}
+    for name, entry in layout.entries.items():
+        if name in family.ignored:
+            continue
+        mapped = family.hf_name(name)
+        if mapped is None:
+            new = name  # left as it is: reported as unexpected
+        elif mapped.startswith("model."):
+            new = prefix + mapped.removeprefix("model.")
+        else:
+            new = mapped
+        info = entry.info
+        packed = packed_type(info)
+        transform = family.transform(name)
+        if packed is not None or transform is not None:
+            argument = 0 if transform is None else transform.argument(meta, family.architecture,
+                                                                      layout.root)
+            work[new] = _Work(name, packed, transform, argument)
+        if packed is not None:
+            info = replace(info, dtype=DTYPES["F32"], shape=info.ggml_shape or info.shape)
+        renamed[new] = Entry(entry.shard, replace(info, name=new))
+    return Layout(layout.root, layout.shards, renamed, layout.metadata, layout.index_path), work
+
+
+def _base_prefix(module: torch.nn.Module) -> str:
+    """``"model."`` for a *ForCausalLM, ``""`` for a bare LlamaModel-like module."""
+    names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return "" if "embed_tokens.weight" in names and "model.embed_tokens.weight" not in names \
+        else "model."
 
 
 def _computed_buffers(module: torch.nn.Module, slots: list[Slot]) -> set[int]:
@@ -146,7 +213,7 @@ def _match(module: torch.nn.Module, slots: list[Slot], layout: Layout,
                 plan.missing.extend(slot.names)
             continue
         name = present[0]  # tied weights: one name is enough
-        problem = _check(name, entries[name].info, slot.tensor)
+        problem = check_tensor(name, entries[name].info, slot.tensor)
         if problem:
             problems.append(problem)
             continue
@@ -168,7 +235,9 @@ def _match(module: torch.nn.Module, slots: list[Slot], layout: Layout,
     return plan
 
 
-def _check(name: str, info: TensorInfo, tensor: torch.Tensor) -> str | None:
+def check_tensor(name: str, info: TensorInfo, tensor: torch.Tensor) -> str | None:
+    """Why checkpoint tensor ``info`` cannot fill ``tensor`` (shape, or a dtype that is not
+    converted), None when it can."""
     if tuple(tensor.shape) != info.torch_shape:
         return (f"size mismatch for {name}: the checkpoint has shape {list(info.torch_shape)}, the "
                 f"module {list(tensor.shape)}")
@@ -210,6 +279,23 @@ def _read(layout: Layout, destinations: dict[str, torch.Tensor], device: torch.d
             pass
 
 
+def _rework(layout: Layout, destinations: dict[str, torch.Tensor], work: dict[str, _Work],
+            strategy: str, max_host_memory: int | str | None, engine: str) -> None:
+    """Stream the tensors that need work, one at a time, and copy each into its destination."""
+    wanted = {work[name].source: (work[name], dest) for name, dest in destinations.items()}
+    with torch.no_grad():
+        for name, tensor in api.run_load(layout, keys=list(wanted), device="cpu",
+                                         strategy=strategy, dtype=None, streaming=True,
+                                         max_host_memory=max_host_memory, engine=engine):
+            job, dest = wanted[name]
+            value = tensor
+            if job.packed is not None:
+                value = dequantize(tensor, job.packed, torch.float32)
+            if job.transform is not None:
+                value = job.transform.undo(value, job.argument)
+            dest.copy_(value)
+
+
 def _install(plan: _Plan, target: torch.device | None) -> None:
     """Put fresh tensors in the module, and bring what was not loaded to ``target``."""
     replacements = list(plan.fresh)
@@ -234,4 +320,4 @@ def put(slot: Slot, tensor: torch.Tensor) -> None:
         table[attr] = value
 
 
-__all__ = ["LoadIntoResult", "load_into", "module_slots", "put"]
+__all__ = ["LoadIntoResult", "check_tensor", "load_into", "module_slots", "put"]

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Entry
 from .dequant import check_supported, dequantize, packed_type, unpacked_shape
 from .errors import PlacementError
-from .format import TensorInfo
-from .ggml import GGMLType
+from .formats.ggml import GGMLType
+from .formats.records import TensorInfo
 from .io.base import Prefaulter, host_buffer
 from .plan import Piece
+from .sources.records import Entry
 
 #: Host bytes a dequantizing CPU load keeps out of the read ring: float32 intermediates of one
 #: batch (2**18 elements: ~4 MiB at once) and the allocator's slack around them.

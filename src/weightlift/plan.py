@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import Entry
 from .dequant import packed_type
+from .sources.records import Entry
 
 #: Tensors below this size are grouped with their neighbours into one read.
 SMALL_TENSOR = 1 << 20

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .checkpoint import Entry, Layout
 from .io.base import Strategy, aligned_window
 from .io.engine import Engine, Pending, ThreadEngine
 from .io.pool import BufferPool
 from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
+from .sources.records import Entry, Layout
 from .verify import Verifier
 
 #: Ring slots and read extents are aligned to this for O_DIRECT.

@@ -24,7 +24,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import FormatError, SliceError
-from .format import TensorInfo
+from .formats.records import TensorInfo
 
 #: One item of a basic index.
 IndexItem = Union[slice, int, "type[Ellipsis]", None]

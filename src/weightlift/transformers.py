@@ -27,9 +27,9 @@ from .api import load
 from .api import open as open_checkpoint
 from .computed import compute_unloaded
 from .errors import CheckpointError, PlacementError, WeightliftError
-from .hub import resolve_source
-from .load_into import LoadIntoResult, _check, load_into, module_slots, put
+from .load_into import LoadIntoResult, check_tensor, load_into, module_slots, put
 from .place import parse_device
+from .sources.hub import resolve_source
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PretrainedConfig, PreTrainedModel
@@ -147,7 +147,7 @@ def _adopt(module: torch.nn.Module, weights: str | os.PathLike[str], dtype: torc
         if not present:
             missing.extend(slot.names)
             continue
-        problem = _check(present[0], infos[present[0]], slot.tensor)
+        problem = check_tensor(present[0], infos[present[0]], slot.tensor)
         if problem:
             problems.append(problem)
         chosen[present[0]] = slot

@@ -34,8 +34,8 @@ from typing import Union
 
 import torch
 
-from .checkpoint import Entry, Layout, Shard
 from .errors import CheckpointError, IntegrityError, ReadError
+from .sources.records import Entry, Layout, Shard
 
 #: ``verify=`` of the public API: True (HF cache digests), {name: hex}, or a sha256sum file.
 Verify = Union[bool, Mapping[str, str], str, os.PathLike]

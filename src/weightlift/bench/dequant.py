@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..dequant import KERNELS, dequantize
-from ..ggml import GGML_TYPES_BY_NAME
+from ..formats.ggml import GGML_TYPES_BY_NAME
 
 #: Byte offsets of each type's float16 scale fields; random bytes there could be NaN or inf.
 F16_FIELDS = {

@@ -152,7 +152,7 @@ def _choice(strategy: str) -> Callable[[Job], tuple[str, str]]:
     def choice(job: Job) -> tuple[str, str]:
         if strategy != "auto":
             return strategy, "requested"
-        from ..checkpoint import resolve
+        from ..sources import resolve
         from ..io.auto import choose, gather
 
         with resolve(job.source) as layout:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import probes
-from ..checkpoint import resolve
 from ..errors import WeightliftError
 from ..remote import is_remote
+from ..sources import resolve
 from .loaders import LOADERS
 
 SCENARIOS = ("to_cpu", "device")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ggml import GGML_TYPES_BY_NAME, GGMLType
+from ..formats.ggml import GGML_TYPES_BY_NAME, GGMLType
 from . import synthetic
 
 VERSION = 1

@@ -18,9 +18,9 @@ from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Setti
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..bench.synthetic_gguf import planned_bytes as gguf_planned_bytes
 from ..bench.synthetic_gguf import synthetic_gguf
-from ..checkpoint import resolve
-from ..remote import is_remote
 from ..io.engine import ENGINES
+from ..remote import is_remote
+from ..sources import resolve
 from ..units import format_bytes, parse_size
 from .output import console as stdout
 from .progress import byte_progress, stderr
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare_digests(source: str) -> None:
     """Digests for the ``+sha256`` row where the HF cache has none, computed before timing."""
-    from ..checkpoint import resolve
+    from ..sources import resolve
     from ..verify import hub_digest
 
     with resolve(source) as layout:

@@ -18,9 +18,9 @@ import torch
 from rich.table import Table
 
 from .. import probes
-from ..checkpoint import resolve
 from ..io import uring
 from ..io.auto import choose, gather
+from ..sources import resolve
 from ..units import format_bytes
 from .output import console as stdout, label
 

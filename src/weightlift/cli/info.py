@@ -10,8 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
-from ..checkpoint import iter_entries, resolve
 from ..formats.gguf import GGUFMetadata
+from ..sources import resolve
+from ..sources.records import iter_entries
 from ..units import format_bytes
 from .output import console as stdout, label, number
 from .storage import add_storage_flags, source_of

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     reports: list[LoadReport] = []
-    from ..checkpoint import resolve
+    from ..sources import resolve
 
     source = source_of(args)
     with resolve(source) as layout:

@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..api import run_load
-from ..checkpoint import resolve
 from ..errors import IntegrityError
 from ..io import NAMES
+from ..sources import resolve
 from ..units import format_bytes, parse_size
 from ..verify import expected_digests
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import PlacementError, UnsupportedQuantization
-from ..ggml import GGML_TYPES, GGML_TYPES_BY_NAME, GGMLType
+from ..formats.ggml import GGML_TYPES, GGML_TYPES_BY_NAME, GGMLType
 from . import kquants, legacy, nonlinear
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]

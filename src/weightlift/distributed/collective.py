@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import Entry, Layout, iter_entries
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 from ..io import Strategy
 from ..place import as_tensor, typed_view
 from ..read import ALIGN, read_tensors
+from ..sources.records import Entry, Layout, iter_entries
 from .parts import Axis, Part, part_in_rows
 from .sync import Peers
 

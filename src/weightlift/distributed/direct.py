@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import Entry, Layout, iter_entries
-from ..format import DTYPES, TensorInfo
+from ..formats.records import DTYPES, TensorInfo
 from ..io import Strategy
 from ..io.base import PAGE
 from ..read import read_tensors
 from ..slicing import plan_slice
+from ..sources.records import Entry, Layout, iter_entries
 from .plan import Index
 
 Range = tuple[int, int]

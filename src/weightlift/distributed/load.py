@@ -16,12 +16,13 @@ import torch.distributed as dist
 
 from ..api import prepare_strategy as prepare
 from ..budget import resolve_budget
-from ..checkpoint import Layout, Source, iter_entries, resolve
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 from ..io import NAMES, Strategy, make_strategy
 from ..io.auto import choose, gather
 from ..place import parse_device
 from ..remote import StorageOptions, as_remote
+from ..sources import Source, resolve
+from ..sources.records import Layout, iter_entries
 from .collective import Traffic, exchange
 from .direct import read_direct
 from .parts import Axis, normalize, part_shape

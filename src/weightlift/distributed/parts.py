@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import PlacementError
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 from ..slicing import Axis
 from ..slicing import normalize as normalize_index
 from .plan import Index

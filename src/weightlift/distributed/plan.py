@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol, Union
 
 from ..errors import PlacementError
-from ..format import TensorInfo
+from ..formats.records import TensorInfo
 
 #: A numpy-style basic index: one slice or int per leading dimension.
 Index = tuple[Union[slice, int], ...]

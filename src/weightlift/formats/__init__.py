@@ -3,22 +3,24 @@
 
     header = read_any_header("model.gguf", fd)   # by magic bytes: GGUF, else safetensors
 
-Safetensors lives in ``weightlift.format`` (many modules import it from there); GGUF in
-``weightlift.formats.gguf``.
+One module per format (``safetensors``, ``gguf``, with GGML's type table in ``ggml``), all
+producing the records of ``records`` (``Header``, ``TensorInfo``, the dtype table). A new format
+is a new module here plus a line in ``read_any_header``.
 """
 
 from __future__ import annotations
 
 from ..errors import FormatError
-from ..format import Header, _pread_exact, read_header
 from .gguf import MAGIC, read_gguf
+from .records import Header, pread_exact
+from .safetensors import read_header
 
 
 def read_any_header(path: str, fd: int) -> Header:
     """The validated header of the open file ``fd``: GGUF if it starts with ``GGUF`` or is named
     ``*.gguf``, else safetensors."""
     try:
-        magic = _pread_exact(fd, 4, 0)
+        magic = pread_exact(fd, 4, 0)
     except OSError as exc:
         raise FormatError(f"cannot read the first bytes: {exc.strerror}", path=path) from exc
     if magic == MAGIC or path.endswith(".gguf"):

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FormatError
-from ..format import DTYPE_OF_TORCH, DTYPES, Header, TensorInfo, _pread_exact
-from ..ggml import GGML_TYPES
+from .ggml import GGML_TYPES
+from .records import DTYPE_OF_TORCH, DTYPES, Header, TensorInfo, pread_exact
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -420,9 +420,9 @@ def read_gguf(path: str, fd: int) -> Header:
     """Read and validate the GGUF header of the open file ``fd`` (named ``path``)."""
     file_size = os.fstat(fd).st_size
     try:
-        first = _pread_exact(fd, min(FIRST_READ, file_size), 0)
+        first = pread_exact(fd, min(FIRST_READ, file_size), 0)
         return parse_gguf(first, file_size=file_size, path=path,
-                          fetch=lambda offset, n: _pread_exact(fd, n, offset))
+                          fetch=lambda offset, n: pread_exact(fd, n, offset))
     except OSError as exc:
         raise FormatError(f"cannot read the GGUF header: {exc.strerror}", path=path) from exc
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import probes
 from ..budget import available_memory
-from ..checkpoint import Shard
+from ..sources.records import Shard
 from ..units import format_bytes
 from .base import Unavailable
 from .direct import DirectStrategy

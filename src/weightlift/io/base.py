@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from ..checkpoint import Shard
 from ..errors import ReadError
+from ..sources.records import Shard
 from .uring import Read
 
 PAGE = mmap.PAGESIZE

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checkpoint import Shard
 from ..errors import ReadError
+from ..sources.records import Shard
 from . import base
 from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
 from .residency import CachedRanges

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checkpoint import Shard
 from ..errors import ReadError
 from ..probes import LIBC
+from ..sources.records import Shard
 from .base import PAGE, Strategy
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)

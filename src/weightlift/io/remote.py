@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checkpoint import Shard
+from ..sources.records import Shard
 from .base import Strategy, Unavailable, host_view
 
 

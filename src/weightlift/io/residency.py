@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import probes
-from ..checkpoint import Shard
+from ..sources.records import Shard
 from .base import PAGE, pread_into
 
 #: One run of a range: ``(start, end, cached)`` in absolute file offsets.

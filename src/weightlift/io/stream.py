@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import Shard
+from ..sources.records import Shard
 from .base import PAGE, Strategy, host_view, pread_into
 from .residency import cached_pages
 from .uring import Read

@@ -1,7 +1,7 @@
-"""Object storage sources: ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` checkpoints.
+"""Object storage: ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` URLs, and their client.
 
 A remote shard is "something with a size, a header and ranged reads", like a local file: the
-source resolves to the same ``Layout`` (``remote.layout``), and the ``remote`` strategy
+source resolves to the same ``Layout`` (``sources.remote``), and the ``remote`` strategy
 (``io/remote.py``) fills destination buffers with conditional ranged GETs, so planning, the
 budget, ``LoadReport``, ``stream()``, ``load_into`` and ``load_sharded`` work unchanged.
 

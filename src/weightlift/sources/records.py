@@ -1,27 +1,21 @@
-"""Checkpoint sources: one file, a list of files, or a directory (single file, HF index, loose shards).
+"""The records every source produces: an open ``Layout`` of ``Shard``s and every tensor's
+``Entry``, and the index checks local files and object storage share.
 
-Resolving a source opens every shard once and keeps the descriptor, so the bytes read later come
-from the same inode whose header was validated, even if the path is replaced meanwhile.
+Local files (``local``), the Hugging Face cache (``hub``) and object storage (``remote``) each
+build a ``Layout`` from these; none of them imports another.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar
 
-from .errors import CheckpointError, MissingFileError, ReadError
-from .format import Header, TensorInfo, open_regular
-from .formats import read_any_header
-from .formats.gguf import check_split, is_gguf, split_parts
-from .hub import resolve_source, trusted_root
-from .remote import RemoteSource, as_remote, is_remote
-
-Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], RemoteSource]
+from ..errors import CheckpointError, ReadError
+from ..formats.gguf import is_gguf
+from ..formats.records import Header, TensorInfo
 
 #: An index file larger than this is not a real index (70B models have ~100 KB indexes).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -44,7 +38,7 @@ class FileStamp:
 
 @dataclass
 class Shard:
-    """One open safetensors file of a checkpoint."""
+    """One open file (safetensors or GGUF) of a checkpoint."""
 
     path: str
     fd: int
@@ -123,100 +117,6 @@ class Layout:
         self.close()
 
 
-def resolve(source: Source) -> Layout:
-    """Turn a user's source into an open, validated ``Layout``."""
-    if is_remote(source):
-        from .remote.layout import resolve_remote  # imports the object-storage client
-
-        return resolve_remote(as_remote(source))  # type: ignore[arg-type]
-    source = resolve_source(source) or source  # hf://org/name, models--org--name directories
-    if isinstance(source, (str, os.PathLike)):
-        if not os.fspath(source):
-            raise CheckpointError("the checkpoint path is empty")
-        path = Path(source)
-        if path.is_dir():
-            return _resolve_dir(path)
-        if not path.exists():
-            raise MissingFileError("no such file or directory", path=path)
-        if path.name.endswith(".index.json"):
-            return _resolve_index(path)
-        if path.name.endswith(".gguf"):
-            return _resolve_gguf(path)
-        return open_shards([path], root=str(path.parent))
-    files = [Path(p) for p in source]
-    if not files:
-        raise CheckpointError("the list of checkpoint files is empty")
-    return open_shards(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]))
-
-
-def _resolve_dir(directory: Path) -> Layout:
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        preferred = directory / "model.safetensors.index.json"
-        if preferred not in indexes:
-            names = ", ".join(i.name for i in indexes)
-            raise CheckpointError(f"holds several index files ({names}); pass the one to load",
-                                  path=directory)
-        indexes = [preferred]
-    if indexes:
-        return _resolve_index(indexes[0])
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return open_shards([single], root=str(directory))
-    loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    if loose:
-        return open_shards(loose, root=str(directory))
-    ggufs = sorted(p for p in directory.glob("*.gguf") if p.is_file())
-    firsts = [p for p in ggufs if (split_parts(str(p)) or [str(p)])[0] == str(p)]
-    if len(firsts) == 1:
-        return _resolve_gguf(firsts[0])
-    if firsts:
-        names = ", ".join(p.name for p in firsts)
-        raise CheckpointError(f"holds several GGUF checkpoints ({names}); pass the one to load",
-                              path=directory)
-    raise CheckpointError("holds no *.safetensors file, no *.safetensors.index.json and no "
-                          "*.gguf file", path=directory)
-
-
-def _resolve_gguf(path: Path) -> Layout:
-    """A GGUF file, or the whole split set (``x-00001-of-00003.gguf``) any part of it names."""
-    parts = split_parts(str(path))
-    if parts is None:
-        layout = open_shards([path], root=str(path.parent))
-        meta = layout.metadata
-        if meta is not None and meta.get("split.count", 1) != 1:
-            layout.close()
-            raise CheckpointError(f"is one part of a split set of {meta['split.count']} files "
-                                  "but is not named like one (name-00001-of-0000N.gguf); "
-                                  "restore the part names", path=path)
-        return layout
-    missing = [p for p in parts if not os.path.isfile(p)]
-    if missing:
-        raise CheckpointError(f"split set of {len(parts)} files lacks "
-                              f"{', '.join(os.path.basename(p) for p in missing)}; download the "
-                              "missing part(s)", path=path)
-    layout = open_shards([Path(p) for p in parts], root=str(path.parent))
-    try:
-        check_split([s.header for s in layout.shards])
-        layout.metadata = layout.shards[0].header.metadata
-    except BaseException:
-        layout.close()
-        raise
-    return layout
-
-
-def _read_index(index_path: Path) -> dict[str, Any]:
-    try:
-        info = index_path.stat()
-        if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer
-            raise CheckpointError("index is not a regular file", path=index_path)
-        check_index_size(info.st_size, index_path)
-        raw = index_path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
-    return parse_index(raw, index_path)
-
-
 def check_index_size(size: int, index_path: str | os.PathLike[str]) -> None:
     if size > MAX_INDEX_BYTES:
         raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit",
@@ -240,18 +140,6 @@ def parse_index(raw: bytes, index_path: str | os.PathLike[str]) -> dict[str, Any
     return obj
 
 
-def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
-    """The path of shard ``name`` of an index, refusing anything that leaves ``directory``."""
-    check_shard_name(name, index_path)
-    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
-    real_root = os.path.realpath(trusted_root(directory))  # an HF snapshot links into its repo
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
-                              f"directory {real_root} (a symlink leaves it)", path=index_path)
-    return candidate
-
-
 def check_shard_name(name: Any, index_path: str | os.PathLike[str]) -> str:
     """``name`` if it is a relative shard name that stays in the checkpoint directory."""
     if not isinstance(name, str) or not name:
@@ -264,24 +152,6 @@ def check_shard_name(name: Any, index_path: str | os.PathLike[str]) -> str:
         raise CheckpointError(f"shard {name!r} climbs out of the checkpoint directory with '..'",
                               path=index_path)
     return name
-
-
-def _resolve_index(index_path: Path) -> Layout:
-    obj = _read_index(index_path)
-    directory = index_path.parent
-    weight_map: dict[str, Any] = obj["weight_map"]
-    shard_names: dict[str, Path] = {}
-    for tensor, name in weight_map.items():
-        if not isinstance(name, str) or name not in shard_names:  # a list is no dict key
-            shard_names[name] = shard_path(directory, name, index_path)
-    for name, path in shard_names.items():
-        if not path.is_file():
-            error = CheckpointError if path.exists() else MissingFileError
-            raise error(f"shard {name!r} listed in the index is missing"
-                        f"{'' if not path.exists() else ' (not a file)'}", path=index_path)
-    unique = list(dict.fromkeys(shard_names.values()))
-    layout = open_shards(unique, root=str(directory), index_path=str(index_path))
-    return check_index(layout, obj, {name: unique.index(p) for name, p in shard_names.items()})
 
 
 def check_index(layout: Layout, obj: dict[str, Any], position: dict[Any, int]) -> Layout:
@@ -312,11 +182,10 @@ def check_index(layout: Layout, obj: dict[str, Any], position: dict[Any, int]) -
     return layout
 
 
-def open_shards(paths: Iterable[Any], root: str, index_path: str | None = None,
-                opener: Callable[[Any], Shard] | None = None) -> Layout:
-    """Open every shard (``opener``: local files by default) into a ``Layout``; tensors must be
-    unique across shards and no shard may be listed twice."""
-    opener = opener or _open_shard
+def open_shards(paths: Iterable[Any], root: str, opener: Callable[[Any], Shard],
+                index_path: str | None = None) -> Layout:
+    """Open every shard (``opener``: a path or key → ``Shard``) into a ``Layout``; tensors must
+    be unique across shards and no shard may be listed twice."""
     shards: list[Shard] = []
     entries: dict[str, Entry] = {}
     layout = Layout(root, shards, entries, None, index_path)
@@ -342,17 +211,6 @@ def open_shards(paths: Iterable[Any], root: str, index_path: str | None = None,
         layout.close()
         raise
     return layout
-
-
-def _open_shard(path: Path) -> Shard:
-    spath = os.fspath(path)
-    fd = open_regular(spath, CheckpointError)
-    try:
-        stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
-        return Shard(spath, fd, read_any_header(spath, fd), stamp)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def iter_entries(layout: Layout, keys: Iterable[str] | None = None) -> Iterator[Entry]:

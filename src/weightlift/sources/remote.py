@@ -1,4 +1,5 @@
-"""A remote checkpoint → ``Layout``: shards found through the index, headers by ranged GETs.
+"""Object storage sources: a remote checkpoint → ``Layout``, shards found through the index,
+headers by ranged GETs (the client and ``RemoteSource`` live in ``weightlift.remote``).
 
 ``s3://bucket/prefix/`` (a "directory") is looked up as ``model.safetensors.index.json``, then
 ``model.safetensors``, and only then listed; a URL ending in ``.safetensors`` is one file and one
@@ -14,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..checkpoint import (FileStamp, Layout, Shard, check_index, check_index_size,
-                          check_shard_name, open_shards, parse_index)
 from ..errors import CheckpointError, FormatError, WeightliftError
-from ..format import check_header_length, parse_header
-from . import RemoteSource
-from .store import (HEADER_GUESS, Client, RemoteObject, connect, fetch, head, head_existing,
-                    list_keys, missing)
+from ..formats.safetensors import check_header_length, parse_header
+from ..remote import RemoteSource
+from ..remote.store import (HEADER_GUESS, Client, RemoteObject, connect, fetch, head,
+                            head_existing, list_keys, missing)
+from .records import (FileStamp, Layout, Shard, check_index, check_index_size, check_shard_name,
+                      open_shards, parse_index)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

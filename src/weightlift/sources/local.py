@@ -1,0 +1,169 @@
+"""Local sources: one file, a list of files, or a directory (single file, HF index, loose shards,
+a GGUF file or split set).
+
+Resolving opens every shard once and keeps the descriptor, so the bytes read later come from the
+same inode whose header was validated, even if the path is replaced meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from ..errors import CheckpointError, MissingFileError
+from ..formats import read_any_header
+from ..formats.gguf import check_split, split_parts
+from ..formats.records import open_regular
+from .records import (FileStamp, Layout, Shard, check_index, check_index_size, check_shard_name,
+                      open_shards, parse_index)
+
+LocalSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+#: ``directory`` → the directory its shards' symlinks may point into (see ``hub.trusted_root``).
+TrustedRoot = Callable[[Path], Path]
+
+
+def _itself(directory: Path) -> Path:
+    return directory
+
+
+def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> Layout:
+    """Open a local file, directory or list of files into a validated ``Layout``.
+
+    ``trusted_root(directory)`` is where an index's shards may lead through symlinks: the
+    directory itself, or more (an HF snapshot's files link into its repository's blobs)."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source):
+            raise CheckpointError("the checkpoint path is empty")
+        path = Path(source)
+        if path.is_dir():
+            return _resolve_dir(path, trusted_root)
+        if not path.exists():
+            raise MissingFileError("no such file or directory", path=path)
+        if path.name.endswith(".index.json"):
+            return _resolve_index(path, trusted_root)
+        if path.name.endswith(".gguf"):
+            return _resolve_gguf(path)
+        return open_shards([path], root=str(path.parent), opener=_open_shard)
+    files = [Path(p) for p in source]
+    if not files:
+        raise CheckpointError("the list of checkpoint files is empty")
+    return open_shards(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]),
+                       opener=_open_shard)
+
+
+def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        preferred = directory / "model.safetensors.index.json"
+        if preferred not in indexes:
+            names = ", ".join(i.name for i in indexes)
+            raise CheckpointError(f"holds several index files ({names}); pass the one to load",
+                                  path=directory)
+        indexes = [preferred]
+    if indexes:
+        return _resolve_index(indexes[0], trusted_root)
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return open_shards([single], root=str(directory), opener=_open_shard)
+    loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if loose:
+        return open_shards(loose, root=str(directory), opener=_open_shard)
+    ggufs = sorted(p for p in directory.glob("*.gguf") if p.is_file())
+    firsts = [p for p in ggufs if (split_parts(str(p)) or [str(p)])[0] == str(p)]
+    if len(firsts) == 1:
+        return _resolve_gguf(firsts[0])
+    if firsts:
+        names = ", ".join(p.name for p in firsts)
+        raise CheckpointError(f"holds several GGUF checkpoints ({names}); pass the one to load",
+                              path=directory)
+    raise CheckpointError("holds no *.safetensors file, no *.safetensors.index.json and no "
+                          "*.gguf file", path=directory)
+
+
+def _resolve_gguf(path: Path) -> Layout:
+    """A GGUF file, or the whole split set (``x-00001-of-00003.gguf``) any part of it names."""
+    parts = split_parts(str(path))
+    if parts is None:
+        layout = open_shards([path], root=str(path.parent), opener=_open_shard)
+        meta = layout.metadata
+        if meta is not None and meta.get("split.count", 1) != 1:
+            layout.close()
+            raise CheckpointError(f"is one part of a split set of {meta['split.count']} files "
+                                  "but is not named like one (name-00001-of-0000N.gguf); "
+                                  "restore the part names", path=path)
+        return layout
+    missing = [p for p in parts if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"split set of {len(parts)} files lacks "
+                              f"{', '.join(os.path.basename(p) for p in missing)}; download the "
+                              "missing part(s)", path=path)
+    layout = open_shards([Path(p) for p in parts], root=str(path.parent), opener=_open_shard)
+    try:
+        check_split([s.header for s in layout.shards])
+        layout.metadata = layout.shards[0].header.metadata
+    except BaseException:
+        layout.close()
+        raise
+    return layout
+
+
+def _read_index(index_path: Path) -> dict[str, Any]:
+    try:
+        info = index_path.stat()
+        if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer
+            raise CheckpointError("index is not a regular file", path=index_path)
+        check_index_size(info.st_size, index_path)
+        raw = index_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
+    return parse_index(raw, index_path)
+
+
+def shard_path(directory: Path, name: Any, index_path: Path,
+               trusted_root: TrustedRoot = _itself) -> Path:
+    """The path of shard ``name`` of an index, refusing anything that leaves ``directory``
+    (or the wider ``trusted_root(directory)``)."""
+    check_shard_name(name, index_path)
+    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
+    real_root = os.path.realpath(trusted_root(directory))
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
+                              f"directory {real_root} (a symlink leaves it)", path=index_path)
+    return candidate
+
+
+def _resolve_index(index_path: Path, trusted_root: TrustedRoot) -> Layout:
+    obj = _read_index(index_path)
+    directory = index_path.parent
+    weight_map: dict[str, Any] = obj["weight_map"]
+    shard_names: dict[str, Path] = {}
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or name not in shard_names:  # a list is no dict key
+            shard_names[name] = shard_path(directory, name, index_path, trusted_root)
+    for name, path in shard_names.items():
+        if not path.is_file():
+            error = CheckpointError if path.exists() else MissingFileError
+            raise error(f"shard {name!r} listed in the index is missing"
+                        f"{'' if not path.exists() else ' (not a file)'}", path=index_path)
+    unique = list(dict.fromkeys(shard_names.values()))
+    layout = open_shards(unique, root=str(directory), index_path=str(index_path),
+                         opener=_open_shard)
+    return check_index(layout, obj, {name: unique.index(p) for name, p in shard_names.items()})
+
+
+def _open_shard(path: Path) -> Shard:
+    spath = os.fspath(path)
+    fd = open_regular(spath, CheckpointError)
+    try:
+        stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
+        return Shard(spath, fd, read_any_header(spath, fd), stamp)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+__all__ = ["LocalSource", "TrustedRoot", "resolve_local", "shard_path"]
