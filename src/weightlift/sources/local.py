@@ -121,6 +121,8 @@ def _read_index(index_path: Path) -> dict[str, Any]:
         check_index_size(info.st_size, index_path)
         raw = index_path.read_bytes()
     except OSError as exc:
+        if is_limit(exc):
+            raise limit_error(CheckpointError, os.fspath(index_path), exc) from exc
         raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
     return parse_index(raw, index_path)
 
