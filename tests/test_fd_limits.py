@@ -11,6 +11,7 @@ and how to raise it. No load leaves a descriptor open.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import weightlift
 from conftest import bytes_of
-from weightlift.errors import ReadError
+from weightlift.errors import CheckpointError, ReadError
 from weightlift.sources import resolve
 from weightlift.sources.descriptors import POOL, Pool
 from weightlift.sources.records import PLAIN
@@ -64,13 +65,17 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("fd-limits") / "ckpt")
 
 
-@pytest.fixture(scope="module")
-def reference(ckpt: Path) -> dict[str, torch.Tensor]:
+def safetensors_load(ckpt: Path) -> dict[str, torch.Tensor]:
     """What safetensors loads, one file at a time."""
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(ckpt.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
     return tensors
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt: Path) -> dict[str, torch.Tensor]:
+    return safetensors_load(ckpt)
 
 
 #: Runs in a child process under lowered limits: every load of ``MODES`` (or the one named),
@@ -214,6 +219,7 @@ def test_the_soft_limit_is_raised_where_the_hard_one_allows(ckpt: Path,
         assert_bit_for_bit(result[key], reference)
     first = result["load-direct-uring"]["fallbacks"]
     assert any("raised it to" in note and "(64)" in note for note in first), first
+    assert not any("re-opened" in note for note in first), first
     # Every file stays open from resolve to the end: opened once to resolve, once for O_DIRECT.
     assert result["opens"] <= 2 * SHARDS + 2 * SHARDS
     assert result["leaked"] == []
@@ -336,9 +342,7 @@ def test_closing_a_checkpoint_while_a_read_holds_a_descriptor_waits_for_it(
 def test_loads_with_a_small_pool_are_exact_and_leak_nothing(
         tmp_path: Path, small_pool: Pool, strategy: str, engine: str) -> None:
     ckpt = write_checkpoint(tmp_path / "ckpt", shards=24)
-    expected: dict[str, torch.Tensor] = {}
-    for path in sorted(ckpt.glob("*.safetensors")):
-        expected.update(load_file(str(path)))
+    expected = safetensors_load(ckpt)
     before, held, opens = open_fds(), small_pool.held, small_pool.opens
     state = weightlift.load(ckpt, strategy=strategy, engine=engine)
     streamed = dict(weightlift.stream(ckpt, strategy=strategy, engine=engine,
@@ -349,3 +353,30 @@ def test_loads_with_a_small_pool_are_exact_and_leak_nothing(
     for name, want in expected.items():
         assert bytes_of(state[name]) == bytes_of(want), name
         assert bytes_of(streamed[name]) == bytes_of(want), name
+
+
+@pytest.mark.parametrize("when", ["resolve", "load"])
+def test_emfile_while_opening_a_shard_names_the_limit(tmp_path: Path, when: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's EMFILE (a real ``OSError`` from ``os.open``, for this checkpoint's files:
+    at resolve, or for the O_DIRECT descriptors of a load) becomes an actionable error."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", shards=3)
+    real_open = os.open
+
+    def open_or_emfile(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        refused = str(path).startswith(str(ckpt)) and str(path).endswith(".safetensors") and (
+            when == "resolve" or flags & getattr(os, "O_DIRECT", 0))
+        if refused:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_or_emfile)
+    before = open_fds()
+    kind = CheckpointError if when == "resolve" else ReadError
+    with pytest.raises(kind) as info:
+        weightlift.load(ckpt, strategy="direct")
+    message = str(info.value)
+    assert "too many open files (the descriptor limit is soft" in message, message
+    assert "ulimit -n" in message and "LimitNOFILE=" in message, message
+    assert info.value.path is not None and info.value.path.endswith(".safetensors")
+    assert open_fds() <= before

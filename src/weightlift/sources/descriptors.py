@@ -31,6 +31,8 @@ PER_SHARD = 3
 MIN_CAPACITY = PER_SHARD + 1
 #: Descriptors left to the rest of the program (its sockets, logs, imports) at least.
 MIN_HEADROOM = 4
+#: The bound where the soft limit is unlimited (the kernel's own cap, ``fs.nr_open``, by default).
+UNBOUNDED = 1 << 20
 #: ``(errno, ...)`` of an open refused for want of descriptors: the process's or the system's.
 LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
@@ -90,7 +92,7 @@ def reserve(files: int, held: int, root: str) -> Room:
             log.debug("%s: %s", root, note)
             soft = raised
     if soft == resource.RLIM_INFINITY:
-        return Room(files, max(need, MIN_CAPACITY), note)
+        return Room(files, UNBOUNDED, note)
     capacity = soft - others - headroom(soft)
     if capacity < MIN_CAPACITY:
         raise CheckpointError(f"the descriptor limit is too low to load it: soft {soft}, hard "
@@ -173,7 +175,7 @@ class Pool:
         if self.capacity is None:  # no checkpoint resolved yet: what the limit leaves now
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             if soft == resource.RLIM_INFINITY:
-                self.capacity = 1 << 20
+                self.capacity = UNBOUNDED
             else:
                 self.capacity = max(MIN_CAPACITY, soft - open_count() - headroom(soft))
         return self.capacity
