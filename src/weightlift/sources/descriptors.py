@@ -4,7 +4,7 @@ Llama-3.1-405B ships 191 shards and DeepSeek-V3 163; a container or a multi-proc
 leave a process a soft limit (``ulimit -n``) of 1024 or less. When a checkpoint is resolved
 (``reserve``), the soft limit is raised toward the hard one if it leaves too few descriptors
 free for every shard to be open, as Go's runtime and vLLM do at start; where even the hard
-limit is too low, the shards share a bounded set of descriptors (``shards.POOL``). A load that
+limit is too low, the shards share a bounded set of descriptors (``POOL``, a ``Pool``). A load that
 cannot run at all, and any open that fails with EMFILE or ENFILE, raises an error that names the
 limit and how to raise it.
 """
@@ -77,8 +77,8 @@ class Room:
 def reserve(files: int, held: int, root: str) -> Room:
     """Make room at resolve for ``files`` shards (``held``: descriptors shards of other open
     checkpoints hold now): raise the soft limit where it leaves too few free and the hard one
-    allows it, then size the bounded set of descriptors. Raises where not even
-    one shard's descriptors fit (``CheckpointError``)."""
+    allows it, then size the bounded set of descriptors. ``CheckpointError`` where not even one
+    shard's descriptors fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     others = max(0, open_count() - held)  # the program's own descriptors, not our shards'
     need = PER_SHARD * files + held
@@ -96,9 +96,9 @@ def reserve(files: int, held: int, root: str) -> Room:
     capacity = soft - others - headroom(soft)
     if capacity < MIN_CAPACITY:
         raise CheckpointError(f"the descriptor limit is too low to load it: soft {soft}, hard "
-                         f"{_shown(hard)}, with {others} already open, leaves fewer than "
-                         f"{MIN_CAPACITY} for its {files} file{'s' if files != 1 else ''}; "
-                         f"{advice(wanted)}", path=root)
+                              f"{_shown(hard)}, with {others} already open, leaves fewer than "
+                              f"{MIN_CAPACITY} for its {files} file{'s' if files != 1 else ''}; "
+                              f"{advice(wanted)}", path=root)
     if capacity < PER_SHARD * files:
         bounded = (f"the descriptor limit (soft {soft}, hard {_shown(hard)}) leaves room for "
                    f"{capacity} open files, fewer than the {files} files of the checkpoint may "
@@ -159,6 +159,8 @@ class Pool:
     def __init__(self, capacity: int | None = None) -> None:
         self._lock = threading.Lock()
         self._open: dict[tuple[int, str], _Held] = {}
+        #: id(owner) → kinds it has open, so closing a shard looks only at its own.
+        self._kinds: dict[int, set[str]] = {}
         #: Unpinned descriptors, least recently used first.
         self._idle: OrderedDict[tuple[int, str], _Held] = OrderedDict()
         self._pinned = 0
@@ -191,6 +193,7 @@ class Pool:
                 self._shrink(self._limit() - 1)
                 fd = self._opening(lambda: opener(kind))
                 held = self._open[key] = _Held(owner, fd)
+                self._kinds.setdefault(key[0], set()).add(kind)
             elif held.pins == 0:
                 del self._idle[key]
             if held.pins == 0:
@@ -206,6 +209,7 @@ class Pool:
                 raise AssertionError(f"{kind} descriptor adopted twice")
             self._shrink(self._limit() - 1)
             self._open[key] = self._idle[key] = _Held(owner, fd)
+            self._kinds.setdefault(key[0], set()).add(kind)
 
     def opening(self, opener: Callable[[], int]) -> int:
         """``opener()`` (a caller's own open), retried after closing an idle descriptor when it
@@ -261,16 +265,17 @@ class Pool:
         """Close ``owner``'s descriptors (of ``kinds``, default all); pinned ones close when
         their last pin goes."""
         with self._lock:
-            for key, held in list(self._open.items()):
-                if held.owner is owner and (kinds is None or key[1] in kinds):
-                    if held.pins:
-                        held.released = True
-                    else:
-                        self._close(key)
+            present = self._kinds.get(id(owner), set())
+            for kind in list(present if kinds is None else present.intersection(kinds)):
+                held = self._open[(id(owner), kind)]
+                if held.pins:
+                    held.released = True
+                else:
+                    self._close((id(owner), kind))
 
     def has_open(self, owner: object) -> bool:
         with self._lock:
-            return any(held.owner is owner for held in self._open.values())
+            return bool(self._kinds.get(id(owner)))
 
     def _shrink(self, size: int) -> None:
         while len(self._open) > size and self._idle:
@@ -279,6 +284,10 @@ class Pool:
     def _close(self, key: tuple[int, str]) -> None:
         held = self._open.pop(key)
         del self._idle[key]
+        kinds = self._kinds[key[0]]
+        kinds.discard(key[1])
+        if not kinds:
+            del self._kinds[key[0]]
         os.close(held.fd)
 
 

@@ -157,7 +157,8 @@ def _resolve_index(index_path: Path, trusted_root: TrustedRoot) -> Layout:
     unique = list(dict.fromkeys(shard_names.values()))
     layout = _open_local(unique, root=str(directory), index_path=str(index_path),
                          opener=_open_shard)
-    return check_index(layout, obj, {name: unique.index(p) for name, p in shard_names.items()})
+    place = {path: index for index, path in enumerate(unique)}
+    return check_index(layout, obj, {name: place[p] for name, p in shard_names.items()})
 
 
 def _open_local(paths: Sequence[Path], root: str, opener: Callable[[Path], Shard],
