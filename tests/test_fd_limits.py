@@ -380,3 +380,58 @@ def test_emfile_while_opening_a_shard_names_the_limit(tmp_path: Path, when: str,
     assert "ulimit -n" in message and "LimitNOFILE=" in message, message
     assert info.value.path is not None and info.value.path.endswith(".safetensors")
     assert open_fds() <= before
+
+
+def pinned_descriptors() -> set[int]:
+    """The descriptors the pool holds pinned now (its private table, read under its lock)."""
+    with POOL._lock:
+        return {held.fd for held in POOL._open.values() if held.pins > 0}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("strategy", ["direct", "stream"])
+def test_every_read_completes_on_a_descriptor_still_pinned(tmp_path: Path, small_pool: Pool,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           strategy: str, engine: str) -> None:
+    """With 40 shards and room for 4 descriptors, files are closed and re-opened all through the
+    load; every read, seen where the kernel answers it (``preadv`` on a worker thread, or the
+    io_uring completion), ran on a descriptor that was pinned, so not closed and not reused."""
+    from weightlift.io import base as io_base
+    from weightlift.io import uring
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", shards=40)
+    expected = safetensors_load(ckpt)
+    unpinned: list[int] = []
+    reads = 0
+
+    def note(fd: int) -> None:
+        nonlocal reads
+        reads += 1
+        if fd not in pinned_descriptors():
+            unpinned.append(fd)
+
+    if engine == "uring":
+        real_completed = uring.completed
+
+        def completed(fd: int, offset: int, length: int, result: int) -> int:
+            note(fd)
+            return real_completed(fd, offset, length, result)
+
+        monkeypatch.setattr(uring, "completed", completed)
+    else:
+        real_preadv = io_base.preadv
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            done = real_preadv(fd, buffers, offset)
+            note(fd)
+            return done
+
+        monkeypatch.setattr(io_base, "preadv", preadv)
+    before, opens = open_fds(), small_pool.opens
+    state = weightlift.load(ckpt, strategy=strategy, engine=engine)
+    assert reads >= 40, "the seam saw no reads"
+    assert unpinned == [], f"reads on descriptors that were not pinned: {unpinned}"
+    assert small_pool.opens - opens > 40, "nothing was re-opened"
+    assert open_fds() <= before
+    for name, want in expected.items():
+        assert bytes_of(state[name]) == bytes_of(want), name
