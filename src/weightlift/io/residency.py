@@ -16,7 +16,6 @@ copies cached runs with buffered reads that start no read-ahead.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
