@@ -51,7 +51,7 @@ class OpenRefused(ReadError):
 
 @dataclass
 class Shard:
-    """One safetensors (or GGUF) file of a checkpoint: its validated header and the stamp of the
+    """One file (safetensors or GGUF) of a checkpoint: its validated header and the stamp of the
     file it was read from.
 
     Its descriptors live in a bounded pool (``descriptors.POOL``) and are reached through one
