@@ -435,3 +435,33 @@ def test_every_read_completes_on_a_descriptor_still_pinned(tmp_path: Path, small
     assert open_fds() <= before
     for name, want in expected.items():
         assert bytes_of(state[name]) == bytes_of(want), name
+
+
+def test_threads_sharing_a_small_pool_get_exact_bytes(tmp_path: Path, small_pool: Pool) -> None:
+    """Four threads load one checkpoint at once, two through their own resolve and two through
+    one shared ``open()`` checkpoint (whose O_DIRECT descriptors one load closes while another
+    holds them pinned): 24 shards, room for 4 descriptors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", shards=24)
+    expected = safetensors_load(ckpt)
+    before = open_fds()
+    with weightlift.open(ckpt) as shared:
+        names = shared.keys()
+
+        def own(strategy: str, engine: str) -> dict[str, torch.Tensor]:
+            return weightlift.load(ckpt, strategy=strategy, engine=engine)
+
+        def through_shared(strategy: str, engine: str) -> dict[str, torch.Tensor]:
+            return {name: shared.get_tensor(name, strategy=strategy, engine=engine)
+                    for name in names}
+
+        jobs = [(own, "direct", "uring"), (own, "stream", "threads"),
+                (through_shared, "direct", "threads"), (through_shared, "direct", "uring")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: job[0](job[1], job[2]), jobs))
+    assert open_fds() <= before
+    for state in results:
+        assert sorted(state) == sorted(expected)
+        for name, want in expected.items():
+            assert bytes_of(state[name]) == bytes_of(want), name
