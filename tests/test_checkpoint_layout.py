@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from weightlift.errors import CheckpointError, FormatError
 from weightlift.sources import resolve
+from weightlift.sources.descriptors import POOL
 from weightlift.sources.records import Layout, iter_entries
 
 from test_format_validation import safetensors_view as reference_view
@@ -92,7 +93,8 @@ def test_single_file(tmp_path: Path) -> None:
         assert layout.metadata == {"format": "pt"}
         assert layout.index_path is None and layout.root == str(tmp_path)
         assert layout.total_bytes == 2 * 24
-    assert all(s.fd == -1 for s in layout.shards), "leaving the context closes the files"
+    assert all(s.closed and not POOL.has_open(s) for s in layout.shards), \
+        "leaving the context closes the files"
 
 
 def test_list_of_files(tmp_path: Path) -> None:

@@ -13,6 +13,11 @@ Two pipelines share one shape — submit reads ahead on an engine (a thread pool
 Whatever goes wrong, pending reads are cancelled and running ones finished before the error
 propagates, so no thread (or kernel completion) writes into memory after the caller has seen the
 failure.
+
+Every read submitted pins the descriptors of its shard (``Shard.pin``) until it is reaped, so no
+descriptor is closed (to keep within the descriptor limit) under a read in flight. Reads run in
+file order, so few shards are pinned at once; a load pins another shard ahead of the one it
+waits for only while the pool of descriptors has room (``_room``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .io.engine import Engine, Pending, ThreadEngine
 from .io.pool import BufferPool
 from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
+from .sources.descriptors import POOL
 from .sources.records import Entry, Layout
 from .verify import Verifier
 
@@ -148,16 +154,22 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             # may exceed the window alone: one tensor larger than the budget), so a stream holds
             # at most the window plus the tensor its consumer has: budget + largest tensor.
             while blocks and (not pending or (reads < engine.ahead and (
-                    window is None or ahead + blocks[0].nbytes <= window))):
+                    window is None or ahead + blocks[0].nbytes <= window)
+                    and _room(strategy, blocks[0].shard))):
                 block = blocks.popleft()
-                buf, futures = _submit_block(block, strategy, engine, reuse)
-                pending.append((block, buf, futures))
+                futures: list[Pending] = []
+                _pin(strategy, block.shard)
+                # Pending (so cancelled and unpinned on failure) from before its first read.
+                pending.append((block, torch.empty(0, dtype=torch.uint8), futures))
+                buf = _submit_block(block, strategy, engine, reuse, futures)
+                pending[-1] = (block, buf, futures)
                 ahead += block.nbytes
                 reads += len(futures)
             block, buf, futures = pending[0]  # stays pending (cancelled on failure) until read
             for future in futures:
                 future.result()
             pending.popleft()
+            _unpin(strategy, block.shard)
             # Nothing is handed out whose bytes may have been read across a change of the file.
             strategy.shards[block.shard].check_unchanged()
             held = _verify(verifier, block.shard, block.start, buf, window is not None,
@@ -175,6 +187,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             del buf  # the consumer's tensors alone decide when this memory is reused
     finally:
         _cancel(future for _, _, futures in pending for future in futures)
+        for block, _, _ in pending:
+            _unpin(strategy, block.shard)  # its reads are over: withdrawn or finished
         pending.clear()
         if reuse is not None:
             reuse.close()
@@ -192,15 +206,49 @@ def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tenso
     return last
 
 
-def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: BufferPool | None
-                  ) -> tuple[torch.Tensor, list[Pending]]:
+def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: BufferPool | None,
+                  futures: list[Pending]) -> torch.Tensor:
+    """Submit ``block``'s reads, appending each to ``futures`` as it goes; its buffer."""
     if strategy.zero_copy:
         buf = strategy.view(block.shard, block.start, block.end)
-        return buf, [engine.call(strategy.populate, block.shard, lo, hi) for lo, hi in block.reads]
+        for lo, hi in block.reads:
+            futures.append(engine.call(strategy.populate, block.shard, lo, hi))
+        return buf
     buf = strategy.alloc(block.nbytes, block.start, reuse.take if reuse is not None else None)
-    futures = [engine.read(strategy, block.shard, lo, buf[lo - block.start:hi - block.start])
-               for lo, hi in block.reads if hi > lo]
-    return buf, futures
+    for lo, hi in block.reads:
+        if hi > lo:
+            futures.append(engine.read(strategy, block.shard, lo,
+                                       buf[lo - block.start:hi - block.start]))
+    return buf
+
+
+def _pin(strategy: Strategy, shard: int) -> None:
+    """Pin the descriptors ``strategy`` reads ``shard`` through, for reads about to be submitted."""
+    s = strategy.shards[shard]
+    done: list[str] = []
+    try:
+        for kind in strategy.kinds(shard):
+            s.pin(kind)
+            done.append(kind)
+    except BaseException:
+        for kind in done:
+            s.unpin(kind)
+        raise
+
+
+def _unpin(strategy: Strategy, shard: int) -> None:
+    """Undo ``_pin`` once every read it covered has been reaped (finished or withdrawn)."""
+    s = strategy.shards[shard]
+    for kind in strategy.kinds(shard):
+        s.unpin(kind)
+
+
+def _room(strategy: Strategy, shard: int) -> bool:
+    """Whether reads of ``shard`` may be submitted ahead: its descriptors are pinned already, or
+    the pool has room for them without going over its bound."""
+    s = strategy.shards[shard]
+    wanted = sum(1 for kind in strategy.kinds(shard) if not s.pinned(kind))
+    return wanted == 0 or POOL.room(wanted)
 
 
 def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Sink,
@@ -220,7 +268,8 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
     pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Pending]] = deque()
     try:
         while chunks or pending:
-            while chunks and len(pending) < count:
+            while chunks and len(pending) < count and (
+                    not pending or _room(strategy, chunks[0].shard)):
                 slot = None
                 if not strategy.zero_copy:
                     if not free and fenced:
@@ -231,10 +280,17 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                         break
                     slot = free.pop()
                 chunk = chunks.popleft()
-                src, future = _submit_chunk(chunk, slot, strategy, engine)
+                _pin(strategy, chunk.shard)
+                try:
+                    src, future = _submit_chunk(chunk, slot, strategy, engine)
+                except BaseException:
+                    _unpin(strategy, chunk.shard)  # nothing was submitted
+                    raise
                 pending.append((chunk, slot, src, future))
-            chunk, slot, src, future = pending.popleft()
+            chunk, slot, src, future = pending[0]  # stays pending (cancelled on failure) until read
             future.result()
+            pending.popleft()
+            _unpin(strategy, chunk.shard)
             strategy.shards[chunk.shard].check_unchanged()
             ticket = None
             if verifier is not None:
@@ -259,6 +315,8 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                     yield piece.entry, sink.finish(piece.entry)
     finally:
         _cancel(future for _, _, _, future in pending)
+        for chunk, _, _, _ in pending:
+            _unpin(strategy, chunk.shard)  # its read is over: withdrawn or finished
         # Every copy queued so far, including those of a chunk whose placing raised before its
         # fence: none may still read a slot or write a destination once they are freed.
         sink.drain()

@@ -234,17 +234,20 @@ class Verifier:
     def _fill(self, shard: int, until: int) -> None:
         """Read and hash ``[position, until)`` of ``shard`` from its file (header, holes)."""
         s = self.layout.shards[shard]
-        while self.position[shard] < until:
-            want = min(FILL, until - self.position[shard])
-            try:
-                data = os.pread(s.fd, want, self.position[shard])
-            except OSError as exc:
-                raise ReadError(f"read for verification failed: {exc.strerror}",
-                                path=s.path) from exc
-            if not data:
-                raise ReadError("file ended while it was being verified", path=s.path)
-            self.hashes[shard].update(data)
-            self.position[shard] += len(data)
+        if self.position[shard] >= until:
+            return
+        with s.opened() as fd:
+            while self.position[shard] < until:
+                want = min(FILL, until - self.position[shard])
+                try:
+                    data = os.pread(fd, want, self.position[shard])
+                except OSError as exc:
+                    raise ReadError(f"read for verification failed: {exc.strerror}",
+                                    path=s.path) from exc
+                if not data:
+                    raise ReadError("file ended while it was being verified", path=s.path)
+                self.hashes[shard].update(data)
+                self.position[shard] += len(data)
 
     def _compare(self, shard: int) -> None:
         if shard in self.done:

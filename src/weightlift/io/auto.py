@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import probes
 from ..budget import available_memory
-from ..sources.records import Shard
+from ..sources.records import PLAIN, Shard
 from ..units import format_bytes
 from .base import Unavailable
 from .direct import DirectStrategy
@@ -119,7 +119,8 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
     resident = 0
     for shard in shards:
         try:
-            resident += probes.sampled_resident_bytes(shard.fd)
+            with shard.opened(PLAIN) as fd:
+                resident += probes.sampled_resident_bytes(fd)
         except OSError:
             pass  # unknown residency counts as cold
     file_bytes = sum(shard.header.file_size for shard in shards)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ReadError
-from ..sources.records import Shard
+from ..sources.records import PLAIN, Shard
 from .uring import Read
 
 PAGE = mmap.PAGESIZE
@@ -85,6 +85,11 @@ class Strategy(ABC):
 
     def consumed(self, shard: int, start: int, end: int) -> None:
         """``[start, end)`` has been copied to its destination; release what holds it."""
+
+    def kinds(self, shard: int) -> tuple[str, ...]:
+        """The kinds of descriptor (``sources.records.KINDS``) ``read``/``describe`` of ``shard``
+        use: a load pins them around every read it submits (``Shard.pin``)."""
+        return (PLAIN,)
 
     def close(self) -> None:
         """Release per-file state; the shards' descriptors belong to the caller."""

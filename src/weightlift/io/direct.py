@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ReadError
-from ..sources.records import Shard
+from ..sources.records import DIRECT, RANDOM, OpenRefused, Shard
 from . import base
 from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
 from .residency import CachedRanges
@@ -35,7 +35,6 @@ class DirectStrategy(Strategy):
 
     def __init__(self, per_range: bool = True) -> None:
         super().__init__()
-        self.fds: list[int] = []
         #: Copy ranges cached when the load starts out of the page cache instead of the disk.
         self.per_range = per_range
         self.cache: CachedRanges | None = None
@@ -47,15 +46,18 @@ class DirectStrategy(Strategy):
             raise Unavailable("this platform has no O_DIRECT")
         try:
             for shard in shards:
+                # Opened by path and checked against the file's stamp: the file whose header
+                # was read, or a ReadError. Kept open while the descriptor limit leaves room.
                 try:
-                    fd = os.open(f"/proc/self/fd/{shard.fd}", os.O_RDONLY | flag | os.O_CLOEXEC)
-                except OSError as exc:
+                    fd = shard.pin(DIRECT)
+                except OpenRefused as exc:
+                    why = exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc
                     raise Unavailable(f"{shard.path}: the file system refuses O_DIRECT "
-                                      f"({exc.strerror})") from None
-                self.fds.append(fd)
-                if os.fstat(fd).st_ino != shard.stamp.inode:
-                    raise Unavailable(f"{shard.path}: reopening for O_DIRECT reached another file")
-                self._probe(fd, shard)
+                                      f"({why})") from None
+                try:
+                    self._probe(fd, shard)
+                finally:
+                    shard.unpin(DIRECT)
             if self.per_range:
                 cache = CachedRanges(shards)
                 if cache.any_cached:
@@ -91,6 +93,11 @@ class DirectStrategy(Strategy):
               ) -> torch.Tensor:
         return aligned_buffer(nbytes, file_offset, ALIGN, raw=raw)
 
+    def kinds(self, shard: int) -> tuple[str, ...]:
+        if self.cache is not None and self.cache.resident[shard] is not None:
+            return (DIRECT, RANDOM)  # cached runs are copied through a buffered descriptor
+        return (DIRECT,)
+
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()
         if self.cache is None:
@@ -113,7 +120,7 @@ class DirectStrategy(Strategy):
         if (dest.data_ptr() - start) % ALIGN:
             raise AssertionError("direct reads need buffers from alloc() or an aligned slot")
         memory = raw_memory(dest.data_ptr() - (start - lo), hi - lo)
-        fd, path = self.fds[shard], self.shards[shard].path
+        fd, path = self.shards[shard].descriptor(DIRECT), self.shards[shard].path
         done = 0
         need = end - lo  # past `end` the extent may run beyond the end of the file
         while done < need:
@@ -140,7 +147,7 @@ class DirectStrategy(Strategy):
 
     def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
         end = start + dest.numel()
-        fd, path = self.fds[shard], self.shards[shard].path
+        fd, path = self.shards[shard].descriptor(DIRECT), self.shards[shard].path
         if end == start:
             return Read(fd, 0, start, 0, need=0, block=ALIGN, path=path, direct=True)
         lo = start - start % ALIGN
@@ -151,9 +158,8 @@ class DirectStrategy(Strategy):
                     path=path, direct=True)
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        for shard in self.shards:
+            shard.release(DIRECT)  # as before: O_DIRECT descriptors live as long as the load
         if self.cache is not None:
             self.cache.close()
             self.cache = None

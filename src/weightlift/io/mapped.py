@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ReadError
 from ..probes import LIBC
-from ..sources.records import Shard
+from ..sources.records import PLAIN, Shard
 from .base import PAGE, Strategy
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -69,10 +69,14 @@ class MmapStrategy(Strategy):
         super().prepare(shards)
         for shard in shards:
             try:
-                self.maps.append(Mapping(shard.fd, shard.header.file_size))
+                with shard.opened(PLAIN) as fd:  # the mapping holds the file, not the descriptor
+                    self.maps.append(Mapping(fd, shard.header.file_size))
             except (OSError, ValueError) as exc:
                 shard.check_unchanged()  # a file that shrank since its header was read: say so
                 raise ReadError(f"cannot map the file: {exc}", path=shard.path) from exc
+
+    def kinds(self, shard: int) -> tuple[str, ...]:
+        return ()  # pages are faulted in through the mapping
 
     def view(self, shard: int, start: int, end: int) -> torch.Tensor:
         if end == start:
@@ -114,10 +118,11 @@ class MmapStrategy(Strategy):
         lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
         if hi > lo:
             self.maps[shard].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            try:
-                os.posix_fadvise(self.shards[shard].fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+            with self.shards[shard].opened(PLAIN) as fd:
+                try:
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         # Zero-copy tensors keep their mapping alive through the buffer protocol; just let go.

@@ -35,6 +35,9 @@ class RemoteStrategy(Strategy):
             self.in_flight = tuning.concurrency
             self.read_size = tuning.request_size
 
+    def kinds(self, shard: int) -> tuple[str, ...]:
+        return ()  # ranged GETs, no descriptor
+
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         from ..remote.store import fetch_into
 

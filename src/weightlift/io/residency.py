@@ -10,17 +10,18 @@ copies cached runs with buffered reads that start no read-ahead.
     ranges = CachedRanges(shards)            # mincore per shard; nothing kept for cold files
     for lo, hi, cached in ranges.split(0, start, end):
         ...                                  # cached: ranges.read(0, lo, view); else O_DIRECT
+
+``read`` goes through the shard's ``RANDOM`` descriptor, which the caller pins around it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from .. import probes
-from ..sources.records import Shard
+from ..sources.records import PLAIN, RANDOM, OpenRefused, Shard
 from .base import PAGE, pread_into
 
 #: One run of a range: ``(start, end, cached)`` in absolute file offsets.
@@ -76,18 +77,17 @@ class CachedRanges:
     def __init__(self, shards: Sequence[Shard]) -> None:
         self.shards = shards
         self.resident: list[np.ndarray | None] = []
-        self.fds: list[int | None] = []
         try:
             for shard in shards:
-                pages = self._map(shard.fd)
-                fd = None
+                with shard.opened(PLAIN) as fd:
+                    pages = self._map(fd)
                 if pages is not None:
-                    try:
-                        fd = _random_access_fd(shard)
-                    except OSError:
+                    try:  # a buffered descriptor that starts no read-ahead (see ``read``)
+                        shard.pin(RANDOM)
+                        shard.unpin(RANDOM)
+                    except OpenRefused:
                         pages = None  # read it all with O_DIRECT, as if cold
                 self.resident.append(pages)
-                self.fds.append(fd)
         except BaseException:
             self.close()
             raise
@@ -113,17 +113,17 @@ class CachedRanges:
         return split_cached(start, end, self.resident[shard])
 
     def read(self, shard: int, start: int, dest: memoryview) -> None:
-        """Copy ``[start, start + len(dest))`` (a cached run) out of the page cache."""
-        fd = self.fds[shard]
-        if fd is None:
+        """Copy ``[start, start + len(dest))`` (a cached run) out of the page cache, through a
+        buffered descriptor that starts no read-ahead: reading a cached run must not pull the
+        uncached pages after it into the cache (O_DIRECT reads those)."""
+        if self.resident[shard] is None:
             raise AssertionError("read() of a run split_cached did not mark cached")
-        pread_into(fd, dest, start, self.shards[shard].path)
+        s = self.shards[shard]
+        pread_into(s.descriptor(RANDOM), dest, start, s.path)
 
     def close(self) -> None:
-        for fd in self.fds:
-            if fd is not None:
-                os.close(fd)
-        self.fds = []
+        for shard in self.shards:
+            shard.release(RANDOM)
         self.resident = []
 
 
@@ -136,13 +136,3 @@ def cached_pages(fd: int) -> np.ndarray | None:
         return None
     return pages if pages.any() else None
 
-
-def _random_access_fd(shard: Shard) -> int:
-    """A buffered descriptor of the shard's file that starts no read-ahead: reading a cached run
-    must not pull the uncached pages after it into the cache (O_DIRECT reads those)."""
-    fd = os.open(f"/proc/self/fd/{shard.fd}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    except OSError:
-        pass  # advice only: reads stay correct, the kernel may read ahead
-    return fd

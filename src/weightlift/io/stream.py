@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..sources.records import Shard
+from ..errors import WeightliftError
+from ..sources.records import PLAIN, Shard
 from .base import PAGE, Strategy, host_view, pread_into
 from .residency import cached_pages
 from .uring import Read
@@ -37,12 +38,15 @@ class StreamStrategy(Strategy):
         # Pages cached before the load are someone else's: only drop the ones we bring in.
         self.cached_before = []
         for shard in shards:
-            _fadvise(shard.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self.cached_before.append(cached_pages(shard.fd) if self.evict else None)
+            # Advice on the open file: a descriptor re-opened later (under a low descriptor
+            # limit) reads with the default read-ahead, as correctly.
+            with shard.opened(PLAIN) as fd:
+                _fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self.cached_before.append(cached_pages(fd) if self.evict else None)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         s = self.shards[shard]
-        pread_into(s.fd, host_view(dest), start, s.path)
+        pread_into(s.descriptor(PLAIN), host_view(dest), start, s.path)
         if self.evict:
             # Read bytes are in their destination now; pages wholly inside the range can go.
             self._drop(shard, start, start + dest.numel(), inward=True)
@@ -50,7 +54,7 @@ class StreamStrategy(Strategy):
     def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:
         s, end = self.shards[shard], start + dest.numel()
         then = (lambda: self._drop(shard, start, end, inward=True)) if self.evict else None
-        return Read(s.fd, dest.data_ptr(), start, end - start, need=end - start, block=1,
+        return Read(s.descriptor(PLAIN), dest.data_ptr(), start, end - start, need=end - start, block=1,
                     path=s.path, direct=False, then=then)
 
     def consumed(self, shard: int, start: int, end: int) -> None:
@@ -60,8 +64,12 @@ class StreamStrategy(Strategy):
     def close(self) -> None:
         if self.evict:
             for index, shard in enumerate(self.shards):
-                if shard.fd >= 0:
+                if shard.closed:
+                    continue
+                try:
                     self._drop(index, 0, shard.header.file_size, inward=False)
+                except WeightliftError:
+                    pass  # advice only: a file changed or gone needs none (the load said so)
 
     def _drop(self, shard: int, start: int, end: int, inward: bool) -> None:
         if inward:
@@ -70,13 +78,14 @@ class StreamStrategy(Strategy):
             lo, hi = start // PAGE, -(-end // PAGE)
         if hi <= lo:
             return
-        fd = self.shards[shard].fd
         cached = self.cached_before[shard] if shard < len(self.cached_before) else None
-        if cached is None:
-            _fadvise(fd, lo * PAGE, (hi - lo) * PAGE, os.POSIX_FADV_DONTNEED)
-            return
-        for run_lo, run_hi in _runs_of_false(cached[lo:hi]):
-            _fadvise(fd, (lo + run_lo) * PAGE, (run_hi - run_lo) * PAGE, os.POSIX_FADV_DONTNEED)
+        with self.shards[shard].opened(PLAIN) as fd:
+            if cached is None:
+                _fadvise(fd, lo * PAGE, (hi - lo) * PAGE, os.POSIX_FADV_DONTNEED)
+                return
+            for run_lo, run_hi in _runs_of_false(cached[lo:hi]):
+                _fadvise(fd, (lo + run_lo) * PAGE, (run_hi - run_lo) * PAGE,
+                         os.POSIX_FADV_DONTNEED)
 
 
 def _runs_of_false(flags: np.ndarray) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """Local sources: one file, a list of files, or a directory (single file, HF index, loose shards,
 a GGUF file or split set).
 
-Resolving opens every shard once and keeps the descriptor, so the bytes read later come from the
-same inode whose header was validated, even if the path is replaced meanwhile.
+Resolving opens every shard once, reads its header and stamps the file (inode, device, size,
+modification time); the bytes read later come from a descriptor of that same file: the one kept
+open, or one re-opened (where the descriptor limit made room for it) and checked against the
+stamp. Before the shards are opened, ``reserve`` makes room under the descriptor limit.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from ..errors import CheckpointError, MissingFileError
 from ..formats import read_any_header
 from ..formats.gguf import check_split, split_parts
 from ..formats.records import open_regular
-from .records import (FileStamp, Layout, Shard, check_index, check_index_size, check_shard_name,
-                      open_shards, parse_index)
+from .descriptors import POOL, is_limit, limit_error, reserve
+from .records import (PLAIN, FileStamp, Layout, Shard, check_index, check_index_size,
+                      check_shard_name, open_shards, parse_index)
 
 LocalSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 #: ``directory`` → the directory its shards' symlinks may point into (see ``hub.trusted_root``).
@@ -46,11 +49,11 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
             return _resolve_index(path, trusted_root)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
-        return open_shards([path], root=str(path.parent), opener=_open_shard)
+        return _open_local([path], root=str(path.parent), opener=_open_shard)
     files = [Path(p) for p in source]
     if not files:
         raise CheckpointError("the list of checkpoint files is empty")
-    return open_shards(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]),
+    return _open_local(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]),
                        opener=_open_shard)
 
 
@@ -67,10 +70,10 @@ def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
         return _resolve_index(indexes[0], trusted_root)
     single = directory / "model.safetensors"
     if single.is_file():
-        return open_shards([single], root=str(directory), opener=_open_shard)
+        return _open_local([single], root=str(directory), opener=_open_shard)
     loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if loose:
-        return open_shards(loose, root=str(directory), opener=_open_shard)
+        return _open_local(loose, root=str(directory), opener=_open_shard)
     ggufs = sorted(p for p in directory.glob("*.gguf") if p.is_file())
     firsts = [p for p in ggufs if (split_parts(str(p)) or [str(p)])[0] == str(p)]
     if len(firsts) == 1:
@@ -87,7 +90,7 @@ def _resolve_gguf(path: Path) -> Layout:
     """A GGUF file, or the whole split set (``x-00001-of-00003.gguf``) any part of it names."""
     parts = split_parts(str(path))
     if parts is None:
-        layout = open_shards([path], root=str(path.parent), opener=_open_shard)
+        layout = _open_local([path], root=str(path.parent), opener=_open_shard)
         meta = layout.metadata
         if meta is not None and meta.get("split.count", 1) != 1:
             layout.close()
@@ -100,7 +103,7 @@ def _resolve_gguf(path: Path) -> Layout:
         raise CheckpointError(f"split set of {len(parts)} files lacks "
                               f"{', '.join(os.path.basename(p) for p in missing)}; download the "
                               "missing part(s)", path=path)
-    layout = open_shards([Path(p) for p in parts], root=str(path.parent), opener=_open_shard)
+    layout = _open_local([Path(p) for p in parts], root=str(path.parent), opener=_open_shard)
     try:
         check_split([s.header for s in layout.shards])
         layout.metadata = layout.shards[0].header.metadata
@@ -118,6 +121,8 @@ def _read_index(index_path: Path) -> dict[str, Any]:
         check_index_size(info.st_size, index_path)
         raw = index_path.read_bytes()
     except OSError as exc:
+        if is_limit(exc):
+            raise limit_error(CheckpointError, os.fspath(index_path), exc) from exc
         raise CheckpointError(f"cannot read the index: {exc.strerror}", path=index_path) from exc
     return parse_index(raw, index_path)
 
@@ -150,19 +155,50 @@ def _resolve_index(index_path: Path, trusted_root: TrustedRoot) -> Layout:
             raise error(f"shard {name!r} listed in the index is missing"
                         f"{'' if not path.exists() else ' (not a file)'}", path=index_path)
     unique = list(dict.fromkeys(shard_names.values()))
-    layout = open_shards(unique, root=str(directory), index_path=str(index_path),
+    layout = _open_local(unique, root=str(directory), index_path=str(index_path),
                          opener=_open_shard)
-    return check_index(layout, obj, {name: unique.index(p) for name, p in shard_names.items()})
+    place = {path: index for index, path in enumerate(unique)}
+    return check_index(layout, obj, {name: place[p] for name, p in shard_names.items()})
+
+
+def _open_local(paths: Sequence[Path], root: str, opener: Callable[[Path], Shard],
+                index_path: str | None = None) -> Layout:
+    """``open_shards`` for local files, once ``reserve`` made room for their descriptors."""
+    room = reserve(len(paths), POOL.held, root)
+    POOL.capacity = room.capacity
+    layout = open_shards(paths, root=root, opener=opener, index_path=index_path)
+    if room.note is not None:
+        layout.notes.append(room.note)
+    return layout
 
 
 def _open_shard(path: Path) -> Shard:
     spath = os.fspath(path)
-    fd = open_regular(spath, CheckpointError)
+    try:
+        fd = POOL.opening(lambda: _open_regular(spath))
+    except OSError as exc:
+        if not is_limit(exc) or isinstance(exc, MissingFileError):
+            raise
+        # EMFILE/ENFILE, and no idle descriptor was left to close
+        raise limit_error(CheckpointError, spath, exc) from exc
     try:
         stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
-        return Shard(spath, fd, read_any_header(spath, fd), stamp)
+        shard = Shard(spath, read_any_header(spath, fd), stamp)
     except BaseException:
         os.close(fd)
+        raise
+    POOL.adopt(shard, PLAIN, fd)
+    return shard
+
+
+def _open_regular(path: str) -> int:
+    """``open_regular``, letting an open refused for want of descriptors through as OSError."""
+    try:
+        return open_regular(path, CheckpointError)
+    except CheckpointError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and is_limit(cause):
+            raise cause from None
         raise
 
 

@@ -7,15 +7,18 @@ build a ``Layout`` from these; none of them imports another.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from ..errors import CheckpointError, ReadError
 from ..formats.gguf import is_gguf
 from ..formats.records import Header, TensorInfo
+from .descriptors import POOL, is_limit, limit_error
 
 #: An index file larger than this is not a real index (70B models have ~100 KB indexes).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -36,42 +39,125 @@ class FileStamp:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
+#: Kinds of descriptor a shard's file is read through: buffered, O_DIRECT, and buffered with no
+#: read-ahead (cached runs of a file otherwise read with O_DIRECT); kind → extra open flags.
+PLAIN, DIRECT, RANDOM = "plain", "direct", "random"
+KINDS: dict[str, int] = {PLAIN: 0, DIRECT: getattr(os, "O_DIRECT", 0), RANDOM: 0}
+
+
+class OpenRefused(ReadError):
+    """The file could not be opened this way (e.g. the file system refuses O_DIRECT)."""
+
+
 @dataclass
 class Shard:
-    """One open file (safetensors or GGUF) of a checkpoint."""
+    """One file (safetensors or GGUF) of a checkpoint: its validated header and the stamp of the
+    file it was read from.
+
+    Its descriptors live in a bounded pool (``descriptors.POOL``) and are reached through one
+    accessor: ``pin(kind)`` opens one (re-opening the path if it was closed to make room,
+    checking it is still the file whose header was validated) and holds it until ``unpin``;
+    ``descriptor(kind)`` is the pinned number. Reads in flight keep their descriptor pinned."""
 
     path: str
-    fd: int
     header: Header
     stamp: FileStamp
     #: Object storage shards have no descriptor; only the ``remote`` strategy reads them.
     remote: ClassVar[bool] = False
+    closed: bool = field(default=False, compare=False)
 
     @property
     def identity(self) -> object:
         """Equal for two shards that are the same file (a hard link, a path given twice)."""
         return (self.stamp.device, self.stamp.inode)
 
+    def pin(self, kind: str = PLAIN) -> int:
+        """Hold the descriptor of ``kind`` open (opening it if needed) until ``unpin``.
+
+        Raises ``ReadError``: the file changed or was replaced since its header was read, the
+        descriptor limit is reached (naming it and how to raise it), or ``OpenRefused``."""
+        if self.closed:
+            raise ReadError("the checkpoint was closed", path=self.path)
+        try:
+            return POOL.pin(self, kind, self._open)
+        except OSError as exc:
+            if is_limit(exc):
+                raise limit_error(ReadError, self.path, exc) from exc
+            if exc.errno == errno.ENOENT:
+                raise ReadError("file disappeared during the load", path=self.path) from exc
+            raise OpenRefused(f"cannot open ({kind}): {exc.strerror or exc}",
+                              path=self.path) from exc
+
+    def unpin(self, kind: str = PLAIN) -> None:
+        POOL.unpin(self, kind)
+
+    def descriptor(self, kind: str = PLAIN) -> int:
+        """The descriptor of ``kind``, which the caller (or a read it waits for) has pinned."""
+        return POOL.descriptor(self, kind)
+
+    @contextmanager
+    def opened(self, kind: str = PLAIN) -> Iterator[int]:
+        """``with shard.opened() as fd``: the descriptor pinned for the block."""
+        fd = self.pin(kind)
+        try:
+            yield fd
+        finally:
+            self.unpin(kind)
+
+    def _open(self, kind: str) -> int:
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | KINDS[kind]
+        # Non-blocking: a FIFO put in the file's place must not hang the open (the stamp below
+        # refuses it); reads are blocking again.
+        fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0))
+        try:
+            os.set_blocking(fd, True)
+            stale = self._stale(FileStamp.of(fd))
+            if stale is not None:
+                raise stale
+            if kind == RANDOM:
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                except OSError:
+                    pass  # advice only: reads stay correct, the kernel may read ahead
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def pinned(self, kind: str = PLAIN) -> bool:
+        return POOL.is_pinned(self, kind)
+
+    def release(self, *kinds: str) -> None:
+        """Close its descriptors of ``kinds`` (a pinned one when its last pin goes)."""
+        POOL.release(self, kinds)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close its descriptors (a pinned one when its read is done); later pins fail."""
+        self.closed = True
+        POOL.release(self)
 
     def check_unchanged(self) -> None:
         """Raise if the file was modified or replaced since its header was read."""
         try:
-            now = FileStamp.of(self.fd)
             path_now = os.stat(self.path)
         except OSError as exc:
             raise ReadError(f"file disappeared during the load: {exc.strerror}",
                             path=self.path) from exc
+        stale = self._stale(FileStamp(path_now.st_size, path_now.st_mtime_ns, path_now.st_ino,
+                                      path_now.st_dev))
+        if stale is not None:
+            raise stale
+
+    def _stale(self, now: FileStamp) -> ReadError | None:
+        """The error for a file whose stamp is now ``now``, None if it is the validated one."""
+        if (now.inode, now.device) != (self.stamp.inode, self.stamp.device):
+            return ReadError("file was replaced by another during the load; load again",
+                             path=self.path)
         if now != self.stamp:
-            raise ReadError(f"file changed during the load (size {self.stamp.size} → {now.size}, "
-                            "or modification time changed); its data may be mixed, load again",
-                            path=self.path)
-        if (path_now.st_ino, path_now.st_dev) != (self.stamp.inode, self.stamp.device):
-            raise ReadError("file was replaced by another during the load; load again",
-                            path=self.path)
+            return ReadError(f"file changed during the load (size {self.stamp.size} → "
+                             f"{now.size}, or modification time changed); its data may be mixed, "
+                             "load again", path=self.path)
+        return None
 
 
 @dataclass(frozen=True)
@@ -96,6 +182,8 @@ class Layout:
         self.entries = entries
         self.metadata = metadata
         self.index_path = index_path
+        #: What resolving did about the descriptor limit (``LoadReport.fallbacks`` shows it).
+        self.notes: list[str] = []
 
     @property
     def total_bytes(self) -> int:

@@ -146,7 +146,7 @@ def _open(found: tuple[RemoteObject, bytes]) -> RemoteShard:
         raw += fetch(obj, 8 + len(raw), 8 + header_len, CheckpointError)
     header = parse_header(raw, file_size=obj.size, path=url)
     stamp = FileStamp(obj.size, 0, 0, 0)
-    return RemoteShard(url, -1, header, stamp, obj=obj)
+    return RemoteShard(url, header, stamp, obj=obj)
 
 
 __all__ = ["RemoteShard", "resolve_remote"]
