@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -465,3 +466,44 @@ def test_threads_sharing_a_small_pool_get_exact_bytes(tmp_path: Path, small_pool
         assert sorted(state) == sorted(expected)
         for name, want in expected.items():
             assert bytes_of(state[name]) == bytes_of(want), name
+
+
+def test_an_open_refused_while_every_descriptor_is_pinned_waits_for_one_to_be_unpinned(
+        tmp_path: Path) -> None:
+    """EMFILE with nothing idle to close is transient while reads hold pins (or the rest of the
+    program holds a descriptor for a moment): the open waits for an unpin, then succeeds."""
+    pool = Pool(capacity=2)
+    first, second = object(), object()
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    pool.pin(first, PLAIN, lambda kind: os.open(path, os.O_RDONLY))
+    refusals = []
+
+    def opener(kind: str) -> int:
+        if pool.is_pinned(first, PLAIN):  # the limit is reached until ``first`` is unpinned
+            refusals.append(kind)
+            if len(refusals) == 1:
+                threading.Timer(0.05, pool.unpin, (first, PLAIN)).start()
+            raise OSError(errno.EMFILE, "Too many open files")
+        return os.open(path, os.O_RDONLY)
+
+    fd = pool.pin(second, PLAIN, opener)
+    assert refusals, "the opener was never refused: the test checks nothing"
+    assert os.fstat(fd).st_size == 1
+    pool.unpin(second, PLAIN)
+    pool.release(first)
+    pool.release(second)
+    assert pool.held == 0
+
+
+def test_an_open_refused_for_good_still_raises_after_its_bounded_wait(tmp_path: Path) -> None:
+    pool = Pool(capacity=2)
+    owner = object()
+
+    def opener(kind: str) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with pytest.raises(OSError) as caught:
+        pool.pin(owner, PLAIN, opener)
+    assert caught.value.errno == errno.EMFILE
+    assert pool.held == 0

@@ -35,6 +35,10 @@ MIN_HEADROOM = 4
 UNBOUNDED = 1 << 20
 #: ``(errno, ...)`` of an open refused for want of descriptors: the process's or the system's.
 LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
+#: How long an open refused for want of descriptors waits, with none of ours idle to close, for
+#: one to be unpinned or for the rest of the program (a sampling thread reading /proc, a log
+#: file) to close its own, before the refusal is final: (seconds per wait, waits).
+LIMIT_WAIT = (0.02, 100)
 
 
 def open_count() -> int:
@@ -158,6 +162,8 @@ class Pool:
 
     def __init__(self, capacity: int | None = None) -> None:
         self._lock = threading.Lock()
+        #: Notified whenever a descriptor is unpinned or closed (room may have appeared).
+        self._freed = threading.Condition(self._lock)
         self._open: dict[tuple[int, str], _Held] = {}
         #: id(owner) → kinds it has open, so closing a shard looks only at its own.
         self._kinds: dict[int, set[str]] = {}
@@ -192,8 +198,14 @@ class Pool:
             if held is None:
                 self._shrink(self._limit() - 1)
                 fd = self._opening(lambda: opener(kind))
-                held = self._open[key] = _Held(owner, fd)
-                self._kinds.setdefault(key[0], set()).add(kind)
+                held = self._open.get(key)  # _opening may have waited: another thread opened it
+                if held is None:
+                    held = self._open[key] = _Held(owner, fd)
+                    self._kinds.setdefault(key[0], set()).add(kind)
+                else:
+                    os.close(fd)
+                    if held.pins == 0:
+                        del self._idle[key]
             elif held.pins == 0:
                 del self._idle[key]
             if held.pins == 0:
@@ -219,14 +231,25 @@ class Pool:
             return self._opening(opener)
 
     def _opening(self, opener: Callable[[], int]) -> int:
+        """``opener()`` under the lock. Refused for want of descriptors, it closes an idle one
+        and tries again; with none idle, the refusal is transient as long as descriptors are
+        pinned by reads in flight or held for a moment by the rest of the program, so it waits
+        (the lock released) for one to be freed, a bounded time, before the error is final."""
+        pause, waits = LIMIT_WAIT
         while True:
             try:
                 fd = opener()
             except OSError as exc:
-                if exc.errno in LIMIT_ERRNOS and self._idle:
+                if exc.errno not in LIMIT_ERRNOS:
+                    raise
+                if self._idle:
                     self._close(next(iter(self._idle)))
                     continue
-                raise
+                if waits <= 0:
+                    raise
+                waits -= 1
+                self._freed.wait(pause)
+                continue
             self.opens += 1
             return fd
 
@@ -241,6 +264,7 @@ class Pool:
                 return
             self._pinned -= 1
             self._idle[key] = held
+            self._freed.notify_all()
             if held.released:
                 self._close(key)
             else:
