@@ -386,6 +386,30 @@ def test_a_read_that_never_goes_through_is_an_error_after_bounded_attempts(
     assert_loads_correctly(ckpt, strategy, "load", engine)
 
 
+def test_io_uring_enter_refusing_for_ever_is_an_error(ckpt: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAGAIN from ``io_uring_enter`` is asked again after a pause, but not for ever."""
+    if uring.probe() is not None:
+        pytest.skip(f"io_uring unavailable here: {uring.probe()}")
+    calls = 0
+
+    def refuse(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(uring, "enter", refuse)
+    evict(ckpt)  # cached ranges would be copied by the thread engine
+    with no_leaks():
+        error = failure(lambda: weightlift.load(ckpt, strategy="direct", engine="uring"))
+    assert issubclass(error.kind, ReadError)
+    assert "io_uring_enter failed" in error.message and "(EAGAIN)" in error.message
+    assert f"{retry.ATTEMPTS} times in a row" in error.message
+    # Then each read still waited for while the load cleans up (at most the ring's depth) and
+    # close() ask once more and give up at once.
+    assert retry.ATTEMPTS <= calls <= retry.ATTEMPTS + uring.DEPTH + 1
+
+
 @pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
 def test_a_read_that_hits_end_of_file_early_is_an_error(ckpt: Path, strategy: str, engine: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:

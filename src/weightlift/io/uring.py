@@ -325,6 +325,7 @@ class UringEngine:
                 # The kernel is short of resources: reap to make room, the caller asks again
                 # (after a pause, and only so many times in a row if nothing completes).
                 if self._reap() > 0:
+                    self._stalls = 0  # completions made room
                     return
                 self._stalls += 1
                 if self._stalls >= retry.ATTEMPTS:
