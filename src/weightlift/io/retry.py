@@ -28,7 +28,7 @@ import os
 from ..errors import ReadError
 
 #: errno → (name, what it means here). The ``ERESTART*`` values are the kernel's own and should
-#: never reach user space; io_uring completions have leaked them in some kernels.
+#: never reach user space; they are here in case a kernel lets one through in a completion.
 TRANSIENT: dict[int, tuple[str, str]] = {
     errno.EINTR: ("EINTR", "a signal arrived before any byte was read"),
     errno.EAGAIN: ("EAGAIN", "the kernel was short of a resource for the moment"),
@@ -45,7 +45,8 @@ TRANSIENT: dict[int, tuple[str, str]] = {
 NOTHING = 0
 #: Tries in a row that did nothing before giving up (progress starts the count again).
 ATTEMPTS = 12
-#: The pause before the second try; it doubles with each try after that, up to ``LONGEST``.
+#: The second try goes at once; the pause before the third, doubling before each one after that,
+#: up to ``LONGEST`` (12 tries wait ~0.26 s in all).
 FIRST_PAUSE = 0.001
 LONGEST = 0.05
 
