@@ -7,8 +7,9 @@ tensor the consumer still holds.
 from __future__ import annotations
 
 import errno
-import os
+import fcntl
 import gc
+import os
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from conftest import bytes_of, random_tensor
 from test_faults import no_leaks
 from weightlift.errors import ReadError
 from weightlift.io import base as io_base
-from weightlift.io import uring
+from weightlift.io import retry, uring
 from weightlift.io import engine as engine_module
 from weightlift.io.direct import DirectStrategy
 from weightlift.io.pool import BufferPool
@@ -303,6 +304,85 @@ def test_closing_a_ring_waits_for_reads_in_the_kernel(tmp_path: Path) -> None:
         os.close(fd)
     assert ring.in_flight == 0 and ring.fd == -1
     assert bytes(buffer.numpy()) == payload  # every read landed before close returned
+
+
+@needs_uring
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_reads_the_load_stopped_are_never_resubmitted(tmp_path: Path, how: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that comes back unread (ECANCELED, as the kernel answers a cancelled request)
+    after the load withdrew it (``cancel()`` while the kernel held it) or while the ring closes
+    is not submitted again: only reads the load still wants are retried."""
+    ledger = Ledger(monkeypatch)
+    ledger.fault = lambda offset, length, result: -errno.ECANCELED  # type: ignore[method-assign]
+    # Reads of an empty pipe stay in the kernel until something is written to it.
+    readable, writable = os.pipe()
+    piece = 1024
+    # Room for every attempt a resubmitting engine would make: it fails here, it does not hang.
+    fcntl.fcntl(writable, fcntl.F_SETPIPE_SZ, 8 * piece * retry.ATTEMPTS)
+    buffer = torch.zeros(8 * piece, dtype=torch.uint8)
+    ring = uring.UringEngine(depth=8)
+    try:
+        tickets = [ring.submit(uring.Read(readable, buffer.data_ptr() + i * piece, 0, piece,
+                                          piece, 1, "pipe", direct=False))
+                   for i in range(8)]
+        ring.flush()
+        assert ring.in_flight == 8
+        if how == "cancel":
+            assert not any(ticket.cancel() for ticket in tickets)  # too late to take back
+        os.write(writable, bytes(8 * piece * retry.ATTEMPTS))  # now they come back cancelled
+        if how == "cancel":
+            for ticket in tickets:
+                with pytest.raises(ReadError, match="withdrawn: the load stopped"):
+                    ticket.result()
+    finally:
+        ring.close()
+        os.close(readable)
+        os.close(writable)
+    assert ledger.submitted == ledger.reaped == 8
+    assert all(ticket.finished and ticket.cancelled for ticket in tickets)
+
+
+@needs_uring
+def test_a_read_io_wq_cancelled_is_resubmitted_inline(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """io-wq cancels reads it cannot start a worker thread for: the retry goes without
+    ``IOSQE_ASYNC``, so the kernel tries it inline before it needs a worker again."""
+    flags: list[int] = []
+    pack = uring._SQE.pack_into
+
+    class Recording:
+        size = uring._SQE.size
+
+        @staticmethod
+        def pack_into(buffer: object, offset: int, opcode: int, flag: int, *rest: int) -> None:
+            flags.append(flag)
+            pack(buffer, offset, opcode, flag, *rest)
+
+    monkeypatch.setattr(uring, "_SQE", Recording)
+    cancelled: set[int] = set()
+
+    def cancel_once(fd: int, offset: int, length: int, result: int) -> int:
+        if offset not in cancelled:
+            cancelled.add(offset)
+            return -errno.ECANCELED
+        return result
+
+    monkeypatch.setattr(uring, "completed", cancel_once)
+    path = tmp_path / "data"
+    payload = os.urandom(MiB)
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    memory = io_base.aligned_buffer(MiB, 0, 4096)
+    ring = uring.UringEngine(depth=4)
+    try:
+        ring.submit(uring.Read(fd, memory.data_ptr(), 0, MiB, MiB, 4096, str(path),
+                               direct=True)).result()
+    finally:
+        ring.close()
+        os.close(fd)
+    assert bytes(memory.numpy()) == payload
+    assert flags == [uring.IOSQE_ASYNC, 0]
 
 
 # ---------------------------------------------------------------------------------------------

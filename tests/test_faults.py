@@ -5,8 +5,9 @@ descriptor or thread is left behind, and the next load in the same process works
 Two injection points, both on the real read path:
 
 * the ``weightlift.io.base.preadv`` seam, through which ``stream`` and ``direct`` issue every data
-  read on the thread engine, and the ``weightlift.io.uring`` seams (``enter``, ``completed``) of the
-  io_uring engine: EIO, short reads, EINTR exactly where the kernel would report them;
+  read on the thread engine, the ``weightlift.io.uring`` seams (``enter``, ``completed``) of the
+  io_uring engine, and ``weightlift.io.base.madvise`` (``MADV_POPULATE_*``): EIO, short reads,
+  EINTR, EAGAIN, ECANCELED exactly where the kernel would report them;
 * ``faultfs``, a FUSE file system failing reads at chosen offsets, so the kernel's page cache,
   readahead and ``mmap`` page faults see the error too (skipped where FUSE cannot be mounted).
 
@@ -23,6 +24,7 @@ import os
 import re
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,11 +39,11 @@ import weightlift.sources.local
 from conftest import bytes_of, random_tensor
 from faultfs import Fault, FaultFS
 import pagecache
-from weightlift import probes
 from weightlift.errors import CheckpointError, ReadError, WeightliftError
 from weightlift.io import STRATEGIES
 from weightlift.io import base as io_base
-from weightlift.io import uring
+from weightlift.io import retry, uring
+from weightlift.io.mapped import MADV_POPULATE_READ
 
 STRATEGY_NAMES = ["mmap", "direct", "stream", "auto"]
 #: Strategies whose data reads go through the preadv seam (mmap faults pages in instead).
@@ -198,6 +200,15 @@ class Kernel:
         self.eof_at: int | None = None
         self.eintr_seen: set[int] = set()
         self.eintr = False
+        #: Answer ``flaky`` (an errno: nothing read) ``flaky_times`` times in a row at every
+        #: offset, or only at the offset ``flaky_at`` (then for ever).
+        self.flaky: int | None = None
+        self.flaky_times = 0
+        self.flaky_at: int | None = None
+        self.flaky_answers: Counter[int] = Counter()
+        #: Answer 0 bytes (end of file) once at every offset though the file is long enough.
+        self.hiccup = False
+        self.hiccup_seen: set[int] = set()
         self.enters = 0
         self._enter = uring.enter
         monkeypatch.setattr(io_base, "preadv", self)
@@ -210,12 +221,37 @@ class Kernel:
             raise InterruptedError(errno.EINTR, "Interrupted system call")
         return self._enter(fd, to_submit, min_complete, flags)
 
+    def nothing_read(self, offset: int, length: int) -> int | None:
+        """The errno this read is answered with before any byte is read, if any."""
+        if self.flaky is None:
+            return None
+        if self.flaky_at is not None:
+            hit = offset <= self.flaky_at < offset + length
+        else:
+            hit = self.flaky_answers[offset] < self.flaky_times
+        if not hit:
+            return None
+        self.flaky_answers[offset] += 1
+        return self.flaky
+
+    def empty(self, offset: int) -> bool:
+        """Answer this read with no data (though the file goes on)?"""
+        if self.hiccup and offset not in self.hiccup_seen:
+            self.hiccup_seen.add(offset)
+            return True
+        return False
+
     def completed(self, fd: int, offset: int, length: int, result: int) -> int:
         """What a completion reports: the same faults, at the same offsets, as ``__call__``."""
         self.calls += 1
         if self.eintr and offset not in self.eintr_seen:
             self.eintr_seen.add(offset)
             return -errno.EINTR
+        code = self.nothing_read(offset, length)
+        if code is not None:
+            return -code
+        if self.empty(offset):
+            return 0
         if self.eio_at is not None and offset <= self.eio_at < offset + length:
             return -errno.EIO
         if self.eof_at is not None and offset <= self.eof_at < offset + length:
@@ -233,6 +269,11 @@ class Kernel:
         if self.eintr and offset not in self.eintr_seen:
             self.eintr_seen.add(offset)
             raise InterruptedError(errno.EINTR, "Interrupted system call")
+        code = self.nothing_read(offset, size)
+        if code is not None:
+            raise OSError(code, os.strerror(code))  # InterruptedError, BlockingIOError, ...
+        if self.empty(offset):
+            return 0
         if self.eio_at is not None and offset <= self.eio_at < offset + size:
             raise OSError(errno.EIO, "Input/output error")
         if self.eof_at is not None and offset <= self.eof_at < offset + size:
@@ -253,9 +294,10 @@ def cold(path: Path, strategy: str) -> None:
 
 
 def evict(path: Path) -> None:
-    """Drop ``path`` from the page cache (dirty pages must be written back first)."""
-    pagecache.sync(path)
-    probes.evict(path)
+    """Drop ``path`` from the page cache and wait until mincore shows none of it cached: a
+    busy machine may still be writing it back or reading it ahead when the advice is given."""
+    gc.collect()  # a mapping held by an earlier load's tensors in a cycle would pin its pages
+    pagecache.evict(path)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -292,6 +334,82 @@ def test_short_reads_and_eintr_are_retried(ckpt: Path, strategy: str, mode: str,
     assert quirk == "short" or kernel.eintr_seen
 
 
+@pytest.mark.parametrize("mode", ["load", "copy"])
+@pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
+@pytest.mark.parametrize("code", [errno.ECANCELED, errno.EAGAIN, errno.EINTR])
+def test_reads_answered_with_nothing_read_are_resubmitted(ckpt: Path, strategy: str, mode: str,
+                                                         code: int, engine: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """io-wq cancels reads it cannot start a worker for (ECANCELED); a signal or a short resource
+    answers EINTR or EAGAIN. Each read is answered so twice in a row at every offset, and only
+    half of it arrives after that: the rest is asked for from where it stopped, and is answered
+    so twice again. Progress starts the count of attempts anew, or this would exhaust it."""
+    kernel = Kernel(monkeypatch)
+    kernel.flaky, kernel.flaky_times = code, 2
+    kernel.short = True
+    cold(ckpt, strategy)
+    with no_leaks():
+        assert_loads_correctly(ckpt, strategy, mode, engine)
+    assert kernel.flaky_answers and set(kernel.flaky_answers.values()) == {2}
+    assert len(kernel.flaky_answers) > retry.ATTEMPTS  # more than one read's worth of attempts
+
+
+@pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
+def test_no_data_inside_the_file_is_asked_again(ckpt: Path, strategy: str, engine: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read answered with 0 bytes (end of file) where the file goes on: not the end."""
+    kernel = Kernel(monkeypatch)
+    kernel.hiccup = True
+    cold(ckpt, strategy)
+    with no_leaks():
+        assert_loads_correctly(ckpt, strategy, "load", engine)
+    assert kernel.hiccup_seen
+
+
+@pytest.mark.parametrize("strategy", ["direct", "stream"])
+@pytest.mark.parametrize("code", [errno.ECANCELED, errno.EAGAIN])
+def test_a_read_that_never_goes_through_is_an_error_after_bounded_attempts(
+        ckpt: Path, strategy: str, code: int, engine: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = Kernel(monkeypatch)
+    kernel.flaky, kernel.flaky_at = code, data_offset(ckpt, 0.5)
+    with no_leaks():
+        error = failure(lambda: weightlift.load(ckpt, strategy=strategy, engine=engine))
+    assert issubclass(error.kind, ReadError) and error.path == str(ckpt)
+    offset, length = failed_read(error)
+    assert offset <= kernel.flaky_at < offset + length
+    # Said what happened and how often; tried exactly that often, no more.
+    assert f"({retry.name(code)}: " in error.message and os.strerror(code) in error.message
+    assert f"gave up after {retry.ATTEMPTS} attempts" in error.message
+    assert kernel.flaky_answers == {offset: retry.ATTEMPTS}
+    kernel.flaky = None
+    assert_loads_correctly(ckpt, strategy, "load", engine)
+
+
+def test_io_uring_enter_refusing_for_ever_is_an_error(ckpt: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAGAIN from ``io_uring_enter`` is asked again after a pause, but not for ever."""
+    if uring.probe() is not None:
+        pytest.skip(f"io_uring unavailable here: {uring.probe()}")
+    calls = 0
+
+    def refuse(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(uring, "enter", refuse)
+    evict(ckpt)  # cached ranges would be copied by the thread engine
+    with no_leaks():
+        error = failure(lambda: weightlift.load(ckpt, strategy="direct", engine="uring"))
+    assert issubclass(error.kind, ReadError)
+    assert "io_uring_enter failed" in error.message and "(EAGAIN)" in error.message
+    assert f"{retry.ATTEMPTS} times in a row" in error.message
+    # Then each read still waited for while the load cleans up (at most the ring's depth) and
+    # close() ask once more and give up at once.
+    assert retry.ATTEMPTS <= calls <= retry.ATTEMPTS + uring.DEPTH + 1
+
+
 @pytest.mark.parametrize("strategy", SEAM_STRATEGIES)
 def test_a_read_that_hits_end_of_file_early_is_an_error(ckpt: Path, strategy: str, engine: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,6 +442,60 @@ def test_loads_are_correct_under_a_storm_of_signals(ckpt: Path, strategy: str,
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert delivered > 0
+
+
+class Populate:
+    """Stands in for ``madvise`` (``MADV_POPULATE_READ``/``WRITE``): answers ``code`` (nothing
+    faulted in) ``times`` times in a row to every call, then lets the kernel do it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, code: int, times: int) -> None:
+        self.code, self.times = code, times
+        self.refused = 0
+        self.populated = 0
+        self._in_a_row = 0
+        self._madvise = io_base.madvise
+        monkeypatch.setattr(io_base, "madvise", self)
+
+    def __call__(self, address: int, length: int, advice: int) -> None:
+        if advice == MADV_POPULATE_READ or advice == io_base.MADV_POPULATE_WRITE:
+            if self._in_a_row < self.times:
+                self._in_a_row += 1
+                self.refused += 1
+                raise OSError(self.code, os.strerror(self.code))
+            self._in_a_row = 0
+            self.populated += 1
+        self._madvise(address, length, advice)
+
+
+@pytest.mark.parametrize("mode", ["load", "copy", "open"])
+@pytest.mark.parametrize("code", [errno.EINTR, errno.EAGAIN])
+def test_populate_stopped_by_a_signal_is_asked_again(ckpt: Path, code: int, mode: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """MADV_POPULATE_READ may stop midway under signals (EINTR) or a short resource (EAGAIN)."""
+    populate = Populate(monkeypatch, code, times=3)
+    evict(ckpt)
+    with no_leaks():
+        assert_loads_correctly(ckpt, "mmap", mode)
+    assert populate.refused >= 3 and populate.populated > 0
+
+
+def test_populate_that_never_goes_through_is_an_error(ckpt: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    populate = Populate(monkeypatch, errno.EAGAIN, times=1 << 30)
+    with no_leaks():
+        error = failure(lambda: weightlift.load(ckpt, strategy="mmap"))
+    assert issubclass(error.kind, ReadError) and error.path == str(ckpt)
+    offset, length = failed_read(error)
+    assert 0 <= offset < offset + length <= ckpt.stat().st_size
+    assert "(EAGAIN: " in error.message
+    assert f"gave up after {retry.ATTEMPTS} attempts" in error.message
+    # Every populate call that started (at most the reads submitted ahead of the one waited
+    # for: twice the reader threads) tried exactly ``ATTEMPTS`` times, then gave up.
+    ahead = 2 * STRATEGIES["mmap"].in_flight
+    assert populate.refused % retry.ATTEMPTS == 0
+    assert retry.ATTEMPTS <= populate.refused <= ahead * retry.ATTEMPTS
+    populate.times = 0
+    assert_loads_correctly(ckpt, "mmap", "load")
 
 
 # ---------------------------------------------------------------------------------------------

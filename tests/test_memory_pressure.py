@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pagecache
 from weightlift import probes
 from weightlift.io.auto import WARM, Facts, choose
 
@@ -48,7 +49,7 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             f.write(pattern(i).tobytes())
         f.flush()
         os.fsync(f.fileno())
-    probes.evict(path)  # so the child's reads are charged to its group
+    pagecache.evict(path)  # so the child's reads are charged to its group
     yield path
     path.unlink()
 
@@ -81,7 +82,7 @@ def test_stream_passes_a_checkpoint_larger_than_the_memory_limit(big_checkpoint:
     if not usable:
         pytest.skip(f"cannot create a memory cgroup: {why}")
     assert big_checkpoint.stat().st_size > 3 * LIMIT
-    probes.evict(big_checkpoint)
+    pagecache.evict(big_checkpoint)  # waits until none of it is cached
     with probes.MemoryGroup(limit=LIMIT) as group:
         done = subprocess.run(group.command([sys.executable, "-c", CHILD, str(big_checkpoint),
                                              strategy, str(BUDGET), str(STEP)]),

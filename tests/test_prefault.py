@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import weightlift
+from weightlift.io import base as io_base
 from weightlift.io.base import OWN_MAPPING, Prefaulter
 
 
@@ -47,3 +51,27 @@ def test_converting_load_into_prefaulted_targets_matches_safetensors(tmp_path: P
         assert state[name].dtype == want.dtype and state[name].shape == want.shape, name
         assert torch.equal(state[name], want), name
     state["big"].add_(1)  # results are ordinary writable tensors
+
+
+def test_a_signal_does_not_switch_prefaulting_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MADV_POPULATE_WRITE stopped by a signal (EINTR) or EAGAIN is asked again, and the next
+    buffers are still faulted in ahead; only EINVAL (a kernel without it) switches it off."""
+    answers: list[str] = []
+    madvise = io_base.madvise
+
+    def interrupted_once(address: int, length: int, advice: int) -> None:
+        if advice == io_base.MADV_POPULATE_WRITE and not answers:
+            answers.append("EINTR")
+            raise InterruptedError(errno.EINTR, os.strerror(errno.EINTR))
+        madvise(address, length, advice)
+        answers.append("done")
+
+    monkeypatch.setattr(io_base, "madvise", interrupted_once)
+    prefault = Prefaulter()
+    try:
+        first = prefault.buffer(2 * OWN_MAPPING)
+        second = prefault.buffer(2 * OWN_MAPPING)
+    finally:
+        prefault.close()  # waits for the thread
+    assert answers == ["EINTR", "done", "done"]
+    assert not first.any() and not second.any()

@@ -8,8 +8,10 @@ is told when a range has been consumed (``consumed``) so it can drop what it cac
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ import torch
 
 from ..errors import ReadError
 from ..sources.records import PLAIN, Shard
+from . import retry
 from .uring import Read
 
 PAGE = mmap.PAGESIZE
@@ -104,27 +107,50 @@ def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
     """The positional read every strategy's data path goes through.
 
     One function, looked up at call time, so fault-injection tests can stand in for the kernel
-    (EIO, short reads, EINTR) on the real read path.
+    (EIO, short reads, EINTR, EAGAIN) on the real read path.
     """
     return os.preadv(fd, buffers, offset)
 
 
+def madvise(address: int, length: int, advice: int) -> None:
+    """``madvise(2)``, raising OSError; every ``MADV_POPULATE_*`` call goes through it.
+
+    The page-faulting counterpart of ``preadv``: one function, looked up at call time, so
+    fault-injection tests can answer EINTR or EAGAIN as the kernel may under signals.
+    """
+    from ..probes import LIBC
+
+    if LIBC.madvise(address, length, advice) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
-    """Fill ``buf`` from ``offset``, retrying short reads and EINTR; a file that ends early is an
-    error."""
+    """Fill ``buf`` from ``offset``, continuing after short reads and asking again after answers
+    that read nothing (``retry.TRANSIENT``, or no data inside the file); a file that ends early
+    is an error."""
     done = 0
     total = len(buf)
+    attempts = retry.Attempts()
     while done < total:
         try:
             n = preadv(fd, [buf[done:]], offset + done)
-        except InterruptedError:
-            continue  # a signal arrived before any byte was read: nothing lost, ask again
         except OSError as exc:
-            raise ReadError(f"read of {total - done} bytes at offset {offset + done} failed: "
-                            f"{exc.strerror or exc}", path=path) from exc
+            if not retry.transient(exc.errno):
+                raise ReadError(f"read of {total - done} bytes at offset {offset + done} failed: "
+                                f"{exc.strerror or exc}", path=path) from exc
+            time.sleep(attempts.failed(exc.errno, "read", total - done, offset + done, path))
+            continue
         if n == 0:
-            raise ReadError(f"file ended at offset {offset + done} while reading {total} bytes at "
-                            f"{offset}; it was truncated during the load", path=path)
+            size = retry.file_size(fd)
+            if size < offset + total:
+                raise ReadError(f"file ended at offset {offset + done} while reading {total} "
+                                f"bytes at {offset}; it was truncated during the load", path=path)
+            # The file is long enough: no data here is a file system's hiccup, ask again.
+            time.sleep(attempts.failed(retry.NOTHING, "read", total - done, offset + done, path,
+                                       size))
+            continue
+        attempts.progressed()
         done += n
 
 
@@ -187,10 +213,20 @@ class Prefaulter:
         return buf
 
     def _populate(self, address: int, nbytes: int) -> None:
-        from ..probes import LIBC
-
-        if self._works and LIBC.madvise(address, nbytes, MADV_POPULATE_WRITE) != 0:
-            self._works = False  # e.g. a kernel before 5.14: the filling code faults pages in
+        for _ in range(retry.ATTEMPTS):
+            if not self._works:
+                return
+            try:
+                madvise(address, nbytes, MADV_POPULATE_WRITE)
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    self._works = False  # a kernel before 5.14: the filling code faults pages in
+                    return
+                if not retry.transient(exc.errno):
+                    return  # e.g. ENOMEM: this buffer's pages fault in as it is filled
+                # A signal (EINTR) or EAGAIN: the pages faulted in so far stay; ask again. A
+                # buffer still refused after that is faulted in by the code that fills it.
 
     def close(self) -> None:
         if self._pool is not None:

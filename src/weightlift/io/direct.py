@@ -12,13 +12,14 @@ read with O_DIRECT; cached runs are copied out of the cache.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import torch
 
 from ..errors import ReadError
 from ..sources.records import DIRECT, RANDOM, OpenRefused, Shard
-from . import base
+from . import base, retry
 from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
 from .residency import CachedRanges
 from .uring import Read
@@ -123,20 +124,32 @@ class DirectStrategy(Strategy):
         fd, path = self.shards[shard].descriptor(DIRECT), self.shards[shard].path
         done = 0
         need = end - lo  # past `end` the extent may run beyond the end of the file
+        attempts = retry.Attempts()
         while done < need:
             try:
                 n = base.preadv(fd, [memory[done:]], lo + done)
-            except InterruptedError:
-                continue  # a signal arrived before any byte was read: ask again
             except OSError as exc:
-                raise ReadError(f"O_DIRECT read of {hi - lo - done} bytes at offset {lo + done} "
-                                f"failed: {exc.strerror or exc}", path=path) from exc
+                if not retry.transient(exc.errno):
+                    raise ReadError(f"O_DIRECT read of {hi - lo - done} bytes at offset "
+                                    f"{lo + done} failed: {exc.strerror or exc}",
+                                    path=path) from exc
+                # Nothing was read (a signal, EAGAIN): ask again, a bounded number of times.
+                time.sleep(attempts.failed(exc.errno, "O_DIRECT read", hi - lo - done, lo + done,
+                                           path))
+                continue
             # The next read must start on a block boundary again: keep whole blocks only. Less
-            # than a whole block past an aligned offset can only mean the file ended there.
+            # than a whole block past an aligned offset means the file ended there, unless the
+            # file is still long enough (then it was a hiccup: ask again).
             kept = (done + n) // ALIGN * ALIGN
             if done + n < need and kept <= done:
-                raise ReadError(f"file ended at offset {lo + done + n} while reading up to {end}; "
-                                "it was truncated during the load", path=path)
+                size = retry.file_size(fd)
+                if size < end:
+                    raise ReadError(f"file ended at offset {lo + done + n} while reading up to "
+                                    f"{end}; it was truncated during the load", path=path)
+                time.sleep(attempts.failed(retry.NOTHING, "O_DIRECT read", hi - lo - done,
+                                           lo + done, path, size))
+                continue
+            attempts.progressed()
             done = done + n if done + n >= need else kept
 
     def undescribable(self) -> str | None:
@@ -166,7 +179,15 @@ class DirectStrategy(Strategy):
 
 
 def _probe_read(fd: int, probe: torch.Tensor) -> None:
-    os.preadv(fd, [raw_memory(probe.data_ptr(), ALIGN)], 0)
+    """One O_DIRECT block from offset 0; raises OSError if the file system refuses it."""
+    for attempt in range(1, retry.ATTEMPTS + 1):
+        try:
+            os.preadv(fd, [raw_memory(probe.data_ptr(), ALIGN)], 0)
+            return
+        except OSError as exc:
+            if not retry.transient(exc.errno) or attempt == retry.ATTEMPTS:
+                raise
+            # EAGAIN (or a signal) is no verdict on O_DIRECT: ask again before falling back.
 
 
 def pinned_probe_buffer(device: torch.device) -> torch.Tensor:

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ import torch
 from ..errors import ReadError
 from ..probes import LIBC
 from ..sources.records import PLAIN, Shard
+from . import base, retry
 from .base import PAGE, Strategy
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -44,9 +46,7 @@ class Mapping:
         weakref.finalize(self.memory, LIBC.munmap, addr, size)
 
     def madvise(self, advice: int, start: int, length: int) -> None:
-        if LIBC.madvise(self.addr + start, length, advice) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        base.madvise(self.addr + start, length, advice)
 
     def byte(self, offset: int) -> int:
         return self.memory[offset]
@@ -57,6 +57,8 @@ class MmapStrategy(Strategy):
     zero_copy = True
     in_flight = 2
     read_size = 16 << 20
+    #: After a signal stopped ``MADV_POPULATE_READ``, the rest is asked for in steps this large.
+    STEP = 1 << 20
 
     def __init__(self, release: bool = False) -> None:
         super().__init__()
@@ -85,27 +87,42 @@ class MmapStrategy(Strategy):
                                 offset=start)
 
     def populate(self, shard: int, start: int, end: int) -> None:
-        """Fault ``[start, end)`` in ahead of use; from worker threads, in parallel."""
+        """Fault ``[start, end)`` in ahead of use; from worker threads, in parallel.
+
+        A signal may stop ``MADV_POPULATE_READ`` midway (EINTR; EAGAIN when the kernel is short
+        of something): the pages faulted in so far stay, and the rest is asked for again in
+        steps of ``STEP``, each with a bounded number of attempts, so progress is counted.
+        """
         lo = start // PAGE * PAGE
         if end <= lo:
             return
-        while self.populate_ok:
+        position, step = lo, end - lo
+        attempts = retry.Attempts()
+        while self.populate_ok and position < end:
+            length = min(step, end - position)
             try:
-                self.maps[shard].madvise(MADV_POPULATE_READ, lo, end - lo)
-                return
-            except InterruptedError:
-                continue  # a signal arrived: the pages faulted in so far stay, ask again
+                self.maps[shard].madvise(MADV_POPULATE_READ, position, length)
             except OSError as exc:
+                path = self.shards[shard].path
+                if retry.transient(exc.errno):
+                    time.sleep(attempts.failed(exc.errno, "mapped read", length, position, path))
+                    step = min(step, self.STEP)
+                    continue
                 if exc.errno != errno.EINVAL:
                     # EFAULT/EIO: a page could not be read (I/O error, file truncated). Touching
                     # it would raise SIGBUS and kill the process; report it instead.
                     why = ("a page could not be read: I/O error, or the file shrank"
                            if exc.errno == errno.EFAULT else exc.strerror or str(exc))
-                    raise ReadError(f"read of {end - lo} bytes at offset {lo} (mapped) failed: "
-                                    f"{why}", path=self.shards[shard].path) from exc
+                    raise ReadError(f"read of {length} bytes at offset {position} (mapped) "
+                                    f"failed: {why}", path=path) from exc
                 self.populate_ok = False  # kernel older than 5.14: touch the pages instead
+                break
+            attempts.progressed()
+            position += length
+        if self.populate_ok:
+            return
         mapping = self.maps[shard]
-        for offset in range(lo, end, PAGE):
+        for offset in range(position, end, PAGE):
             mapping.byte(offset)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:

@@ -13,7 +13,14 @@ and after ``io_uring_enter``, whose system-call boundary orders memory on every 
 
 Every kernel answer passes through two module functions, the seams fault-injection tests stand in
 for: ``enter`` (the ``io_uring_enter`` system call: EINTR, EAGAIN) and ``completed`` (each
-completion's result: EIO, short reads, early end of file).
+completion's result: EIO, ECANCELED, EAGAIN, short reads, early end of file).
+
+A completion that read nothing and says so (``retry.TRANSIENT``: EINTR, EAGAIN, and ECANCELED,
+which io-wq answers for every read waiting on it when it cannot start its first worker thread,
+e.g. while a signal is pending on the submitting task of a busy machine) is resubmitted, a
+bounded number of times in a row (``retry.ATTEMPTS``); after ECANCELED without ``IOSQE_ASYNC``,
+so the kernel tries the read inline before it hands it to io-wq again. Reads the load itself
+stopped (``Ticket.cancel``, ``close``) are never resubmitted.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import mmap
 import os
 import platform
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ReadError
+from . import retry
 
 #: System call numbers (the same on x86-64 and arm64, the generic table).
 SYSCALLS = {"x86_64": (425, 426, 427), "aarch64": (425, 426, 427), "arm64": (425, 426, 427)}
@@ -170,6 +179,12 @@ class Ticket:
     cancelled: bool = False
     error: BaseException | None = None
     in_kernel: bool = field(default=False, repr=False)
+    #: ``cancel()`` was asked while the kernel had it: if it comes back unread, it stays so.
+    withdrawn: bool = field(default=False, repr=False)
+    #: Tries in a row that read nothing (ECANCELED, EAGAIN, ...).
+    attempts: retry.Attempts = field(default_factory=retry.Attempts, repr=False)
+    #: Submit without ``IOSQE_ASYNC`` (after io-wq cancelled it for want of a worker).
+    inline: bool = field(default=False, repr=False)
 
     def result(self) -> None:
         self.engine.wait(self)
@@ -216,6 +231,11 @@ class UringEngine:
         self._queued: deque[Ticket] = deque()
         self._flying: dict[int, Ticket] = {}
         self._next_id = 1
+        self._closing = False
+        #: Seconds to wait before the next submission: reads were just answered "try again".
+        self._pause = 0.0
+        #: ``io_uring_enter`` calls in a row answered EAGAIN/EBUSY with nothing reaped.
+        self._stalls = 0
 
     def _map(self, size: int, offset: int) -> mmap.mmap:
         try:
@@ -239,7 +259,12 @@ class UringEngine:
         return ticket
 
     def withdraw(self, ticket: Ticket) -> bool:
-        if ticket.finished or ticket.in_kernel:
+        """Take ``ticket`` back if it has not reached the kernel (True). A read the kernel holds
+        runs to its end (False); if it comes back with nothing read, it is not submitted again."""
+        if ticket.finished:
+            return False
+        if ticket.in_kernel:
+            ticket.withdrawn = True
             return False
         self._queued.remove(ticket)
         ticket.cancelled = ticket.finished = True
@@ -265,7 +290,9 @@ class UringEngine:
         # zero every fresh destination page and wait for the device queue, one read after
         # another; the workers do that on every core (to_cpu 1.3-1.7 → 1.8-2.2 GB/s here,
         # docs/benchmarks.md). Buffered reads stay inline, where a cached page costs no thread.
-        flags = IOSQE_ASYNC if read.direct else 0
+        # After io-wq cancelled it (no worker thread could be started), the kernel tries the
+        # read inline first: an O_DIRECT read then needs no worker at all on most devices.
+        flags = IOSQE_ASYNC if read.direct and not ticket.inline else 0
         _SQE.pack_into(self._sqes, slot * _SQE.size, IORING_OP_READ, flags, 0, read.fd,
                        read.offset + ticket.done, read.address + ticket.done, length, 0, user,
                        0, 0, 0, 0, 0)
@@ -276,6 +303,9 @@ class UringEngine:
     def _pump(self, wait: bool) -> None:
         """Hand queued reads to the kernel (as many as fit), optionally wait for one completion,
         then reap everything that completed."""
+        if self._pause:
+            time.sleep(self._pause)  # reads in the kernel go on meanwhile
+            self._pause = 0.0
         while self._queued and len(self._flying) < self._capacity:
             self._push(self._queued.popleft())
         _U32.pack_into(self._sq, self._sq_tail, self._tail)
@@ -285,20 +315,36 @@ class UringEngine:
             try:
                 enter(self.fd, unsubmitted, 1 if wait else 0,
                       IORING_ENTER_GETEVENTS if wait else 0)
+                self._stalls = 0
             except InterruptedError:
                 pass  # a signal: whatever completed is reaped below, the caller asks again
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EBUSY):
                     raise ReadError(f"io_uring_enter failed: {exc.strerror or exc}",
                                     path=None) from exc
-                # The kernel is short of resources: reap to make room, the caller asks again.
+                # The kernel is short of resources: reap to make room, the caller asks again
+                # (after a pause, and only so many times in a row if nothing completes).
+                if self._reap() > 0:
+                    self._stalls = 0  # completions made room
+                    return
+                self._stalls += 1
+                if self._stalls >= retry.ATTEMPTS:
+                    raise ReadError(f"io_uring_enter failed: {exc.strerror or exc} "
+                                    f"({retry.name(exc.errno)}) {self._stalls} times in a row "
+                                    f"with nothing completing ({unsubmitted} reads to submit, "
+                                    f"{len(self._flying)} in flight); if this persists, load "
+                                    "with engine='threads'", path=None) from exc
+                self._pause = max(self._pause, retry.pause(self._stalls))
+                return
         self._reap()
 
     # -- completion ----------------------------------------------------------------------------
 
-    def _reap(self) -> None:
+    def _reap(self) -> int:
+        """Handle every completion posted; returns how many there were."""
         head = _U32.unpack_from(self._cq, self._cq_head)[0]
         tail = _U32.unpack_from(self._cq, self._cq_tail)[0]
+        count = (tail - head) & 0xFFFFFFFF
         while head != tail:
             user, result, _ = _CQE.unpack_from(self._cq, self._cqes
                                                + (head & self._cq_mask) * _CQE.size)
@@ -307,6 +353,7 @@ class UringEngine:
             ticket.in_kernel = False
             self._complete(ticket, result)
         _U32.pack_into(self._cq, self._cq_head, head)
+        return count
 
     def _complete(self, ticket: Ticket, result: int) -> None:
         read = ticket.read
@@ -314,9 +361,8 @@ class UringEngine:
         length = min(read.length - ticket.done, MAX_REQUEST)
         result = completed(read.fd, offset, length, result)
         kind = "O_DIRECT read" if read.direct else "read"
-        if result in (-errno.EINTR, -errno.EAGAIN):
-            self._queued.appendleft(ticket)  # nothing was read: ask again
-            return
+        if result < 0 and retry.transient(-result):
+            return self._again(ticket, -result, kind, length, offset)  # nothing was read
         if result < 0:
             return self._fail(ticket, ReadError(
                 f"{kind} of {length} bytes at offset {offset} failed: {os.strerror(-result)}",
@@ -332,10 +378,43 @@ class UringEngine:
         # more than a partial block past an aligned offset means the file ended there.
         kept = reached // read.block * read.block
         if kept <= ticket.done:
+            size = retry.file_size(read.fd)
+            if size >= read.offset + read.need:  # long enough: a hiccup, not the end
+                return self._again(ticket, retry.NOTHING, kind, length, offset, size)
             return self._fail(ticket, ReadError(
                 f"file ended at offset {read.offset + reached} while reading up to "
                 f"{read.offset + read.need}; it was truncated during the load", path=read.path))
         ticket.done = kept
+        ticket.attempts.progressed()
+        if not self._stopped(ticket, kind):
+            self._queued.appendleft(ticket)  # the rest, from where it stopped
+
+    def _stopped(self, ticket: Ticket, kind: str) -> bool:
+        """Did the load stop ``ticket`` (``cancel()``, ``close()``)? Then what is left of it
+        stays unread: it is never submitted again, whatever the kernel answered."""
+        if not (self._closing or ticket.withdrawn):
+            return False
+        read = ticket.read
+        ticket.cancelled = True
+        self._fail(ticket, ReadError(
+            f"{kind} of {read.length - ticket.done} bytes at offset {read.offset + ticket.done} "
+            "was withdrawn: the load stopped", path=read.path))
+        return True
+
+    def _again(self, ticket: Ticket, code: int, kind: str, length: int, offset: int,
+               size: int | None = None) -> None:
+        """``ticket``'s read came back with nothing read (``code``): submit it again, after a
+        pause once it happened twice in a row, up to ``retry.ATTEMPTS`` times in a row."""
+        read = ticket.read
+        if self._stopped(ticket, kind):
+            return
+        try:
+            pause = ticket.attempts.failed(code, kind, length, offset, read.path, size)
+        except ReadError as exc:
+            return self._fail(ticket, exc)
+        if code == errno.ECANCELED:
+            ticket.inline = True
+        self._pause = max(self._pause, pause)
         self._queued.appendleft(ticket)
 
     @staticmethod
@@ -348,6 +427,7 @@ class UringEngine:
     def close(self) -> None:
         """Withdraw queued reads and reap every read in the kernel, then unmap and close the
         ring. Nothing lands in memory after this returns, even if interrupted meanwhile."""
+        self._closing = True  # reads coming back unread are not submitted again
         for ticket in list(self._queued):
             self.withdraw(ticket)
         interrupted: BaseException | None = None

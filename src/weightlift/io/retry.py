@@ -1,0 +1,119 @@
+"""Answers from the kernel that mean "nothing was done, ask again", and how often to ask.
+
+A read the kernel gave up on before reading anything is not an I/O error. Programs that use
+interval timers, profilers or child processes deliver signals all the time, and a busy machine
+stretches every window in which one can land, so each engine and strategy resubmits such a read,
+from where it stopped, up to ``ATTEMPTS`` times in a row with a short pause that doubles each time;
+only then does a ``ReadError`` say what happened (file, offset, length, errno name, attempts).
+
+    attempts = Attempts()
+    while done < len(buf):
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            if not transient(exc.errno):
+                raise
+            # Raises ReadError once ATTEMPTS tries in a row did nothing.
+            time.sleep(attempts.failed(exc.errno, "read", len(buf) - done, offset + done, path))
+            continue
+        attempts.progressed()
+        done += n
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..errors import ReadError
+
+#: errno → (name, what it means here). The ``ERESTART*`` values are the kernel's own and should
+#: never reach user space; they are here in case a kernel lets one through in a completion.
+TRANSIENT: dict[int, tuple[str, str]] = {
+    errno.EINTR: ("EINTR", "a signal arrived before any byte was read"),
+    errno.EAGAIN: ("EAGAIN", "the kernel was short of a resource for the moment"),
+    errno.ECANCELED: ("ECANCELED", "io_uring could not start a kernel worker thread for the "
+                      "read (it cannot while a signal is pending on a busy machine, or at the "
+                      "RLIMIT_NPROC process limit) and cancelled it"),
+    512: ("ERESTARTSYS", "a signal interrupted the read inside the kernel"),
+    513: ("ERESTARTNOINTR", "a signal interrupted the read inside the kernel"),
+    514: ("ERESTARTNOHAND", "a signal interrupted the read inside the kernel"),
+    516: ("ERESTART_RESTARTBLOCK", "a signal interrupted the read inside the kernel"),
+}
+#: A read that returned no byte before the end of the file (``0``, or less than one O_DIRECT
+#: block) although the file is long enough: asked again like the errors above.
+NOTHING = 0
+#: Tries in a row that did nothing before giving up (progress starts the count again).
+ATTEMPTS = 12
+#: The second try goes at once; the pause before the third, doubling before each one after that,
+#: up to ``LONGEST`` (12 tries wait ~0.26 s in all).
+FIRST_PAUSE = 0.001
+LONGEST = 0.05
+
+
+def transient(code: int | None) -> bool:
+    """Does ``errno`` ``code`` mean that nothing was done and asking again may work?"""
+    return code in TRANSIENT
+
+
+def name(code: int) -> str:
+    """``ECANCELED`` for 125: the errno's symbolic name (the kernel's own for ``ERESTART*``)."""
+    if code in TRANSIENT:
+        return TRANSIENT[code][0]
+    return errno.errorcode.get(code, str(code))
+
+
+def file_size(fd: int) -> int:
+    """The size of ``fd``'s file now (0 when it cannot be told)."""
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
+
+
+def pause(failures: int) -> float:
+    """Seconds to wait after ``failures`` tries in a row did nothing: none after the first."""
+    if failures <= 1:
+        return 0.0
+    return min(FIRST_PAUSE * 2 ** (failures - 2), LONGEST)
+
+
+class Attempts:
+    """Tries in a row at one read that did nothing.
+
+    ``failed`` counts one and returns how long to wait before the next (0 before the second);
+    once ``ATTEMPTS`` have failed it raises a ``ReadError`` saying what happened instead.
+    ``progressed`` starts the count again (a short read that brought bytes is progress).
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def failed(self, code: int, kind: str, length: int, offset: int, path: str | None,
+               size: int | None = None) -> float:
+        """``code``: the errno, or ``NOTHING`` (then ``size`` is the file's size); ``kind``,
+        ``length``, ``offset``: the read that did nothing (``"O_DIRECT read"``, 4096, 0)."""
+        self.count += 1
+        if self.count >= ATTEMPTS:
+            raise ReadError(gave_up(code, kind, length, offset, self.count, size), path=path)
+        return pause(self.count)
+
+    def progressed(self) -> None:
+        self.count = 0
+
+
+def gave_up(code: int, kind: str, length: int, offset: int, attempts: int,
+            size: int | None = None) -> str:
+    """The message of the ``ReadError`` once ``attempts`` tries of a read did nothing."""
+    what = f"{kind} of {length} bytes at offset {offset}"
+    if code == NOTHING:
+        return (f"{what}: the file ended at offset {offset} {attempts} times in a row, though it "
+                f"is {size} bytes long; gave up after {attempts} attempts (the file system "
+                "keeps answering a read inside the file with no data)")
+    label, meaning = TRANSIENT.get(code, (name(code), os.strerror(code)))
+    advice = ("; if this persists, load with engine='threads'" if code == errno.ECANCELED
+              else "")
+    return (f"{what} failed: {os.strerror(code)} ({label}: {meaning}) {attempts} times in a row; "
+            f"gave up after {attempts} attempts{advice}")
