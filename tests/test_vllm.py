@@ -232,19 +232,43 @@ def test_plain_import_of_weightlift_does_not_import_vllm(python: str, models: Pa
     assert done.returncode == 0, done.stderr
 
 
-def test_tensor_parallel_ranks_each_read_part_and_get_every_tensor(
+def test_tensor_parallel_engine_ranks_each_read_part_and_equal_vllms_shards(
         python: str, models: Path, tmp_path: Path) -> None:
-    """Two ranks of vLLM's tensor-parallel group (gloo): the loader's collective path."""
+    """An engine with tensor_parallel_size=2 (two worker processes, one core each): in each
+    worker the parameters weightlift filled are saved, zeroed and filled again by vLLM's
+    safetensors loader, and the two compared; each rank read part of the checkpoint, the two
+    ranks together every byte once (collective mode over vLLM's gloo group)."""
+    run(python, "engine-tp", str(models / "llama"), str(tmp_path))
+    saved = checkpoint(models / "llama")
+    total = sum(t.numel() * t.element_size() for t in saved.values())
+    read = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["safetensors"]) > 20
+        assert_bitwise_equal(got["weightlift"], got["safetensors"])
+        read.append(got["bytes_read"])
+    assert sum(read) == total, read
+    assert max(read) < 0.6 * total, read
+
+
+def test_tensor_parallel_gloo_ranks_get_every_tensor_and_fail_together(
+        python: str, models: Path, tmp_path: Path) -> None:
+    """vLLM's tensor-parallel group over gloo, set up by hand: each rank's weights iterator
+    yields every tensor of the checkpoint (vLLM's weight loaders cut their shards from them),
+    each rank reading part; then rank 1's reads fail midway and both ranks raise, no hang."""
     run(python, "tp", str(models / "llama"), str(tmp_path))
     saved = checkpoint(models / "llama")
     total = sum(t.numel() * t.element_size() for t in saved.values())
     read = []
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_bitwise_equal(got["tensors"], saved)  # vLLM's weight loaders cut their shards
+        assert_bitwise_equal(got["tensors"], saved)
         read.append(got["bytes_read"])
-    assert sum(read) == total, read                  # every byte read once in the group
-    assert max(read) < 0.6 * total, read             # by one rank or the other
+    assert sum(read) == total and max(read) < 0.6 * total, read
+    failed = [torch.load(tmp_path / f"rank{rank}-fail.pt") for rank in range(2)]
+    assert "tensors" not in failed[0] and "tensors" not in failed[1]
+    assert "injected by the test" in failed[1]["error"] and "ReadError" in failed[1]["error"]
+    assert failed[0]["error"].startswith("RankFailed: ") and "rank 1" in failed[0]["error"]
 
 
 @pytest.fixture

@@ -190,9 +190,9 @@ class WeightliftModelLoader(DefaultModelLoader):
         if options.report:
             seconds = time.perf_counter() - started
             total = sum(size for _, size in sizes)
-            logger.info("weightlift: rank %d of %d read %.2f of %.2f GB (collective, strategy "
-                        "%s) in %.2f s, %.2f GB/s for the group", rank, world, bytes_read / 1e9,
-                        total / 1e9, options.strategy, seconds,
+            logger.info("weightlift: rank %d of %d read %.1f of %.1f MB (collective over the "
+                        "tensor-parallel group, strategy %s) in %.2f s, %.2f GB/s for the group",
+                        rank, world, bytes_read / 1e6, total / 1e6, options.strategy, seconds,
                         total / seconds / 1e9 if seconds else 0.0)
 
 
@@ -259,9 +259,9 @@ def _natural(path: str) -> list[int | str]:
 
 def _log_report(report: weightlift.LoadReport) -> None:
     peak = f"{report.peak_rss / 2**30:.2f} GiB" if report.peak_rss is not None else "-"
-    logger.info("weightlift: %d tensors, %.2f GB in %.2f s (%.2f GB/s, including vLLM's copies "
+    logger.info("weightlift: %d tensors, %.1f MB in %.2f s (%.2f GB/s, including vLLM's copies "
                 "into its parameters), strategy %s (%s), engine %s, budget %d MiB, peak RSS "
-                "%s%s", report.tensors, report.bytes / 1e9, report.seconds, report.gbps,
+                "%s%s", report.tensors, report.bytes / 1e6, report.seconds, report.gbps,
                 report.strategy, report.reason, report.engine, report.budget >> 20, peak,
                 f", fallbacks: {'; '.join(report.fallbacks)}" if report.fallbacks else "")
 
