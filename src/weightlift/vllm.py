@@ -76,8 +76,11 @@ class Options:
     report: bool = False
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any] | None) -> Options:
-        config = dict(config or {})
+    def parse(cls, config: Any) -> Options:
+        if not isinstance(config, Mapping):
+            raise ValueError(f"weightlift: model_loader_extra_config must be a JSON object, got "
+                             f"{type(config).__name__}")
+        config = dict(config)
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(config) - set(known))
         if unknown:
