@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from conftest import bytes_of
 from remote_servers import free_port, required
+from weightlift.vllm import Options
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = Path(__file__).resolve().parent / "vllm_runs.py"
@@ -221,8 +222,28 @@ def test_a_bad_checkpoint_or_option_fails_the_load_with_weightlifts_message(
         assert text in result["error"], result["error"]
 
 
+def test_options_are_checked_before_any_read() -> None:
+    """No vLLM needed: the option parser the loader runs first."""
+    assert Options.parse({}) == Options(max_host_memory=None, strategy="direct", engine="auto",
+                                        verify=False, report=False)
+    assert Options.parse({"max_host_memory": "1GB", "verify": True}).max_host_memory == "1GB"
+    for config, message in [
+        ({"strategy": "fast", "budget": 1, "Report": True},
+         "unknown model_loader_extra_config key(s) 'Report', 'budget'"),
+        ({"engine": "aio"}, "unknown engine 'aio'; choose one of auto, uring, threads"),
+        ({"max_host_memory": 1.5}, "max_host_memory must be a number of bytes"),
+        ({"max_host_memory": True}, "max_host_memory must be a number of bytes"),
+        ({"report": "yes"}, "report must be true or false"),
+        ({"verify": 1}, "verify must be true, the path of a sha256sum file"),
+        (["strategy"], "model_loader_extra_config must be a JSON object, got list"),
+    ]:
+        with pytest.raises(ValueError, match="^weightlift: ") as raised:
+            Options.parse(config)
+        assert message in str(raised.value)
+
+
 def test_plain_import_of_weightlift_does_not_import_vllm(python: str, models: Path) -> None:
-    code = ("import sys, weightlift; weightlift.load(sys.argv[1]); "
+    code = ("import sys, weightlift, weightlift.vllm; weightlift.load(sys.argv[1]); "
             "assert 'vllm' not in sys.modules, 'vllm imported'; "
             "from importlib.metadata import entry_points; "
             "assert [e.value for e in entry_points(group='vllm.general_plugins') "

@@ -6,8 +6,9 @@
 
 Installing weightlift is all it takes: its ``vllm.general_plugins`` entry point makes vLLM call
 ``register`` in every process it starts (front end, engine core, workers), and ``register`` adds
-``load_format="weightlift"`` to vLLM's model-loader registry. Nothing else imports this module, so
-plain ``import weightlift`` never imports vLLM.
+``load_format="weightlift"`` to vLLM's model-loader registry. vLLM is imported only by
+``register`` and ``loader_class``, which only vLLM calls: plain ``import weightlift`` (or of this
+module) never imports it.
 
 The loader is vLLM's default loader with one part swapped, as vLLM's own ``runai_streamer`` is:
 the files are chosen exactly as for ``load_format="safetensors"`` (local directory or hub cache,
@@ -25,27 +26,19 @@ Options (``model_loader_extra_config``), see ``docs/vllm.md``: ``max_host_memory
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
-from vllm.config.load import LoadConfig
-from vllm.logger import init_logger
-from vllm.model_executor.model_loader import register_model_loader
-from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
-from vllm.model_executor.model_loader.weight_utils import (
-    filter_mm_encoder_only_safetensors_files,
-    filter_safetensors_files_by_weight_name,
-)
 
 import weightlift
-from weightlift.distributed import RankFailed, load_sharded
+from weightlift.distributed import PlanFn, RankFailed, load_sharded
 
 LOAD_FORMAT = "weightlift"
 #: The strategies a user may ask for. The default reads into a ring of buffers: ``direct``
@@ -57,7 +50,9 @@ ENGINES = ("auto", "uring", "threads")
 BATCH = 128 << 20
 
 #: Under "vllm." so that vLLM's logging configuration shows our lines with its own.
-logger = init_logger("vllm.weightlift")
+logger = logging.getLogger("vllm.weightlift")
+#: The index name of a sharded checkpoint (transformers' ``SAFE_WEIGHTS_INDEX_NAME``).
+INDEX = "model.safetensors.index.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,94 +104,114 @@ class Options:
             raise ValueError(f"weightlift: report must be true or false, got {self.report!r}")
 
 
-class WeightliftModelLoader(DefaultModelLoader):
-    """vLLM's default safetensors loader whose weights come from ``weightlift.stream``."""
+@functools.cache
+def loader_class() -> type:
+    """``WeightliftModelLoader``, a subclass of vLLM's ``DefaultModelLoader``, built on first use
+    so that vLLM is imported only when vLLM asks for the loader."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+    from vllm.model_executor.model_loader.weight_utils import (
+        filter_mm_encoder_only_safetensors_files,
+        filter_safetensors_files_by_weight_name,
+    )
 
-    def __init__(self, load_config: LoadConfig) -> None:
-        self.options = Options.parse(load_config.model_loader_extra_config)
-        # The default loader set up as for load_format="safetensors": its file selection is ours.
-        super().__init__(dataclasses.replace(load_config, load_format="safetensors",
-                                             model_loader_extra_config={}))
+    class WeightliftModelLoader(DefaultModelLoader):
+        """vLLM's default loader, set up as for ``load_format="safetensors"`` (its file
+        selection is ours), whose weights come from ``read_weights``."""
 
-    def _get_weights_iterator(self, source: DefaultModelLoader.Source
-                              ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The files ``DefaultModelLoader._get_weights_iterator`` picks, read by weightlift."""
-        if self.load_config.safetensors_load_strategy == "torchao":
-            raise ValueError("weightlift: torchao-serialized checkpoints need vLLM's own "
-                             "loader (load_format='safetensors')")
-        _check_index(source)
-        folder, files, _, index_file = self._prepare_weights(
-            source.model_or_path, source.subfolder, source.revision, source.fall_back_to_pt,
-            source.allow_patterns_overrides)
-        if self._encoder_only_lm_prefixes is not None:
-            files = filter_mm_encoder_only_safetensors_files(
-                files, folder, index_file, self._encoder_only_lm_prefixes,
-                weights_mapper=self._encoder_only_weights_mapper)
-            if not files:
-                raise RuntimeError(f"weightlift: the mm-encoder-only filter removed every "
-                                   f"weight file of {source.model_or_path!r}")
-        if source.is_unused_weight is not None:
-            files = filter_safetensors_files_by_weight_name(files, source.is_unused_weight)
-        if self.counter_before_loading_weights == 0.0:
-            self.counter_before_loading_weights = time.perf_counter()
-        return ((source.prefix + name, tensor) for name, tensor in self._weights(files))
+        def __init__(self, load_config: Any) -> None:
+            self.options = Options.parse(load_config.model_loader_extra_config)
+            super().__init__(dataclasses.replace(load_config, load_format="safetensors",
+                                                 model_loader_extra_config={}))
 
-    def _weights(self, files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        files = sorted(files, key=_natural)  # the order vLLM's own iterator reads them in
-        keys = None
-        if self.local_expert_ids is not None:  # expert parallelism: skip other ranks' experts
-            with weightlift.open(files) as checkpoint:
-                keys = [name for name in checkpoint.keys()
-                        if not should_skip_weight(name, self.local_expert_ids)]
-        group = _tensor_parallel_group()
-        if group is not None:
-            yield from self._collective(files, keys, group)
-            return
-        options = self.options
-        verify = options.verify or None
-        if verify is not None and keys is not None:
-            _verify(files, verify)  # weightlift verifies whole files only: do it before
-            verify = None
-        yield from weightlift.stream(files, keys=keys, strategy=options.strategy,
-                                     max_host_memory=options.max_host_memory,
-                                     engine=options.engine, verify=verify,
-                                     on_report=_log_report if options.report else None)
+        def _get_weights_iterator(self, source: Any) -> Iterator[tuple[str, torch.Tensor]]:
+            """The files ``DefaultModelLoader._get_weights_iterator`` picks, read by weightlift
+            (that method's selection steps, its weights iterator swapped)."""
+            if self.load_config.safetensors_load_strategy == "torchao":
+                raise ValueError("weightlift: torchao-serialized checkpoints need vLLM's own "
+                                 "loader (load_format='safetensors')")
+            check_index(source.model_or_path, source.subfolder, source.allow_patterns_overrides)
+            folder, files, _, index_file = self._prepare_weights(
+                source.model_or_path, source.subfolder, source.revision, source.fall_back_to_pt,
+                source.allow_patterns_overrides)
+            if self._encoder_only_lm_prefixes is not None:
+                files = filter_mm_encoder_only_safetensors_files(
+                    files, folder, index_file, self._encoder_only_lm_prefixes,
+                    weights_mapper=self._encoder_only_weights_mapper)
+                if not files:
+                    raise RuntimeError(f"weightlift: the mm-encoder-only filter removed every "
+                                       f"weight file of {source.model_or_path!r}")
+            if source.is_unused_weight is not None:
+                files = filter_safetensors_files_by_weight_name(files, source.is_unused_weight)
+            experts = self.local_expert_ids  # expert parallelism: other ranks' experts skipped
+            wanted = None if experts is None else (
+                lambda name: not should_skip_weight(name, experts))
+            if self.counter_before_loading_weights == 0.0:
+                self.counter_before_loading_weights = time.perf_counter()
+            weights = read_weights(files, self.options, wanted, _tensor_parallel_group())
+            return ((source.prefix + name, tensor) for name, tensor in weights)
 
-    def _collective(self, files: list[str], keys: list[str] | None, group: Any
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every rank gets every tensor, each byte read from storage by one rank of ``group``.
+    WeightliftModelLoader.__qualname__ = "WeightliftModelLoader"  # as vLLM's log names it
+    return WeightliftModelLoader
 
-        vLLM's weight loaders cut each rank's shard out of the full tensors, so every rank needs
-        them all; ``load_sharded`` in collective mode deals the bytes out to the ranks to read and
-        broadcasts what each read, within ``max_host_memory``. It returns a state dict, so the
-        tensors go through it in batches of ``BATCH`` bytes (or one larger tensor).
-        """
-        options = self.options
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        if options.verify:
-            _verify_together(files, options.verify, group, rank, world)
+
+def read_weights(files: list[str], options: Options, wanted: Callable[[str], bool] | None = None,
+                 group: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of ``files`` (the tensors ``wanted`` accepts), read by weightlift.
+
+    Alone (``group`` None): ``weightlift.stream`` in file order, at most the budget ahead of the
+    consumer. In a tensor-parallel ``group`` of several ranks: every rank gets every tensor,
+    each byte read from storage by one rank (``collective``).
+    """
+    files = sorted(files, key=_natural)  # the order vLLM's own iterator reads them in
+    keys = None
+    if wanted is not None:
         with weightlift.open(files) as checkpoint:
-            wanted = keys if keys is not None else checkpoint.keys()
-            sizes = [(name, checkpoint.info(name).nbytes) for name in wanted]
-        started = time.perf_counter()
-        bytes_read = 0
-        for batch in _batches(sizes, BATCH):
-            names = set(batch)
-            state, report = load_sharded(
-                files, lambda name, info, r, w: () if name in names else None, group=group,
-                mode="collective", strategy=options.strategy,
-                max_host_memory=options.max_host_memory)
-            bytes_read += report.bytes_read
-            for name in batch:
-                yield name, state.pop(name)
-            del state
-        if options.report:
-            seconds = time.perf_counter() - started
-            total = sum(size for _, size in sizes)
-            logger.info("weightlift: rank %d of %d read %.1f of %.1f MB (collective over the "
-                        "tensor-parallel group, strategy %s) in %.2f s, %.2f GB/s for the group",
-                        rank, world, bytes_read / 1e6, total / 1e6, options.strategy, seconds,
-                        total / seconds / 1e9 if seconds else 0.0)
+            keys = [name for name in checkpoint.keys() if wanted(name)]
+    if group is not None:
+        yield from collective(files, keys, options, group)
+        return
+    verify = options.verify or None
+    if verify is not None and keys is not None:
+        _verify(files, verify)  # weightlift verifies whole files only: do it before
+        verify = None
+    yield from weightlift.stream(files, keys=keys, strategy=options.strategy,
+                                 max_host_memory=options.max_host_memory, engine=options.engine,
+                                 verify=verify, on_report=_log_report if options.report else None)
+
+
+def collective(files: list[str], keys: list[str] | None, options: Options, group: Any
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every rank of ``group`` gets every tensor, each byte read from storage by one rank.
+
+    vLLM's weight loaders cut each rank's shard out of the full tensors, so every rank needs them
+    all; ``load_sharded`` in collective mode deals the bytes out to the ranks to read and
+    broadcasts what each read, within ``max_host_memory``. It returns a state dict, so the
+    tensors go through it in batches of ``BATCH`` bytes (or one larger tensor).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if options.verify:
+        _verify_together(files, options.verify, group, rank, world)
+    with weightlift.open(files) as checkpoint:
+        sizes = [(name, checkpoint.info(name).nbytes)
+                 for name in (keys if keys is not None else checkpoint.keys())]
+    started = time.perf_counter()
+    bytes_read = 0
+    for batch in _batches(sizes, BATCH):
+        state, report = load_sharded(files, _whole(set(batch)), group=group, mode="collective",
+                                     strategy=options.strategy,
+                                     max_host_memory=options.max_host_memory)
+        bytes_read += report.bytes_read
+        for name in batch:
+            yield name, state.pop(name)
+        del state
+    if options.report:
+        seconds = time.perf_counter() - started
+        total = sum(size for _, size in sizes)
+        logger.info("weightlift: rank %d of %d read %.1f of %.1f MB (collective over the "
+                    "tensor-parallel group, strategy %s) in %.2f s, %.2f GB/s for the group",
+                    rank, world, bytes_read / 1e6, total / 1e6, options.strategy, seconds,
+                    total / seconds / 1e9 if seconds else 0.0)
 
 
 def _tensor_parallel_group() -> Any:
@@ -225,12 +240,12 @@ def _verify_together(files: list[str], verify: Any, group: Any, rank: int, world
         raise RankFailed(failed, [failures[r] for r in failed])  # type: ignore[misc]
 
 
-def _check_index(source: DefaultModelLoader.Source) -> None:
+def check_index(model: str, subfolder: str | None, patterns: list[str] | None) -> None:
     """A local checkpoint's index and every shard it lists, checked with weightlift's messages
-    (a missing or truncated shard, a bad header) before vLLM's file selection trips over them."""
-    folder = os.path.join(source.model_or_path, source.subfolder or "")
-    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if source.allow_patterns_overrides is None and os.path.isfile(index):
+    (a missing or truncated shard, a bad header) before vLLM's file selection trips over them.
+    Only where vLLM filters by the index (no model-specific file patterns)."""
+    index = os.path.join(model, subfolder or "", INDEX)
+    if patterns is None and os.path.isfile(index):
         weightlift.open(index).close()  # headers only
 
 
@@ -238,6 +253,11 @@ def _verify(files: list[str], verify: Any) -> None:
     """Check whole files' SHA-256 (one streamed pass within the budget); raise on a mismatch."""
     if files:
         weightlift.open(files, verify=verify).close()
+
+
+def _whole(names: set[str]) -> PlanFn:
+    """A sharding plan giving every rank the whole of these tensors and nothing of the others."""
+    return lambda name, info, rank, world: () if name in names else None
 
 
 def _batches(sizes: list[tuple[str, int]], limit: int) -> Iterator[list[str]]:
@@ -271,7 +291,9 @@ def _log_report(report: weightlift.LoadReport) -> None:
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: ``load_format="weightlift"`` for vLLM."""
-    register_model_loader(LOAD_FORMAT)(WeightliftModelLoader)
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_model_loader(LOAD_FORMAT)(loader_class())
 
 
-__all__ = ["LOAD_FORMAT", "Options", "WeightliftModelLoader", "register"]
+__all__ = ["LOAD_FORMAT", "Options", "collective", "loader_class", "read_weights", "register"]
