@@ -3,7 +3,11 @@
 
     .ci/vllm/bin/pip install runai-model-streamer==0.17.0      # the runai_streamer peer
     PYTHONPATH=src .ci/vllm/bin/python docs/measure/vllm_load.py --size 3 --reps 3 \\
-        --out docs/bench-vllm.json
+        --formats safetensors,runai_streamer,weightlift,weightlift-128MiB,weightlift-auto \\
+        --out docs/bench-vllm-3gb.json
+    # tensor parallel: two workers, one core each
+    PYTHONPATH=src .ci/vllm/bin/python docs/measure/vllm_load.py --size 3 --reps 1 --tp 2 \\
+        --formats safetensors,weightlift --caches cold --out docs/bench-vllm-3gb-tp2.json
 
 Writes once a random Llama of about ``--size`` GB with transformers' ``save_pretrained`` (bf16,
 1 GB shards) under ``bench-out/``. Then, per repetition, per cache state, per load format (the
@@ -116,11 +120,14 @@ def child(load_format: str, extra: dict, model: str, out: Path) -> None:
     own); the worker, importing this module as ``__mp_main__``, measures (``measure``)."""
     os.environ["WEIGHTLIFT_BENCH_OUT"] = str(out)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    tp = int(os.environ.get("WEIGHTLIFT_BENCH_TP", "1"))
+    if tp > 1:  # one core per worker: vLLM's automatic binding wants a NUMA node per worker
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(tp))))
     from vllm import LLM
 
     llm = LLM(model=model, load_format=load_format, model_loader_extra_config=extra,
               dtype="bfloat16", max_model_len=128, max_num_seqs=1, enforce_eager=True,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, tensor_parallel_size=tp)
     del llm
 
 
@@ -160,7 +167,10 @@ def measure(out: Path) -> None:
             result["peak_anon"], result["peak_file"] = peaks["RssAnon"], peaks["RssFile"]
             result["transient"] = result["peak"] - result["before"]["VmRSS"] - result["params"]
             result["cached_after"] = cached_fraction(files_of(Path(model_config.model)))
-            out.write_text(json.dumps(result))
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+            out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps(result))
         return load_weights
 
     DefaultModelLoader.load_weights = measured(DefaultModelLoader.load_weights)
@@ -175,12 +185,17 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
     settle_reported_memory()
     (make_cold if cache == "cold" else make_warm)(files)
     out = scratch / f"{name}-{cache}.json"
-    out.unlink(missing_ok=True)
+    for old in scratch.glob(f"{out.stem}.rank*.json"):
+        old.unlink()
     done = subprocess.run([sys.executable, __file__, "--child", load_format, json.dumps(extra),
                            str(model), str(out)], capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0 or not out.exists():
+    ranks = [json.loads(p.read_text()) for p in sorted(scratch.glob(f"{out.stem}.rank*.json"))]
+    if done.returncode != 0 or not ranks:
         raise SystemExit(f"{name} {cache} failed:\n{done.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    # Tensor parallel: the load is done when the slowest rank is; memory is per worker.
+    slowest = max(ranks, key=lambda r: r["seconds"])
+    return {**slowest, "transient": max(r["transient"] for r in ranks),
+            "peak_file": max(r["peak_file"] for r in ranks), "ranks": ranks}
 
 
 def summary(runs: list[dict], size: int) -> dict:
@@ -202,6 +217,7 @@ def main() -> None:
     parser.add_argument("--formats", default="safetensors,runai_streamer,weightlift",
                         help=f"comma-separated, of: {', '.join(FORMATS)}")
     parser.add_argument("--caches", default=",".join(CACHES))
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (one core each)")
     parser.add_argument("--dir", type=Path, default=Path("bench-out"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -210,6 +226,7 @@ def main() -> None:
         load_format, extra, model, out = args.child
         child(load_format, json.loads(extra), model, Path(out))
         return
+    os.environ["WEIGHTLIFT_BENCH_TP"] = str(args.tp)
     model = args.dir / f"vllm-llama-{args.size:g}gb"
     if not (model / "config.json").exists():
         write_model(model, args.size)
@@ -231,7 +248,8 @@ def main() -> None:
                       f"{result['peak_file'] / 2**20:6.0f} MiB  cached after "
                       f"{result['cached_after']:.0%}", flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
-    print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, started {started}")
+    print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
+          f"started {started}")
     print(f"{'format/cache':28s} {'median s':>9s} {'min':>7s} {'max':>7s} {'GB/s':>6s} "
           f"{'transient MiB (max)':>20s} {'cached after':>13s}")
     for key, row in table.items():
@@ -240,6 +258,7 @@ def main() -> None:
               f"{row['transient_max'] / 2**20:20.0f} {row['cached_after_median']:13.0%}")
     if args.out:
         args.out.write_text(json.dumps({"started": started, "bytes": size, "reps": args.reps,
+                                        "tensor_parallel_size": args.tp,
                                         "summary": table, "runs": runs}, indent=1))
 
 
