@@ -37,8 +37,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import weightlift
-from weightlift.distributed import PlanFn, RankFailed, load_sharded
+from . import api
+from .distributed import PlanFn, RankFailed, load_sharded
+from .report import LoadReport
 
 LOAD_FORMAT = "weightlift"
 #: The strategies a user may ask for. The default reads into a ring of buffers: ``direct``
@@ -166,7 +167,7 @@ def read_weights(files: list[str], options: Options, wanted: Callable[[str], boo
     files = sorted(files, key=_natural)  # the order vLLM's own iterator reads them in
     keys = None
     if wanted is not None:
-        with weightlift.open(files) as checkpoint:
+        with api.open(files) as checkpoint:
             keys = [name for name in checkpoint.keys() if wanted(name)]
     if group is not None:
         yield from collective(files, keys, options, group)
@@ -175,7 +176,7 @@ def read_weights(files: list[str], options: Options, wanted: Callable[[str], boo
     if verify is not None and keys is not None:
         _verify(files, verify)  # weightlift verifies whole files only: do it before
         verify = None
-    yield from weightlift.stream(files, keys=keys, strategy=options.strategy,
+    yield from api.stream(files, keys=keys, strategy=options.strategy,
                                  max_host_memory=options.max_host_memory, engine=options.engine,
                                  verify=verify, on_report=_log_report if options.report else None)
 
@@ -192,7 +193,7 @@ def collective(files: list[str], keys: list[str] | None, options: Options, group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if options.verify:
         _verify_together(files, options.verify, group, rank, world)
-    with weightlift.open(files) as checkpoint:
+    with api.open(files) as checkpoint:
         sizes = [(name, checkpoint.info(name).nbytes)
                  for name in (keys if keys is not None else checkpoint.keys())]
     started = time.perf_counter()
@@ -246,13 +247,13 @@ def check_index(model: str, subfolder: str | None, patterns: list[str] | None) -
     Only where vLLM filters by the index (no model-specific file patterns)."""
     index = os.path.join(model, subfolder or "", INDEX)
     if patterns is None and os.path.isfile(index):
-        weightlift.open(index).close()  # headers only
+        api.open(index).close()  # headers only
 
 
 def _verify(files: list[str], verify: Any) -> None:
     """Check whole files' SHA-256 (one streamed pass within the budget); raise on a mismatch."""
     if files:
-        weightlift.open(files, verify=verify).close()
+        api.open(files, verify=verify).close()
 
 
 def _whole(names: set[str]) -> PlanFn:
@@ -280,7 +281,7 @@ def _natural(path: str) -> list[int | str]:
             for part in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _log_report(report: weightlift.LoadReport) -> None:
+def _log_report(report: LoadReport) -> None:
     peak = f"{report.peak_rss / 2**30:.2f} GiB" if report.peak_rss is not None else "-"
     logger.info("weightlift: %d tensors, %.1f MB in %.2f s (%.2f GB/s, including vLLM's copies "
                 "into its parameters), strategy %s (%s), engine %s, budget %d MiB, peak RSS "
