@@ -14,19 +14,20 @@ from typing import Any
 
 import torch
 
-from .budget import resolve_budget
+from .budget import default_budget, resolve_budget
 from .errors import CheckpointError, PlacementError
 from .formats.ggml import GGMLType
 from .formats.records import DTYPES
 from .io import NAMES, Strategy, Unavailable, make_strategy
-from .io.auto import Choice, choose, gather
-from .io.engine import ENGINES, make_engine
+from .io.auto import Choice, choose, gather, small
+from .io.engine import ENGINES, Engine, InlineEngine, make_engine
+from .io.mapped import MmapStrategy
 from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
 from .read import read_tensors
 from .remote import StorageOptions, as_remote
-from .report import LoadReport, Monitor
+from .report import SAMPLED_FROM, LoadReport, Monitor
 from .sources import Source, resolve
-from .sources.records import Layout, iter_entries
+from .sources.records import Entry, Layout, iter_entries
 from .verify import Verify, make_verifier
 
 Device = str | torch.device
@@ -106,7 +107,7 @@ class Checkpoint:
     def __init__(self, source: Source, verify: Verify | None = None,
                  storage_options: StorageOptions | None = None) -> None:
         self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
-        self._choices: dict[tuple[str, bool], Choice] = {}
+        self._choices: dict[tuple[str, bool, bool], Choice] = {}
         self._pinned = False
         if verify is not None and verify is not False:
             try:  # one streamed pass, bounded by the budget, before any tensor is handed out
@@ -203,7 +204,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
          dtype: DType, streaming: bool, max_host_memory: int | str | None = None,
          on_progress: ProgressCallback | None = None, on_report: ReportCallback | None = None,
          destinations: Mapping[str, torch.Tensor] | None = None,
-         choices: dict[tuple[str, bool], Choice] | None = None, keep_pinned: bool = False,
+         choices: dict[tuple[str, bool, bool], Choice] | None = None, keep_pinned: bool = False,
          verify: Verify | None = None, engine: str = "auto"
          ) -> Iterator[tuple[str, torch.Tensor]]:
     if strategy not in NAMES:
@@ -217,40 +218,56 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         entries = list(iter_entries(layout, keys))
         target = parse_device(device)
         to_dtype = parse_dtype(dtype)
-        budget = resolve_budget(max_host_memory)
+        budget = None if max_host_memory is None else resolve_budget(max_host_memory)
         unpacking = dequantizing(entries, to_dtype)
         copying = unpacking or destinations is not None or target.type != "cpu" or any(
             e.info.dtype.torch.is_floating_point and e.info.dtype.torch != to_dtype
             for e in entries if to_dtype is not None)
         total = sum(e.info.nbytes for e in entries)
+        quick = strategy == "auto" and engine == "auto" and verify in (None, False)
         choice = _decide(strategy, layout, total, target.type, copying, streaming, budget,
-                         choices)
+                         choices, quick)
+        if budget is None and (not choice.small or on_report is not None):
+            budget = default_budget()  # the small path needs none: only its report shows it
         if choice.warning:
             warnings.warn(choice.warning, ResourceWarning, stacklevel=3)
         report = LoadReport(source=layout.index_path or layout.shards[0].path if layout.shards
                             else layout.root, device=str(target), strategy=choice.strategy,
-                            reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
+                            reason=choice.reason, budget=budget or 0, tensors=len(entries),
+                            bytes=total)
         report.fallbacks.extend(layout.notes)  # e.g. files re-opened under a low descriptor limit
         sink = make_sink(target, to_dtype, destinations) if copying else None
         if sink is not None:
             sink.keep_slots = keep_pinned
-        reader = make_strategy(choice.strategy, copying=copying)
+        if choice.small:
+            reader: Strategy = MmapStrategy(skip_cached=True)
+        else:
+            reader = make_strategy(choice.strategy, copying=copying)
         if sink is not None and sink.pinned:
             reader.pin_device = target  # probe O_DIRECT with the page-locked memory it will get
         reader = prepare_strategy(reader, layout, report)
-        monitor = Monitor([s.path for s in layout.shards]) if on_report is not None else None
+        if choice.small:
+            _expect(reader, entries)  # type: ignore[arg-type]
+        monitor = (Monitor([s.path for s in layout.shards], sample=total >= SAMPLED_FROM)
+                   if on_report is not None else None)
         progress = _progress(on_progress, total)
         started = time.perf_counter()
         verifier = None
         try:
             verifier = make_verifier(layout, entries, verify)
-            runner, fallback = make_engine(engine, reader)
+            runner: Engine
+            if choice.small:
+                runner, fallback = InlineEngine(), None  # a few mappings: no thread to start
+            else:
+                runner, fallback = make_engine(engine, reader)
             report.engine = runner.name
             if fallback is not None:
                 report.fallbacks.append(fallback)
+            # The small path's files fit in the budget: a window could never bind there.
+            window = budget if streaming and not choice.small else None
             tensors = read_tensors(layout, entries, reader, sink=sink,
-                                   budget=ring_budget(budget, unpacking, target),
-                                   window=budget if streaming else None, progress=progress,
+                                   budget=ring_budget(budget or 0, unpacking, target),
+                                   window=window, progress=progress,
                                    verifier=verifier, engine=runner)
             try:
                 for entry, tensor in tensors:
@@ -276,18 +293,37 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
 
 
 def _decide(strategy: str, layout: Layout, total: int, device: str, copying: bool,
-            streaming: bool, budget: int, choices: dict[tuple[str, bool], Choice] | None
-            ) -> Choice:
+            streaming: bool, budget: int | None,
+            choices: dict[tuple[str, bool, bool], Choice] | None,
+            quick: bool = False) -> Choice:
+    """The strategy: as named, else the small-file path where it applies (``quick``: nothing
+    rules it out, such as a named engine or ``verify``), else ``auto``'s general rules."""
     if strategy != "auto":
         return Choice(strategy, "requested", None)
-    key = (device, copying)
+    key = (device, copying, quick)
     if choices is not None and key in choices:
         return choices[key]
-    choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying,
-                           streaming=streaming, budget=budget, probe_direct=False))
+    choice = small(layout.shards, device=device, copying=copying, budget=budget) if quick else None
+    if choice is None:
+        choice = choose(gather(layout.shards, total_bytes=total, device=device, copying=copying,
+                               streaming=streaming,
+                               budget=default_budget() if budget is None else budget,
+                               probe_direct=False))
     if choices is not None:
         choices[key] = choice
     return choice
+
+
+def _expect(reader: MmapStrategy, entries: list[Entry]) -> None:
+    """Tell a mapped reader which span of each file the load wants, so uncached ones are read
+    in large requests at once (``MmapStrategy.expect``)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for entry in entries:
+        lo, hi = spans.get(entry.shard, (entry.info.start, entry.info.end))
+        spans[entry.shard] = (min(lo, entry.info.start), max(hi, entry.info.end))
+    for shard, (lo, hi) in spans.items():
+        if hi > lo:
+            reader.expect(shard, lo, hi)
 
 
 def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> Strategy:

@@ -14,6 +14,8 @@ from .units import parse_size
 DEFAULT_CAP = 512 * 1000**2
 #: Below this, reads get too small to be efficient.
 MINIMUM = 4 << 20
+#: The default is never below this.
+MINIMUM_DEFAULT = 64 << 20
 
 
 def available_memory() -> int:
@@ -39,7 +41,7 @@ def default_budget(available: int | None = None) -> int:
     """
     if available is None:
         available = available_memory()
-    return max(min(DEFAULT_CAP, available // 2), 64 << 20)
+    return max(min(DEFAULT_CAP, available // 2), MINIMUM_DEFAULT)
 
 
 def resolve_budget(value: int | str | None) -> int:

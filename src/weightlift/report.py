@@ -3,7 +3,8 @@
 A sampling thread records this process's RSS and the checkpoint files' page-cache residency, so
 the report shows peaks, not just before/after. The peak RSS also comes from the kernel's
 high-water mark (reset at the start of the load where the kernel allows it), so short spikes
-between samples are not missed.
+between samples are not missed. Measuring costs no more than the load is long: a load of fewer
+than ``SAMPLED_FROM`` bytes (a few milliseconds) starts no thread and measures before and after.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Any
 
 from . import probes
 
+#: Loads of at least this many bytes are sampled by a thread while they run; smaller ones take
+#: milliseconds, less than a thread costs to start and stop (~0.15 ms) plus one 20 ms interval.
+SAMPLED_FROM = 64 << 20
+
 
 @dataclass
 class LoadReport:
@@ -27,17 +32,21 @@ class LoadReport:
     reason: str
     budget: int
     fallbacks: list[str] = field(default_factory=list)
-    #: How reads were submitted: "threads" (a pool of blocking reads) or "uring" (io_uring).
+    #: How reads were submitted: "threads" (a pool of blocking reads), "uring" (io_uring), or
+    #: "inline" (the small-file path: pages mapped in the calling thread, no read in flight).
     engine: str = "threads"
     tensors: int = 0
     bytes: int = 0
     seconds: float = 0.0
     time_to_first_tensor: float | None = None
-    #: Peak resident set size of the process during the load.
+    #: Peak resident set size of the process during the load (the kernel's high-water mark
+    #: where it can be reset, and samples; see ``SAMPLED_FROM`` for loads too short to sample).
     peak_rss: int | None = None
     #: Peak RSS above the RSS at the start (for CPU loads this includes the result).
     rss_growth: int | None = None
     #: Page cache held by the checkpoint's files before, at peak during, and after the load.
+    #: The peak of a load under ``SAMPLED_FROM`` bytes is the larger of before and after: it
+    #: is not sampled while it runs.
     cache_before: int | None = None
     cache_peak: int | None = None
     cache_after: int | None = None
@@ -70,10 +79,11 @@ class LoadReport:
 
 
 class Monitor:
-    """Samples RSS and page-cache residency of ``paths`` until stopped."""
+    """Samples RSS and page-cache residency of ``paths`` until stopped (``sample=False``: only
+    at the start and at ``finish``)."""
 
     def __init__(self, paths: Sequence[str], interval: float = 0.02,
-                 cache_interval: float = 0.1) -> None:
+                 cache_interval: float = 0.1, sample: bool = True) -> None:
         self.paths = list(paths)
         self.interval = interval
         self.cache_interval = cache_interval
@@ -83,8 +93,11 @@ class Monitor:
         self.cache_peak = self.cache_start
         self.hwm_reset = probes.reset_peak_rss()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weightlift-monitor", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if sample:  # else: before and after, and the kernel's high-water mark in between
+            self._thread = threading.Thread(target=self._run, name="weightlift-monitor",
+                                            daemon=True)
+            self._thread.start()
 
     def _cache(self) -> int | None:
         try:
@@ -108,7 +121,8 @@ class Monitor:
     def finish(self, report: LoadReport) -> None:
         """Stop sampling and fill the memory fields of ``report``."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         peak = max(self.rss_peak, probes.rss_bytes())
         if self.hwm_reset:
             peak = max(peak, probes.peak_rss() or 0)

@@ -7,11 +7,11 @@ rule is testable without the machine that would produce them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import probes
-from ..budget import available_memory
+from ..budget import MINIMUM_DEFAULT, available_memory, default_budget
 from ..sources.records import PLAIN, Shard
 from ..units import format_bytes
 from .base import Unavailable
@@ -48,9 +48,11 @@ class Facts:
 class Choice:
     strategy: str
     reason: str
-    facts: Facts | None     # None when the caller named the strategy
+    facts: Facts | None     # None when the caller named the strategy, or on the small path
     #: Set when the load will probably not fit in memory whatever the strategy.
     warning: str | None = None
+    #: The small-file path (``small``): mapped files, no thread, no budget arithmetic.
+    small: bool = False
 
 
 def choose(facts: Facts) -> Choice:
@@ -140,3 +142,42 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
         streaming=streaming,
         budget=budget,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The small-file path: decided first, before any probe the general rules need.
+
+#: Files adding up to at most this may take the small-file path. Mapped-and-populated cold reads
+#: were at least as fast as ``direct`` up to 512 MiB on this project's VM (fresh anonymous
+#: result memory costs more to fault in than page-cache pages; docs/benchmarks.md).
+SMALL_FILES = 512 << 20
+
+
+def small(shards: Sequence[Shard], *, device: str, copying: bool, budget: int | None,
+          default: Callable[[], int] = default_budget) -> Choice | None:
+    """The shortest path for a CPU load of files that fit in the host-memory budget, or None
+    where the general rules (``gather`` → ``choose``) apply.
+
+    The files are mapped and the tensors are zero-copy views, cached or not: a file wholly in
+    the page cache is mapped as it is (nothing to read, as safetensors does), any other is read
+    by the kernel in requests all in flight at once (``POSIX_FADV_WILLNEED``) and mapped in
+    (``MADV_POPULATE_READ``, so a read error is a ``ReadError``). The page cache this leaves is
+    the files, at most the budget: the bound holds. No O_DIRECT probe, no available-memory or
+    cgroup read: ``budget`` is the one the caller set (None: the default, asked of ``default()``
+    only for files larger than the smallest default budget, ``MINIMUM_DEFAULT``).
+
+        small(layout.shards, device="cpu", copying=False, budget=None)   # Choice("mmap", ...)
+    """
+    if copying or device != "cpu" or not shards or any(shard.remote for shard in shards):
+        return None
+    file_bytes = sum(shard.header.file_size for shard in shards)
+    if file_bytes > SMALL_FILES:
+        return None
+    if budget is not None and file_bytes > budget:
+        return None
+    if budget is None and file_bytes > MINIMUM_DEFAULT and file_bytes > default():
+        return None
+    return Choice("mmap", f"{format_bytes(file_bytes)} of files, within the host-memory budget: "
+                  "zero-copy views over the page cache; files already cached are mapped as they "
+                  "are, others read all at once (POSIX_FADV_WILLNEED) and mapped in", None,
+                  small=True)

@@ -1,0 +1,138 @@
+"""The small-file path: a CPU load of files within the host-memory budget maps them, cached or
+not, with nothing the larger paths need (no O_DIRECT probe, no thread, no budget arithmetic)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pagecache
+import weightlift
+from conftest import assert_same, random_tensor
+from weightlift.io import auto, base
+from weightlift.io.mapped import MADV_POPULATE_READ
+
+#: About the size of the file below (a little over 4 MiB, so a 4 MiB budget is too small).
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def small_file(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(25)
+    tensors = {f"lora.{i}.weight": random_tensor((64, 2100 + i), torch.bfloat16, gen)
+               for i in range(16)}
+    tensors["norm"] = random_tensor((777,), torch.float32, gen)  # odd sizes: unaligned views
+    path = tmp_path / "adapter.safetensors"
+    save_file(tensors, path)
+    pagecache.sync(path)
+    return path
+
+
+class Calls:
+    """Records every ``MADV_POPULATE_READ`` the mapped strategy asks for, and every thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.populated: list[int] = []
+        self.threads: set[str] = set()
+        real = base.madvise
+
+        def madvise(address: int, length: int, advice: int) -> None:
+            if advice == MADV_POPULATE_READ:
+                self.populated.append(length)
+            real(address, length, advice)
+
+        monkeypatch.setattr(base, "madvise", madvise)
+
+    def progress(self, done: int, total: int) -> None:
+        self.threads.update(t.name for t in threading.enumerate())
+
+
+def load(path: Path, calls: Calls, **options: object) -> tuple[dict[str, torch.Tensor],
+                                                              weightlift.LoadReport]:
+    reports: list[weightlift.LoadReport] = []
+    state = weightlift.load(path, on_report=reports.append, on_progress=calls.progress,
+                            **options)  # type: ignore[arg-type]
+    return state, reports[0]
+
+
+def test_a_cached_small_file_is_mapped_as_it_is(small_file: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pagecache.warm(small_file, 0, small_file.stat().st_size)
+    calls = Calls(monkeypatch)
+    state, report = load(small_file, calls)
+    assert report.strategy == "mmap" and report.engine == "inline", report
+    assert "within the host-memory budget" in report.reason
+    assert calls.populated == []  # every page was cached: nothing to read, nothing populated
+    assert not any(name.startswith(("weightlift-read", "weightlift-monitor"))
+                   for name in calls.threads), calls.threads
+    assert report.peak_rss is not None and report.cache_before == report.cache_after
+    assert_same(state, load_file(small_file))
+
+
+def test_a_cold_small_file_is_read_through_the_mapping_and_stays_within_the_budget(
+        small_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pagecache.evict(small_file)
+    calls = Calls(monkeypatch)
+    state, report = load(small_file, calls)
+    assert report.strategy == "mmap" and report.engine == "inline", report
+    # Populated (an unreadable page is a ReadError, not SIGBUS), each tensor's range once.
+    assert 0 < sum(calls.populated) <= small_file.stat().st_size + len(state) * pagecache.PAGE
+    assert report.cache_after is not None and report.cache_after <= small_file.stat().st_size
+    assert_same(state, load_file(small_file))
+
+
+def test_a_partly_cached_small_file_is_populated(small_file: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pagecache.evict(small_file)
+    pagecache.warm(small_file, 0, SIZE // 2)
+    calls = Calls(monkeypatch)
+    state, report = load(small_file, calls)
+    assert report.strategy == "mmap" and calls.populated
+    assert_same(state, load_file(small_file))
+
+
+def test_a_stream_and_a_selection_take_the_small_path_too(small_file: Path) -> None:
+    pagecache.evict(small_file)
+    reference = load_file(small_file)
+    reports: list[weightlift.LoadReport] = []
+    streamed = dict(weightlift.stream(small_file, on_report=reports.append))
+    assert reports[0].engine == "inline"
+    assert_same(streamed, reference)
+    chosen = weightlift.load(small_file, keys=["norm", "lora.3.weight"])
+    assert_same(chosen, {k: reference[k] for k in ("norm", "lora.3.weight")})
+    with weightlift.open(small_file) as ckpt:
+        assert_same({"w": ckpt.get_tensor("lora.7.weight")}, {"w": reference["lora.7.weight"]})
+
+
+@pytest.mark.parametrize("options", [dict(max_host_memory="4MiB"), dict(dtype=torch.float32),
+                                     dict(strategy="mmap"), dict(engine="threads")],
+                         ids=["over-the-budget", "converting", "named-strategy", "named-engine"])
+def test_the_general_rules_apply_where_the_small_path_does_not(
+        small_file: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, object]) -> None:
+    calls = Calls(monkeypatch)
+    state, report = load(small_file, calls, **options)
+    assert report.engine != "inline" and "within the host-memory budget" not in report.reason
+    reference = load_file(small_file)
+    if "dtype" in options:
+        reference = {k: v.float() for k, v in reference.items()}
+    assert_same(state, reference)
+
+
+def test_small_asks_for_the_default_budget_only_above_its_floor(small_file: Path) -> None:
+    asked: list[int] = []
+
+    def default() -> int:
+        asked.append(1)
+        return 1 << 30
+
+    with weightlift.sources.resolve(small_file) as layout:
+        choice = auto.small(layout.shards, device="cpu", copying=False, budget=None,
+                            default=default)
+        assert choice is not None and choice.small and asked == []
+        assert auto.small(layout.shards, device="cpu", copying=True, budget=None) is None
+        assert auto.small(layout.shards, device="meta", copying=False, budget=None) is None
+        assert auto.small(layout.shards, device="cpu", copying=False, budget=1 << 20) is None
