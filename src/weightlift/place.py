@@ -46,7 +46,12 @@ def typed_view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return raw.clone().view(dtype)
 
 
+_CPU = torch.device("cpu")
+
+
 def parse_device(device: str | torch.device) -> torch.device:
+    if device == "cpu":  # the common case, without torch parsing the string (~10 µs)
+        return _CPU
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
