@@ -15,6 +15,7 @@ from ..bench.loaders import (TRANSFORMERS_GGUF, URING_ROWS, VERIFIED, WEIGHTLIFT
                              model_loaders, peer_loaders, reference_loaders, write_digests)
 from ..bench.models import SCENARIO as MODEL, needs_config
 from ..bench.runner import ALL_SCENARIOS, CACHES, SCENARIOS, Run, Session, Settings, benchmark
+from ..bench.small import ADAPTERS, SIZES as SMALL_SIZES, markdown as small_markdown, run_small
 from ..bench.synthetic import planned_bytes, synthetic_checkpoint
 from ..bench.synthetic_gguf import planned_bytes as gguf_planned_bytes
 from ..bench.synthetic_gguf import synthetic_gguf
@@ -36,6 +37,14 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
                 f"{text!r}: choose from {', '.join(allowed)} (comma-separated)")
         return values
     return parse
+
+
+def _sizes(text: str) -> list[int]:
+    """An argparse type for comma-separated sizes (``1MiB,8MiB``)."""
+    try:
+        return [parse_size(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "default to_cpu,device")
     parser.add_argument("--cache", type=_choices(CACHES), default=list(CACHES),
                         help="cold (pages evicted first), warm (in page cache); default both")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per loader (default 3)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions per loader (default 3; with --small 15)")
+    parser.add_argument("--small", action="store_true",
+                        help="the fixed cost of a load instead: weightlift's drop-ins against "
+                             "safetensors on small files (and many of them), in this process, "
+                             "interleaved, warm and cold; medians and ratios")
+    parser.add_argument("--small-sizes", type=_sizes, default=list(SMALL_SIZES), metavar="SIZES",
+                        help="--small: the single files' sizes (default 1MiB,8MiB,64MiB)")
+    parser.add_argument("--adapters", type=int, default=ADAPTERS, metavar="N",
+                        help=f"--small: how many ~130 KB adapters to load one after another "
+                             f"(default {ADAPTERS})")
     parser.add_argument("--memory-limit", type=parse_size, metavar="SIZE",
                         help="run every load in a memory cgroup with this limit; reports "
                              "survived / OOM-killed")
@@ -129,6 +148,10 @@ def measure(settings: Settings, loaders: Sequence[str], **options: object) -> Se
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.small:
+        return run_small_cli(args)
+    if args.reps is None:
+        args.reps = 3
     if args.source is not None and args.synthetic is not None:
         raise SystemExit("weightlift bench: give SOURCE or --synthetic, not both")
     if args.reps < 1:
@@ -177,6 +200,29 @@ def run(args: argparse.Namespace) -> int:
         args.markdown.write_text(f"{title(session)}\n\n{report.markdown(rows)}")
     if args.plot:
         report.plot(rows, args.plot, title=title(session))
+    return 0
+
+
+def run_small_cli(args: argparse.Namespace) -> int:
+    """``--small``: files made under --cache-dir (default: the synthetic checkpoints' cache)."""
+    import json
+
+    from ..bench.synthetic import cache_root
+
+    reps = 15 if args.reps is None else args.reps
+    if reps < 1:
+        raise SystemExit("weightlift bench: --reps must be at least 1")
+    directory = (args.cache_dir or cache_root()) / "small"
+    with stderr.status("measuring") as status:
+        session = run_small(directory, sizes=args.small_sizes, adapters=args.adapters, reps=reps,
+                            caches=args.cache,
+                            on_step=lambda name: status.update(f"measuring {name}"))
+    table = small_markdown(session)
+    stdout().print(table, highlight=False, markup=False)
+    if args.json:
+        args.json.write_text(json.dumps(session.to_dict(), indent=1))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
     return 0
 
 
