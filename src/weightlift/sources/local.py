@@ -9,6 +9,7 @@ stamp. Before the shards are opened, ``reserve`` makes room under the descriptor
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -41,9 +42,10 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
         if not os.fspath(source):
             raise CheckpointError("the checkpoint path is empty")
         path = Path(source)
-        if path.is_dir():
+        mode = _mode(path)  # one stat, where is_dir() and exists() took two
+        if mode is not None and stat.S_ISDIR(mode):
             return _resolve_dir(path, trusted_root)
-        if not path.exists():
+        if mode is None:
             raise MissingFileError("no such file or directory", path=path)
         if path.name.endswith(".index.json"):
             return _resolve_index(path, trusted_root)
@@ -55,6 +57,17 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
         raise CheckpointError("the list of checkpoint files is empty")
     return _open_local(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]),
                        opener=_open_shard)
+
+
+def _mode(path: Path) -> int | None:
+    """``st_mode`` of ``path`` (symlinks followed), None where it does not exist; other errors
+    raise, as ``Path.exists()`` raises them."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return None
+        raise
 
 
 def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
