@@ -108,15 +108,18 @@ def direct_refusal(shards: Sequence[Shard]) -> str | None:
 
 
 def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: bool,
-           streaming: bool = False, budget: int | None = None, probe_direct: bool = True
-           ) -> Facts:
+           streaming: bool = False, budget: int | None = None, probe_direct: bool = True,
+           available: int | None = None) -> Facts:
     """Measure the facts. ``probe_direct=False`` skips the O_DIRECT probe where the answer cannot
     matter (a cached checkpoint that ``choose`` will map), saving a warm load the probe's disk
-    read (a few milliseconds, tens on a busy disk)."""
+    read (a few milliseconds, tens on a busy disk). ``available``: memory the caller has just
+    measured (``budget.available_memory``), not read again."""
+    if available is None:
+        available = available_memory()
     if any(shard.remote for shard in shards):
         return Facts(device=device, copying=copying, total_bytes=total_bytes, resident_bytes=0,
                      file_bytes=sum(shard.header.file_size for shard in shards),
-                     available=available_memory(), direct_refused="object storage",
+                     available=available, direct_refused="object storage",
                      streaming=streaming, budget=budget, remote=True)
     resident = 0
     for shard in shards:
@@ -137,7 +140,7 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
         total_bytes=total_bytes,
         resident_bytes=resident,
         file_bytes=file_bytes,
-        available=available_memory(),
+        available=available,
         direct_refused=direct_refusal(shards) if needed else "not probed: checkpoint cached",
         streaming=streaming,
         budget=budget,

@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ReadError
@@ -52,6 +53,18 @@ class Mapping:
 
     def byte(self, offset: int) -> int:
         return self.memory[offset]
+
+    def uncached_runs(self, lo: int, end: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` runs of ``[lo, end)`` (``lo`` page-aligned) whose pages mincore
+        shows not in the page cache; all of it where mincore cannot say. ~20 ns a page."""
+        pages = -(-(end - lo) // PAGE)
+        flags = np.empty(pages, dtype=np.uint8)
+        if LIBC.mincore(self.addr + lo, end - lo, flags.ctypes.data) != 0:
+            return [(lo, end)]
+        missing = np.concatenate(([0], (flags & 1) ^ 1, [0])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(missing))
+        return [(lo + int(a) * PAGE, min(end, lo + int(b) * PAGE))
+                for a, b in zip(edges[0::2], edges[1::2])]
 
     def wholly_cached(self, samples: int = 1024, window: int = 16) -> bool:
         """Whether every page of the file is in the page cache: every page of a file up to
@@ -130,13 +143,29 @@ class MmapStrategy(Strategy):
     def populate(self, shard: int, start: int, end: int) -> None:
         """Fault ``[start, end)`` in ahead of use; from worker threads, in parallel.
 
+        With ``skip_cached``, pages in the page cache are left to the consumer's first touch,
+        as safetensors leaves every page (they cannot fail to read; a page evicted before that
+        touch is read then, where an I/O error is SIGBUS, as for any mapped tensor after its
+        load): nothing for a file found wholly cached, else only the runs mincore shows missing.
+        """
+        lo = start // PAGE * PAGE
+        if end <= lo:
+            return
+        if not self.skip_cached:
+            self._populate(shard, lo, end)
+            return
+        if self.cached and self.cached[shard]:
+            return
+        for run_lo, run_hi in self.maps[shard].uncached_runs(lo, end):
+            self._populate(shard, run_lo, run_hi)
+
+    def _populate(self, shard: int, lo: int, end: int) -> None:
+        """``MADV_POPULATE_READ`` of ``[lo, end)`` (``lo`` page-aligned).
+
         A signal may stop ``MADV_POPULATE_READ`` midway (EINTR; EAGAIN when the kernel is short
         of something): the pages faulted in so far stay, and the rest is asked for again in
         steps of ``STEP``, each with a bounded number of attempts, so progress is counted.
         """
-        lo = start // PAGE * PAGE
-        if end <= lo or (self.cached and self.cached[shard]):
-            return  # cached pages cannot fail to read: the first touch maps them, as safetensors
         position, step = lo, end - lo
         attempts = retry.Attempts()
         while self.populate_ok and position < end:
