@@ -77,10 +77,15 @@ class DirectStrategy(Strategy):
         page-locked memory (EFAULT, "Bad address") though they accept it into pageable memory:
         probe that kind too, and say so in ``pin_refused`` (the load then uses pageable slots).
         """
-        try:
-            _probe_read(fd, aligned_buffer(ALIGN, 0, ALIGN))
-        except OSError as exc:
-            raise Unavailable(f"{shard.path}: O_DIRECT reads fail here ({exc.strerror})") from None
+        where = _file_system(fd)
+        if where is None or where not in _READS_WORK:
+            try:
+                _probe_read(fd, aligned_buffer(ALIGN, 0, ALIGN))
+            except OSError as exc:
+                raise Unavailable(f"{shard.path}: O_DIRECT reads fail here "
+                                  f"({exc.strerror})") from None
+            if where is not None:
+                _READS_WORK.add(where)
         if self.pin_device is None or self.pin_refused is not None:
             return
         try:
@@ -176,6 +181,22 @@ class DirectStrategy(Strategy):
         if self.cache is not None:
             self.cache.close()
             self.cache = None
+
+
+#: File systems (``_file_system``) where an O_DIRECT read into pageable memory has worked in
+#: this process: later loads skip that probe (a disk read, milliseconds on a busy disk). Only
+#: successes are kept (a refusal may be a moment's), and only for the mounted file system the
+#: probe read from: its device number and its id (``f_fsid``) together, so a file system mounted
+#: later in the place (and device number) of an unmounted one is probed anew.
+_READS_WORK: set[tuple[int, int]] = set()
+
+
+def _file_system(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, f_fsid)`` of the open file's file system, or None where unknown."""
+    try:
+        return os.fstat(fd).st_dev, os.fstatvfs(fd).f_fsid
+    except (OSError, AttributeError):
+        return None
 
 
 def _probe_read(fd: int, probe: torch.Tensor) -> None:
