@@ -7,7 +7,7 @@ to keep ~32 reads of 8 MiB in flight on a server.
 
 from __future__ import annotations
 
-from .probes import cgroup_memory_limit, cgroup_usage, meminfo
+from .probes import cgroup_memory_limit, cgroup_usage, mem_available
 from .units import parse_size
 
 #: The default never exceeds this ("no larger than 512 MB").
@@ -22,7 +22,7 @@ def available_memory() -> int:
     """Memory a load can use without swapping: MemAvailable, capped by what is left under a
     cgroup limit (the limit less what the group already holds, e.g. the Python and torch
     importing weightlift: ~300 MiB)."""
-    available = meminfo().get("MemAvailable", 0)
+    available = mem_available()
     limit = cgroup_memory_limit()
     if limit is None:
         return available

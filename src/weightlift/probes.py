@@ -152,6 +152,21 @@ def meminfo() -> dict[str, int]:
     return info
 
 
+def mem_available() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (0 where unknown): one field, without parsing
+    the other fifty (``meminfo``), as every default budget reads it."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    at = text.find(b"MemAvailable:")
+    if at < 0:
+        return 0
+    fields = text[at + 13:text.find(b"\n", at)].split()
+    return int(fields[0]) * (1024 if fields[1:] == [b"kB"] else 1) if fields else 0
+
+
 def file_system(path: str) -> str | None:
     """``device (type)`` of the mount holding ``path``: the storage the numbers describe."""
     best: tuple[int, str] | None = None
@@ -259,22 +274,22 @@ def _own_hierarchy() -> _Hierarchy | None:
 #: Seconds a measured cgroup limit is reused: limits are set by whoever starts the process and
 #: rarely change while it runs; one changed is seen by loads starting this long after.
 LIMIT_TTL = 1.0
-_limit_cache: tuple[float, str, int | None] | None = None
+_limit_cache: tuple[float, int | None] | None = None
 
 
 def cgroup_memory_limit() -> int | None:
     """The tightest memory limit applying to this process (its group or an ancestor), or None.
 
-    Remembered for ``LIMIT_TTL`` seconds while the process stays in the same groups (walking the
-    hierarchy reads a file per level: ~0.2 ms, a tenth of a small load)."""
+    Remembered for ``LIMIT_TTL`` seconds (walking the hierarchy reads a file per level and
+    /proc/self/cgroup: ~0.2 ms, a tenth of a small load): a limit changed, or the process moved
+    to another group, is seen by loads starting up to that long after."""
     global _limit_cache
-    membership = _read(Path("/proc/self/cgroup")) or ""
     now = time.monotonic()
     cached = _limit_cache
-    if cached is not None and cached[1] == membership and now - cached[0] < LIMIT_TTL:
-        return cached[2]
+    if cached is not None and now - cached[0] < LIMIT_TTL:
+        return cached[1]
     limit = _measure_memory_limit()
-    _limit_cache = (now, membership, limit)
+    _limit_cache = (now, limit)
     return limit
 
 

@@ -78,12 +78,13 @@ class Mapping:
             runs = samples // window
             spans = [(i * (pages - window) // (runs - 1), window) for i in range(runs)]
         flags = (ctypes.c_ubyte * min(pages, samples))()
+        at = 0
         for first, count in spans:
-            if LIBC.mincore(self.addr + first * PAGE, count * PAGE, flags) != 0:
+            if LIBC.mincore(self.addr + first * PAGE, count * PAGE,
+                            ctypes.byref(flags, at)) != 0:
                 return False  # unknown counts as not cached: populating is always correct
-            if b"\x00" in bytes(flags)[:count].translate(_RESIDENT_BIT):
-                return False
-        return True
+            at += count
+        return b"\x00" not in bytes(flags)[:at].translate(_RESIDENT_BIT)
 
 
 class MmapStrategy(Strategy):
