@@ -243,7 +243,9 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         if strategy == "auto" and choice.strategy == "mmap" and not copying:
             # Files wholly in the page cache are mapped as they are: no page to read, none to
             # populate (6 GB: ~0.5 s of page-table work otherwise). A named mmap populates.
-            reader: Strategy = MmapStrategy(skip_cached=True)
+            facts = choice.facts
+            reader: Strategy = MmapStrategy(skip_cached=True, known_cached=facts is not None
+                                            and facts.resident_bytes >= facts.file_bytes > 0)
         else:
             reader = make_strategy(choice.strategy, copying=copying)
         if sink is not None and sink.pinned:

@@ -95,8 +95,12 @@ class MmapStrategy(Strategy):
     #: After a signal stopped ``MADV_POPULATE_READ``, the rest is asked for in steps this large.
     STEP = 1 << 20
 
-    def __init__(self, release: bool = False, skip_cached: bool = False) -> None:
+    def __init__(self, release: bool = False, skip_cached: bool = False,
+                 known_cached: bool = False) -> None:
         super().__init__()
+        #: ``skip_cached`` with every file already found wholly cached by the caller (``auto``'s
+        #: sample): not sampled again.
+        self.known_cached = known_cached
         #: Drop mapped pages and page cache once a range is consumed (device targets).
         self.release = release
         #: Leave files found wholly in the page cache at ``prepare`` unpopulated (``cached``).
@@ -114,7 +118,7 @@ class MmapStrategy(Strategy):
                 with shard.opened(PLAIN) as fd:  # the mapping holds the file, not the descriptor
                     self.maps.append(Mapping(fd, shard.header.file_size))
                 if self.skip_cached:
-                    self.cached.append(self.maps[-1].wholly_cached())
+                    self.cached.append(self.known_cached or self.maps[-1].wholly_cached())
             except (OSError, ValueError) as exc:
                 shard.check_unchanged()  # a file that shrank since its header was read: say so
                 raise ReadError(f"cannot map the file: {exc}", path=shard.path) from exc
