@@ -60,3 +60,13 @@ def test_cold_and_warm_runs_see_the_page_cache_they_asked_for(tmp_path: Path) ->
     assert small.probes.resident_bytes(path) == 0
     small.set_cache([path], "warm")
     assert small.probes.resident_bytes(path) >= Path(path).stat().st_size
+
+
+def test_a_checkpoint_adds_its_first_tensor_and_whole_load(tmp_path: Path) -> None:
+    singles, _ = small.make_files(tmp_path / "files", [256 << 10], 0)
+    session = small.run_small(tmp_path, sizes=[], adapters=0, reps=1, caches=["warm"],
+                              source=singles[256 << 10])
+    assert [r.case.split(": ")[1] for r in session.results] == [
+        "stream() first tensor vs safe_open + get_tensor",
+        "weightlift.load vs load_file of each file"]
+    assert all(r.verified and len(r.weightlift) == 1 for r in session.results)

@@ -159,6 +159,45 @@ def cases(singles: dict[int, str], adapters: list[str]) -> list[Case]:
     return found
 
 
+def checkpoint_cases(source: str) -> list[Case]:
+    """A (large) checkpoint: the first tensor of ``stream()`` against safetensors' ``safe_open`` +
+    ``get_tensor`` of the first file's first tensor, and ``load()`` against ``load_file`` of every
+    file. Each returns the same tensors for both (by name), so the bytes are compared too."""
+    import safetensors
+    import safetensors.torch
+
+    import weightlift
+    from ..sources import resolve
+
+    with resolve(source) as layout:
+        files = [shard.path for shard in layout.shards]
+        first = min(layout.entries.values(), key=lambda e: (e.shard, e.info.start)).name
+
+    def stream_first() -> dict[str, torch.Tensor]:
+        tensors = weightlift.stream(source)
+        try:
+            name, tensor = next(tensors)
+        finally:
+            tensors.close()
+        return {name: tensor}
+
+    def open_first() -> dict[str, torch.Tensor]:
+        with safetensors.safe_open(files[0], framework="pt") as f:
+            return {first: f.get_tensor(first)}
+
+    def load_files() -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(safetensors.torch.load_file(path))
+        return state
+
+    name = os.path.basename(os.path.normpath(source))
+    return [Case(f"{name}: stream() first tensor vs safe_open + get_tensor", files, stream_first,
+                 open_first),
+            Case(f"{name}: weightlift.load vs load_file of each file", files,
+                 lambda: weightlift.load(source), load_files)]
+
+
 def same(a: Any, b: Any) -> bool:
     """Equal results, byte for byte: tensors, and lists, tuples and dicts of them."""
     if isinstance(a, torch.Tensor):
@@ -204,12 +243,15 @@ def timed(call: Call, files: Sequence[str], state: str) -> float:
 
 def run_small(directory: Path, *, sizes: Sequence[int] = SIZES, adapters: int = ADAPTERS,
               reps: int = 15, caches: Sequence[str] = ("warm", "cold"),
+              source: str | None = None,
               on_step: Callable[[str], None] | None = None) -> SmallSession:
-    """Every case, warm and cold, ``reps`` times each loader, interleaved."""
+    """Every case, warm and cold, ``reps`` times each loader, interleaved; with ``source``, also
+    the cases of ``checkpoint_cases`` on that checkpoint."""
     singles, files = make_files(directory, sizes, adapters)
     loadavg = _loadavg()
     results = []
-    for case in cases(singles, files):
+    chosen = cases(singles, files) + (checkpoint_cases(source) if source is not None else [])
+    for case in chosen:
         if on_step is not None:
             on_step(case.name)
         verified = same(case.weightlift(), case.safetensors())

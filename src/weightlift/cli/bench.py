@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--small", action="store_true",
                         help="the fixed cost of a load instead: weightlift's drop-ins against "
                              "safetensors on small files (and many of them), in this process, "
-                             "interleaved, warm and cold; medians and ratios")
+                             "interleaved, warm and cold; medians and ratios. With SOURCE, also "
+                             "its first streamed tensor and its whole load")
     parser.add_argument("--small-sizes", type=_sizes, default=list(SMALL_SIZES), metavar="SIZES",
                         help="--small: the single files' sizes (default 1MiB,8MiB,64MiB)")
     parser.add_argument("--adapters", type=int, default=ADAPTERS, metavar="N",
@@ -215,7 +216,7 @@ def run_small_cli(args: argparse.Namespace) -> int:
     directory = (args.cache_dir or cache_root()) / "small"
     with stderr.status("measuring") as status:
         session = run_small(directory, sizes=args.small_sizes, adapters=args.adapters, reps=reps,
-                            caches=args.cache,
+                            caches=args.cache, source=args.source,
                             on_step=lambda name: status.update(f"measuring {name}"))
     table = small_markdown(session)
     stdout().print(table, highlight=False, markup=False)
