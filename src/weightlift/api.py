@@ -253,6 +253,12 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         reader = prepare_strategy(reader, layout, report)
         if choice.small:
             _expect(reader, entries)  # type: ignore[arg-type]
+        elif streaming and isinstance(reader, MmapStrategy) and reader.skip_cached and entries:
+            # A stream's consumer touches every tensor: map the cached pages ahead of it on the
+            # engine's threads (2 cores: 1.0-1.2 s against 1.4-2.1 s for a warm 3 GB stream
+            # copied out), all but the first tensor's, which is handed out at once.
+            reader.map_ahead = True
+            reader.lazy_until = (entries[0].shard, entries[0].info.end)
         monitor = (Monitor([s.path for s in layout.shards], sample=total >= SAMPLED_FROM)
                    if on_report is not None else None)
         progress = _progress(on_progress, total)
@@ -261,7 +267,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         try:
             verifier = make_verifier(layout, entries, verify)
             runner: Engine
-            if choice.small or (engine == "auto" and _maps_cached_pages(reader)):
+            if choice.small or (engine == "auto" and _maps_cached_pages(reader)
+                                and not streaming):
                 # A few mappings, or pages mostly cached: less work than a thread's start and
                 # its hand-offs (~0.15 ms each, milliseconds on a busy machine).
                 runner, fallback = InlineEngine(), None

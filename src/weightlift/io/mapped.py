@@ -98,6 +98,11 @@ class MmapStrategy(Strategy):
     def __init__(self, release: bool = False, skip_cached: bool = False,
                  known_cached: bool = False) -> None:
         super().__init__()
+        #: With ``skip_cached``: map the cached pages of wholly cached files anyway, on the
+        #: engine's threads ahead of a consumer that will touch them (``stream()``), except up to
+        #: ``lazy_until`` = (shard, offset), the first tensor, handed out at once.
+        self.map_ahead = False
+        self.lazy_until: tuple[int, int] | None = None
         #: ``skip_cached`` with every file already found wholly cached by the caller (``auto``'s
         #: sample): not sampled again.
         self.known_cached = known_cached
@@ -160,6 +165,9 @@ class MmapStrategy(Strategy):
             self._populate(shard, lo, end)
             return
         if self.cached and self.cached[shard]:
+            head = self.lazy_until
+            if self.map_ahead and not (head is not None and (shard, end) <= head):
+                self._populate(shard, lo, end)  # page-table work only: every page is cached
             return
         runs = self.maps[shard].uncached_runs(lo, end)
         if not runs:
