@@ -148,3 +148,39 @@ def test_small_asks_for_the_default_budget_only_above_its_floor(small_file: Path
         assert auto.small(layout.shards, device="cpu", copying=True, budget=None) is None
         assert auto.small(layout.shards, device="meta", copying=False, budget=None) is None
         assert auto.small(layout.shards, device="cpu", copying=False, budget=1 << 20) is None
+
+
+def test_a_warm_stream_maps_ahead_all_but_its_first_tensor(small_file: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over its budget (4 MiB): auto's general rules, which map a cached checkpoint.
+    pagecache.warm(small_file, 0, small_file.stat().st_size)
+    calls = Calls(monkeypatch)
+    reports: list[weightlift.LoadReport] = []
+    streamed = dict(weightlift.stream(small_file, max_host_memory="4MiB",
+                                      on_report=reports.append))
+    assert reports[0].strategy == "mmap" and reports[0].engine == "threads", reports[0]
+    assert 0 < sum(calls.populated) <= small_file.stat().st_size  # mapped ahead of the consumer
+    assert_same(streamed, load_file(small_file))
+    # load() leaves cached pages to the first touch, and runs inline.
+    calls.populated.clear()
+    state, report = load(small_file, calls, max_host_memory="4MiB")
+    assert report.engine == "inline" and calls.populated == []
+    assert_same(state, load_file(small_file))
+
+
+def test_mapping_ahead_skips_the_first_tensor_only(small_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pagecache.warm(small_file, 0, small_file.stat().st_size)
+    calls = Calls(monkeypatch)
+    with weightlift.sources.resolve(small_file) as layout:
+        strategy = MmapStrategy(skip_cached=True, known_cached=True)
+        strategy.prepare(layout.shards)
+        strategy.map_ahead, strategy.lazy_until = True, (0, 3 * pagecache.PAGE)
+        strategy.populate(0, 0, 3 * pagecache.PAGE)          # the first tensor: left lazy
+        assert calls.populated == []
+        strategy.populate(0, 3 * pagecache.PAGE, 5 * pagecache.PAGE)
+        assert calls.populated == [2 * pagecache.PAGE]
+        strategy.map_ahead = False                           # load(): nothing mapped ahead
+        strategy.populate(0, 5 * pagecache.PAGE, 9 * pagecache.PAGE)
+        assert calls.populated == [2 * pagecache.PAGE]
+        strategy.close()
