@@ -184,3 +184,33 @@ def test_mapping_ahead_skips_the_first_tensor_only(small_file: Path,
         strategy.populate(0, 5 * pagecache.PAGE, 9 * pagecache.PAGE)
         assert calls.populated == [2 * pagecache.PAGE]
         strategy.close()
+
+
+def test_a_cold_small_file_is_read_ahead_whole_with_its_header(
+        small_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from weightlift.sources import local
+
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(local.os, "posix_fadvise", spy)
+    size = small_file.stat().st_size
+    pagecache.evict(small_file)
+    weightlift.sources.resolve(small_file, read_ahead=size).close()
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT here: files are not read ahead")
+    assert advised == [(0, size)]
+    pagecache.wait_for(small_file, lambda now: now.all(), "the file read ahead")
+    advised.clear()
+    weightlift.sources.resolve(small_file, read_ahead=size).close()  # cached: nothing to ask
+    pagecache.evict(small_file)
+    weightlift.sources.resolve(small_file, read_ahead=size - 1).close()  # larger than allowed
+    weightlift.sources.resolve(small_file).close()  # not asked for (e.g. open())
+    assert advised == []

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .budget import available_memory, default_budget, resolve_budget
+from .budget import MINIMUM_DEFAULT, available_memory, default_budget, resolve_budget
 from .errors import CheckpointError, PlacementError
 from .formats.ggml import GGMLType
 from .formats.records import DTYPES
@@ -212,7 +212,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     owned = not isinstance(source, Layout)
-    layout = resolve(source) if owned else source
+    layout = resolve(source, _read_ahead(strategy, engine, verify, device, dtype, destinations,
+                                         max_host_memory)) if owned else source
     try:
         # Parse (done by resolve) → plan → read → place.
         entries = list(iter_entries(layout, keys))
@@ -326,6 +327,23 @@ def _decide(strategy: str, layout: Layout, total: int, device: str, copying: boo
     if choices is not None:
         choices[key] = choice
     return choice
+
+
+def _read_ahead(strategy: str, engine: str, verify: Verify | None, device: Device,
+                dtype: DType, destinations: Mapping[str, torch.Tensor] | None,
+                max_host_memory: int | str | None) -> int:
+    """Up to what size a single file this load opens may be read ahead whole as its header is
+    read (``sources.resolve``): where the small path will map it (a CPU load, nothing named),
+    within the smallest default budget or the one set. 0: not at all."""
+    if (strategy != "auto" or engine != "auto" or verify not in (None, False) or dtype is not None
+            or destinations is not None or str(device) != "cpu"):
+        return 0
+    if max_host_memory is None:
+        return MINIMUM_DEFAULT
+    try:
+        return min(MINIMUM_DEFAULT, resolve_budget(max_host_memory))
+    except ValueError:
+        return 0  # raised with the load's other checks
 
 
 class _Budget:

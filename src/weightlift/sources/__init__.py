@@ -21,14 +21,16 @@ from .records import Layout
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], RemoteSource]
 
 
-def resolve(source: Source) -> Layout:
-    """Turn a user's source into an open, validated ``Layout``."""
+def resolve(source: Source, read_ahead: int = 0) -> Layout:
+    """Turn a user's source into an open, validated ``Layout``. ``read_ahead``: the caller will
+    read every byte of a local file up to that size, so one found cold is read ahead whole while
+    its header is read (``local.read_ahead_if_cold``)."""
     if is_remote(source):
         from .remote import resolve_remote  # imports the object-storage client
 
         return resolve_remote(as_remote(source))  # type: ignore[arg-type]
     local = resolve_source(source) or source  # hf://org/name, models--org--name directories
-    return resolve_local(local, trusted_root)  # type: ignore[arg-type]
+    return resolve_local(local, trusted_root, read_ahead)  # type: ignore[arg-type]
 
 
 __all__ = ["Source", "resolve"]

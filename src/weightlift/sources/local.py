@@ -10,6 +10,7 @@ stamp. Before the shards are opened, ``reserve`` makes room under the descriptor
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -33,7 +34,8 @@ def _itself(directory: Path) -> Path:
     return directory
 
 
-def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> Layout:
+def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself,
+                  read_ahead: int = 0) -> Layout:
     """Open a local file, directory or list of files into a validated ``Layout``.
 
     ``trusted_root(directory)`` is where an index's shards may lead through symlinks: the
@@ -51,7 +53,8 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
             return _resolve_index(path, trusted_root)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
-        return _open_local([path], root=str(path.parent), opener=_open_shard)
+        opener = functools.partial(_open_shard, read_ahead=read_ahead) if read_ahead else _open_shard
+        return _open_local([path], root=str(path.parent), opener=opener)
     files = [Path(p) for p in source]
     if not files:
         raise CheckpointError("the list of checkpoint files is empty")
@@ -185,7 +188,7 @@ def _open_local(paths: Sequence[Path], root: str, opener: Callable[[Path], Shard
     return layout
 
 
-def _open_shard(path: Path) -> Shard:
+def _open_shard(path: Path, read_ahead: int = 0) -> Shard:
     spath = os.fspath(path)
     try:
         fd = POOL.opening(lambda: _open_regular(spath))
@@ -196,12 +199,35 @@ def _open_shard(path: Path) -> Shard:
         raise limit_error(CheckpointError, spath, exc) from exc
     try:
         stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
+        if read_ahead and stamp.size <= read_ahead:
+            read_ahead_if_cold(fd, stamp.size)
         shard = Shard(spath, read_any_header(spath, fd), stamp)
     except BaseException:
         os.close(fd)
         raise
     POOL.adopt(shard, PLAIN, fd)
     return shard
+
+
+def read_ahead_if_cold(fd: int, size: int) -> None:
+    """Ask the kernel for the whole file at once (``POSIX_FADV_WILLNEED``) where its first page
+    is not cached (a read with ``RWF_NOWAIT`` says so without waiting): the header's read and the
+    data's then share one trip to the disk instead of two (a cold 1 MiB file: ~2 ms each here).
+    A cached file costs one non-blocking read of a byte. Advice only: nothing fails here."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None or size == 0:
+        return
+    try:
+        os.preadv(fd, [bytearray(1)], 0, nowait)
+        return  # cached: nothing to ask for
+    except BlockingIOError:
+        pass
+    except OSError:
+        return  # RWF_NOWAIT not supported here: the loads read as before
+    try:
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 def _open_regular(path: str) -> int:
