@@ -33,7 +33,7 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: Integers the reference parser reads as integers; others become floats (so invalid as sizes).
 _INT_RANGE = range(-(2**63), 2**64)
 #: Every byte → b"9" for a digit, b" " otherwise: a run of 19 digits is then a substring search.
-_DIGITS = bytes(b"9"[0] if chr(value).isdigit() and value < 128 else b" "[0] for value in range(256))
+_DIGITS = bytes(ord("9") if ord("0") <= value <= ord("9") else ord(" ") for value in range(256))
 _NINETEEN_DIGITS = b"9" * 19
 
 
@@ -254,7 +254,7 @@ def _well_formed(name: str, entry: Any, data_start: int) -> TensorInfo | None:
         return None
     count = 1
     for dim in shape:
-        if type(dim) is not int or dim <= 0:  # not bool, not negative; empty tensors go the long way
+        if type(dim) is not int or dim <= 0:  # not bool, not negative; empty: the long way
             return None
         count *= dim
     # Dimensions of at least 1: the product only grows, so a final size within 64 bits (in bits,

@@ -16,7 +16,7 @@ the thread pool otherwise; ``make_engine`` says which it took and, when it fell 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -105,15 +105,32 @@ class InlineEngine:
         """Nothing runs after a step returned."""
 
 
-def _done(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """``fn(*args)`` run now, as a finished future (its error raised by ``result()``, as a
-    worker's would be); an interrupt propagates at once."""
-    future: Future[Any] = Future()
+class Done:
+    """A step that has already run: ``result()`` returns its value or raises its error, as a
+    worker's future would; ``cancel()`` is too late. (A ``Future`` with its lock and condition
+    cost more than mapping a small block.)"""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value: Any = None, error: Exception | None = None) -> None:
+        self.value, self.error = value, error
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
+
+
+def _done(fn: Callable[..., Any], *args: Any) -> Done:
+    """``fn(*args)`` run now (its error raised by ``result()``, as a worker's would be); an
+    interrupt propagates at once."""
     try:
-        future.set_result(fn(*args))
+        return Done(fn(*args))
     except Exception as exc:  # noqa: BLE001 - handed to result(), as from a worker thread
-        future.set_exception(exc)
-    return future
+        return Done(error=exc)
 
 
 class RingEngine(UringEngine):

@@ -125,7 +125,10 @@ class MmapStrategy(Strategy):
                 with shard.opened(PLAIN) as fd:  # the mapping holds the file, not the descriptor
                     self.maps.append(Mapping(fd, shard.header.file_size))
                 if self.skip_cached:
-                    self.cached.append(self.known_cached or self.maps[-1].wholly_cached())
+                    if shard.read_ahead:  # pages in flight look cached: populate it all
+                        self.reading.add(len(self.maps) - 1)
+                    self.cached.append(not shard.read_ahead and (
+                        self.known_cached or self.maps[-1].wholly_cached()))
             except (OSError, ValueError) as exc:
                 shard.check_unchanged()  # a file that shrank since its header was read: say so
                 raise ReadError(f"cannot map the file: {exc}", path=shard.path) from exc

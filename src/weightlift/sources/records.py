@@ -65,6 +65,9 @@ class Shard:
     #: Object storage shards have no descriptor; only the ``remote`` strategy reads them.
     remote: ClassVar[bool] = False
     closed: bool = field(default=False, compare=False)
+    #: Resolving found the file cold and asked the kernel for all of it (``local``'s
+    #: ``read_ahead_if_cold``): its pages may still be arriving, which mincore counts as cached.
+    read_ahead: bool = field(default=False, compare=False)
 
     @property
     def identity(self) -> object:
