@@ -231,6 +231,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                             else layout.root, device=str(target), strategy=choice.strategy,
                             reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
         report.fallbacks.extend(layout.notes)  # e.g. files re-opened under a low descriptor limit
+        report.missing.extend(layout.missing)
+        report.notes.extend(layout.accepted)
         sink = make_sink(target, to_dtype, destinations) if copying else None
         if sink is not None:
             sink.keep_slots = keep_pinned

@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
@@ -115,14 +116,14 @@ def _lookup(given: Mapping[str, str], shard: Shard, root: str) -> str | None:
 
 def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
     """The shards ``entries`` cover; refuses a shard of which only some tensors are selected."""
-    chosen: dict[int, int] = {}
-    for entry in entries:
-        chosen[entry.shard] = chosen.get(entry.shard, 0) + 1
+    chosen = Counter(entry.shard for entry in entries)
+    # What a full load takes from each file: all its tensors, but for copies loaded from another.
+    held = Counter(entry.shard for entry in layout.entries.values())
     for index, count in chosen.items():
         shard = layout.shards[index]
-        if count != len(shard.header.tensors):
+        if count != held[index]:
             raise CheckpointError(f"verification hashes whole files, but only {count} of the "
-                                  f"{len(shard.header.tensors)} tensors of this file are loaded; "
+                                  f"{held[index]} tensors of this file are loaded; "
                                   "load all of them, or check the files with `weightlift verify`",
                                   path=shard.path)
     return sorted(chosen)
