@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weightlift
@@ -403,6 +402,67 @@ def test_tensor_present_in_two_indexed_shards_loads_the_indexs_copy(tmp_path: Pa
     copies = {name: load_file(tmp_path / name)["shared"] for name in (named, other)}
     assert not torch.equal(copies[named], copies[other])
     assert torch.equal(state["shared"], copies[named])
+
+
+def tied_head_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A sharded checkpoint whose index lists a tied head that no shard stores (as some
+    exporters write them), and the tensors its shards do store."""
+    write_file(directory / "model-1.safetensors", ["embed.weight", "norm.weight"], seed=1)
+    write_file(directory / "model-2.safetensors", ["layer.weight"], seed=2)
+    index = directory / INDEX
+    index.write_text(json.dumps({"weight_map": {
+        "embed.weight": "model-1.safetensors", "norm.weight": "model-1.safetensors",
+        "layer.weight": "model-2.safetensors", "lm_head.weight": "model-2.safetensors"}}))
+    stored = load_file(directory / "model-1.safetensors") | load_file(
+        directory / "model-2.safetensors")
+    return index, stored
+
+
+def _load(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    return weightlift.load(source, on_report=reports.append)
+
+
+def _stream(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    return dict(weightlift.stream(source, on_report=reports.append))
+
+
+def _open(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    with weightlift.open(source) as checkpoint:
+        assert "lm_head.weight" not in checkpoint
+        with pytest.raises(CheckpointError, match="lists tensor 'lm_head.weight' in "
+                           "'model-2.safetensors', but no shard stores it"):
+            checkpoint.get_tensor("lm_head.weight")
+        return {name: checkpoint.get_tensor(name) for name in checkpoint.keys()}
+
+
+def _safe_open(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    with weightlift.safe_open(source, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+@pytest.mark.parametrize("entry", [_load, _stream, _open, _safe_open])
+@pytest.mark.parametrize("via", ["directory", "index"])
+def test_every_entry_point_loads_the_stored_tensors_of_an_index_listing_more(
+        tmp_path: Path, entry, via: str) -> None:  # type: ignore[no-untyped-def]
+    index, stored = tied_head_checkpoint(tmp_path)
+    reports: list = []  # type: ignore[type-arg]
+    with pytest.warns(CheckpointWarning, match=f"^{index}: the index lists 1 tensor that no "
+                      "shard stores, 'lm_head.weight' \\(in 'model-2.safetensors'\\)"):
+        state = entry(tmp_path if via == "directory" else index, reports)
+    assert sorted(state) == sorted(stored)
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor), name
+    for report in reports:
+        assert report.missing == ["lm_head.weight"]
+        assert report.notes[0].startswith(f"{index}: the index lists 1 tensor")
+
+
+def test_asking_for_an_index_entry_no_shard_stores_raises(tmp_path: Path) -> None:
+    index, _ = tied_head_checkpoint(tmp_path)
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError) as info:
+        weightlift.load(tmp_path, keys=["embed.weight", "lm_head.weight"])
+    assert str(info.value) == (f"{index}: the index lists tensor 'lm_head.weight' in "
+                               "'model-2.safetensors', but no shard stores it")
 
 
 def merged_view(directory: Path) -> dict[str, tuple[str, list[int]]]:
