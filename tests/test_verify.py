@@ -7,9 +7,13 @@ with the safetensors package's own load_file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import json
+import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,3 +239,57 @@ def test_the_bench_sha256_row_verifies_with_digests_computed_before(files: Path)
             list(LOADERS[VERIFIED].run(job))
     finally:
         sums.unlink()
+
+
+@pytest.mark.parametrize("verify, message", [
+    ({}, "verify={} names no file, so it would check nothing"),
+    ("", "verify='' names no digest file"),
+])
+@pytest.mark.parametrize("entry", ["load", "stream", "open"])
+def test_an_empty_verify_is_refused_before_anything_is_opened(files: Path, verify: object,
+                                                              message: str, entry: str) -> None:
+    """An empty verify would check nothing: refused, by every entry point, before the source
+    is even resolved (a missing path is not what the error is about)."""
+    calls = {
+        "load": lambda source: weightlift.load(source, verify=verify),
+        "stream": lambda source: next(weightlift.stream(source, verify=verify)),
+        "open": lambda source: weightlift.open(source, verify=verify),
+    }
+    for source in (files, files / "no-such-file.safetensors"):
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            calls[entry](source)
+
+
+def test_a_bad_verify_is_refused_before_anything_is_opened(files: Path, tmp_path: Path) -> None:
+    missing = files / "no-such-file.safetensors"
+    with pytest.raises(CheckpointError, match="'abc' is not 64 hex digits"):
+        weightlift.load(missing, verify={"a.safetensors": "abc"})
+    with pytest.raises(TypeError, match="verify maps 'a.safetensors' to 3"):
+        weightlift.load(missing, verify={"a.safetensors": 3})
+    with pytest.raises(CheckpointError, match="cannot read the digest file"):
+        weightlift.load(missing, verify=str(tmp_path / "SHA256SUMS"))
+
+
+@pytest.mark.parametrize("code", [errno.EINTR, errno.EAGAIN])
+def test_the_verifiers_own_reads_ask_again_after_a_transient_error(
+        files: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Bytes no tensor covers (each header) the verifier reads itself, through the read path's
+    seam: answered ``code`` twice at each offset and then only half of what is asked, it asks
+    again and continues (io/retry.py), and the digests match."""
+    import weightlift.io.base as io_base
+
+    preadv = io_base.preadv
+    answers: Counter[int] = Counter()
+
+    def flaky(fd: int, buffers: list[memoryview], offset: int) -> int:
+        answers[offset] += 1
+        if answers[offset] <= 2:
+            raise OSError(code, os.strerror(code))
+        return preadv(fd, [buffers[0][:max(1, len(buffers[0]) // 2)]], offset)
+
+    monkeypatch.setattr(io_base, "preadv", flaky)
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files.glob("*.safetensors")}
+    assert_same(weightlift.load(files, verify=sums, strategy="mmap"), reference(files))
+    assert answers[0] >= 3, "the headers were not read through the seam"
+    assert len(answers) > 2, "no read was continued after a short one"

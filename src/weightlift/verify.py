@@ -35,7 +35,8 @@ from typing import Union
 
 import torch
 
-from .errors import CheckpointError, IntegrityError, ReadError
+from .errors import CheckpointError, IntegrityError
+from .io.base import pread_into
 from .sources.records import Entry, Layout, Shard
 
 #: ``verify=`` of the public API: True (HF cache digests), {name: hex}, or a sha256sum file.
@@ -74,16 +75,44 @@ def read_sums(path: str | os.PathLike) -> dict[str, str]:
     return sums
 
 
+def check_verify(verify: Verify | None) -> None:
+    """Refuse a ``verify=`` that cannot check anything, before any read: an empty mapping or
+    path (which would silently check nothing; ``ValueError``), a digest that is no SHA-256 or
+    a digest file that cannot be read or parsed (``CheckpointError``), another type
+    (``TypeError``). None and False: no verification."""
+    if verify is None or isinstance(verify, bool):
+        return
+    if isinstance(verify, (str, os.PathLike)):
+        if not os.fspath(verify):
+            raise ValueError("verify='' names no digest file: pass True (the digests of a "
+                             "Hugging Face cache), {file name: sha256} or the path of a "
+                             "sha256sum file")
+        read_sums(verify)
+        return
+    if not isinstance(verify, Mapping):
+        raise TypeError(f"verify must be True, a mapping of file name to SHA-256, or the path of "
+                        f"a sha256sum file, not {type(verify).__name__}")
+    if not verify:
+        raise ValueError("verify={} names no file, so it would check nothing: pass "
+                         "{file name: sha256}, True (the digests of a Hugging Face cache) or "
+                         "the path of a sha256sum file")
+    for name, digest in verify.items():
+        if not isinstance(name, (str, os.PathLike)) or not isinstance(digest, str):
+            raise TypeError(f"verify maps {name!r} to {digest!r}: expected a file name and the "
+                            "hex digest of its SHA-256")
+        if not DIGEST.fullmatch(digest.lower()):
+            raise CheckpointError(f"expected digest {digest[:80]!r} is not 64 hex digits of a "
+                                  "SHA-256", path=name)
+
+
 def expected_digests(layout: Layout, verify: Verify, shards: Iterable[int]) -> dict[int, str]:
     """The expected digest of each of ``shards`` (positions in ``layout.shards``)."""
+    check_verify(verify)
     given: Mapping[str, str] | None = None
     if isinstance(verify, (str, os.PathLike)):
         given = read_sums(verify)
     elif isinstance(verify, Mapping):
         given = verify
-    elif verify is not True:
-        raise TypeError(f"verify must be True, a mapping of file name to SHA-256, or the path of "
-                        f"a sha256sum file, not {type(verify).__name__}")
     out: dict[int, str] = {}
     missing: list[str] = []
     for index in shards:
@@ -92,10 +121,7 @@ def expected_digests(layout: Layout, verify: Verify, shards: Iterable[int]) -> d
         if digest is None:
             missing.append(shard.path)
             continue
-        if not DIGEST.fullmatch(digest.lower()):
-            raise CheckpointError(f"expected digest {digest[:80]!r} is not 64 hex digits of a "
-                                  "SHA-256", path=shard.path)
-        out[index] = digest.lower()
+        out[index] = digest.lower()  # a SHA-256: checked by check_verify, or a blob's name
     if missing:
         where = ("is not a file of a Hugging Face cache snapshot (no blob named by its SHA-256)"
                  if given is None else "has no digest in the ones given")
@@ -239,14 +265,9 @@ class Verifier:
             return
         with s.opened() as fd:
             while self.position[shard] < until:
-                want = min(FILL, until - self.position[shard])
-                try:
-                    data = os.pread(fd, want, self.position[shard])
-                except OSError as exc:
-                    raise ReadError(f"read for verification failed: {exc.strerror}",
-                                    path=s.path) from exc
-                if not data:
-                    raise ReadError("file ended while it was being verified", path=s.path)
+                data = bytearray(min(FILL, until - self.position[shard]))
+                # Short reads continued, EINTR/EAGAIN asked again (io/retry.py), as every read.
+                pread_into(fd, memoryview(data), self.position[shard], s.path)
                 self.hashes[shard].update(data)
                 self.position[shard] += len(data)
 
@@ -278,5 +299,5 @@ def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | Non
     return Verifier(layout, expected_digests(layout, verify, whole_shards(layout, entries)))
 
 
-__all__ = ["Verifier", "Verify", "expected_digests", "hub_digest", "make_verifier", "read_sums",
+__all__ = ["Verifier", "Verify", "check_verify", "expected_digests", "hub_digest", "make_verifier", "read_sums",
            "whole_shards"]
