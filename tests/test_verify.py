@@ -293,3 +293,18 @@ def test_the_verifiers_own_reads_ask_again_after_a_transient_error(
     assert_same(weightlift.load(files, verify=sums, strategy="mmap"), reference(files))
     assert answers[0] >= 3, "the headers were not read through the seam"
     assert len(answers) > 2, "no read was continued after a short one"
+
+
+def test_a_whole_load_verifies_every_file_even_one_it_reads_no_tensor_from(
+        tmp_path: Path) -> None:
+    """A tensor stored twice loads from the last file; the first file, whose only tensor that
+    is, is still verified."""
+    save_file({"shared": torch.zeros(4)}, tmp_path / "a.safetensors")
+    save_file({"shared": torch.ones(4), "y": torch.ones(2)}, tmp_path / "b.safetensors")
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in tmp_path.glob("*.safetensors")}
+    with pytest.warns(weightlift.CheckpointWarning, match="'shared' from b.safetensors"):
+        assert torch.equal(weightlift.load(tmp_path, verify=sums)["shared"], torch.ones(4))
+    with pytest.warns(weightlift.CheckpointWarning), \
+            pytest.raises(IntegrityError, match="a.safetensors: SHA-256 mismatch"):
+        weightlift.load(tmp_path, verify=dict(sums, **{"a.safetensors": "0" * 64}))

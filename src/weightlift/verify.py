@@ -141,7 +141,8 @@ def _lookup(given: Mapping[str, str], shard: Shard, root: str) -> str | None:
 
 
 def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
-    """The shards ``entries`` cover; refuses a shard of which only some tensors are selected."""
+    """The shards ``entries`` cover (every shard for a whole load); refuses a shard of which
+    only some tensors are selected."""
     chosen = Counter(entry.shard for entry in entries)
     # What a full load takes from each file: all its tensors, but for copies loaded from another.
     held = Counter(entry.shard for entry in layout.entries.values())
@@ -152,6 +153,8 @@ def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
                                   f"{held[index]} tensors of this file are loaded; "
                                   "load all of them, or check the files with `weightlift verify`",
                                   path=shard.path)
+    if sum(chosen.values()) == len(layout.entries):  # a whole load: every file, even one whose
+        return list(range(len(layout.shards)))      # tensors all load from copies elsewhere
     return sorted(chosen)
 
 
