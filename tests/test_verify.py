@@ -308,3 +308,23 @@ def test_a_whole_load_verifies_every_file_even_one_it_reads_no_tensor_from(
     with pytest.warns(weightlift.CheckpointWarning), \
             pytest.raises(IntegrityError, match="a.safetensors: SHA-256 mismatch"):
         weightlift.load(tmp_path, verify=dict(sums, **{"a.safetensors": "0" * 64}))
+
+
+def test_cli_verify_checks_a_file_whose_tensors_all_load_from_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_file({"shared": torch.zeros(4)}, tmp_path / "a.safetensors")
+    save_file({"shared": torch.ones(4), "y": torch.ones(2)}, tmp_path / "b.safetensors")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                            for p in sorted(tmp_path.glob("*.safetensors"))))
+    with pytest.warns(weightlift.CheckpointWarning):
+        assert main(["verify", str(tmp_path), "--sums", str(sums)]) == 0
+    out = capsys.readouterr().out
+    assert "a.safetensors: OK" in out and "b.safetensors: OK" in out
+    data = bytearray((tmp_path / "a.safetensors").read_bytes())
+    data[-1] ^= 0x01  # in the tensor's bytes
+    (tmp_path / "a.safetensors").write_bytes(bytes(data))
+    with pytest.warns(weightlift.CheckpointWarning):
+        assert main(["verify", str(tmp_path), "--sums", str(sums)]) == 1
+    out = capsys.readouterr().out
+    assert "a.safetensors: FAILED" in out and "b.safetensors: OK" in out

@@ -247,7 +247,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         started = time.perf_counter()
         verifier = None
         try:
-            verifier = make_verifier(layout, entries, verify)
+            verifier = make_verifier(layout, entries, verify, every_file=keys is None)
             runner, fallback = make_engine(engine, reader)
             report.engine = runner.name
             if fallback is not None:

@@ -140,9 +140,10 @@ def _lookup(given: Mapping[str, str], shard: Shard, root: str) -> str | None:
     return None
 
 
-def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
-    """The shards ``entries`` cover (every shard for a whole load); refuses a shard of which
-    only some tensors are selected."""
+def whole_shards(layout: Layout, entries: Iterable[Entry], every_file: bool = False
+                 ) -> list[int]:
+    """The shards ``entries`` cover (``every_file``: every shard, for a load of the whole
+    checkpoint); refuses a shard of which only some tensors are selected."""
     chosen = Counter(entry.shard for entry in entries)
     # What a full load takes from each file: all its tensors, but for copies loaded from another.
     held = Counter(entry.shard for entry in layout.entries.values())
@@ -153,8 +154,8 @@ def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
                                   f"{held[index]} tensors of this file are loaded; "
                                   "load all of them, or check the files with `weightlift verify`",
                                   path=shard.path)
-    if sum(chosen.values()) == len(layout.entries):  # a whole load: every file, even one whose
-        return list(range(len(layout.shards)))      # tensors all load from copies elsewhere
+    if every_file:  # also a file whose tensors all load from copies in other files
+        return list(range(len(layout.shards)))
     return sorted(chosen)
 
 
@@ -288,9 +289,10 @@ class Verifier:
             raise self.error
 
 
-def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | None
-                  ) -> Verifier | None:
-    """A ``Verifier`` for the files ``entries`` cover, or None when ``verify`` is off."""
+def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | None,
+                  every_file: bool = False) -> Verifier | None:
+    """A ``Verifier`` for the files ``entries`` cover (``every_file``: all of them, for a load
+    of the whole checkpoint), or None when ``verify`` is off."""
     if verify is None or verify is False:
         return None
     remote = [shard.path for shard in layout.shards if shard.remote]
@@ -299,7 +301,8 @@ def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | Non
                               "not support object-storage sources yet (an ETag is no SHA-256): "
                               "download the files, or load without verify=", path=remote[0])
     entries = list(entries)
-    return Verifier(layout, expected_digests(layout, verify, whole_shards(layout, entries)))
+    return Verifier(layout, expected_digests(layout, verify,
+                                             whole_shards(layout, entries, every_file)))
 
 
 __all__ = ["Verifier", "Verify", "check_verify", "expected_digests", "hub_digest", "make_verifier", "read_sums",
