@@ -28,7 +28,7 @@ from .remote import StorageOptions, as_remote
 from .report import SAMPLED_FROM, LoadReport, Monitor
 from .sources import Source, resolve
 from .sources.records import Entry, Layout, iter_entries
-from .verify import Verify, make_verifier
+from .verify import Verify, check_verify, make_verifier
 
 Device = str | torch.device
 DType = torch.dtype | str | None
@@ -106,10 +106,11 @@ class Checkpoint:
 
     def __init__(self, source: Source, verify: Verify | None = None,
                  storage_options: StorageOptions | None = None) -> None:
+        check_verify(verify)
         self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
         self._choices: dict[tuple[str, bool, bool], Choice] = {}
         self._pinned = False
-        if verify is not None and verify is not False:
+        if verify:  # checked above: None, False, or something to check
             try:  # one streamed pass, bounded by the budget, before any tensor is handed out
                 for _ in run_load(self.layout, keys=None, device="cpu", strategy="auto",
                                   dtype=None, streaming=True, verify=verify):
@@ -211,6 +212,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    check_verify(verify)
     owned = not isinstance(source, Layout)
     layout = resolve(source, _read_ahead(strategy, engine, verify, device, dtype, destinations,
                                          max_host_memory)) if owned else source
@@ -238,6 +240,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                             reason=choice.reason, budget=budget or 0, tensors=len(entries),
                             bytes=total)
         report.fallbacks.extend(layout.notes)  # e.g. files re-opened under a low descriptor limit
+        report.missing.extend(layout.missing)
+        report.notes.extend(layout.accepted)
         sink = make_sink(target, to_dtype, destinations) if copying else None
         if sink is not None:
             sink.keep_slots = keep_pinned
@@ -266,7 +270,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         started = time.perf_counter()
         verifier = None
         try:
-            verifier = make_verifier(layout, entries, verify)
+            verifier = make_verifier(layout, entries, verify, every_file=keys is None)
             runner: Engine
             if choice.small or (engine == "auto" and _maps_cached_pages(reader)
                                 and not streaming):

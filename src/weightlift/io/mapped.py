@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import probes
 from ..errors import ReadError
 from ..probes import LIBC
 from ..sources.records import PLAIN, Shard
@@ -59,7 +60,9 @@ class Mapping:
         shows not in the page cache; all of it where mincore cannot say. ~20 ns a page."""
         pages = -(-(end - lo) // PAGE)
         flags = np.empty(pages, dtype=np.uint8)
-        if LIBC.mincore(self.addr + lo, end - lo, flags.ctypes.data) != 0:
+        try:
+            probes.mincore(self.addr + lo, end - lo, flags.ctypes.data)
+        except OSError:
             return [(lo, end)]
         missing = np.concatenate(([0], (flags & 1) ^ 1, [0])).astype(np.int8)
         edges = np.flatnonzero(np.diff(missing))
@@ -80,8 +83,10 @@ class Mapping:
         flags = (ctypes.c_ubyte * min(pages, samples))()
         at = 0
         for first, count in spans:
-            if LIBC.mincore(self.addr + first * PAGE, count * PAGE,
-                            ctypes.byref(flags, at)) != 0:
+            try:
+                probes.mincore(self.addr + first * PAGE, count * PAGE,
+                               ctypes.addressof(flags) + at)
+            except OSError:
                 return False  # unknown counts as not cached: populating is always correct
             at += count
         return b"\x00" not in bytes(flags)[:at].translate(_RESIDENT_BIT)

@@ -26,31 +26,21 @@ from .records import (PLAIN, FileStamp, Layout, Shard, check_index, check_index_
                       check_shard_name, open_shards, parse_index)
 
 LocalSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-#: ``directory`` → the directory its shards' symlinks may point into (see ``hub.trusted_root``).
-TrustedRoot = Callable[[Path], Path]
 
 
-def _itself(directory: Path) -> Path:
-    return directory
-
-
-def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself,
-                  read_ahead: int = 0) -> Layout:
-    """Open a local file, directory or list of files into a validated ``Layout``.
-
-    ``trusted_root(directory)`` is where an index's shards may lead through symlinks: the
-    directory itself, or more (an HF snapshot's files link into its repository's blobs)."""
+def resolve_local(source: LocalSource, read_ahead: int = 0) -> Layout:
+    """Open a local file, directory or list of files into a validated ``Layout``."""
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
             raise CheckpointError("the checkpoint path is empty")
         path = Path(source)
         mode = _mode(path)  # one stat, where is_dir() and exists() took two
         if mode is not None and stat.S_ISDIR(mode):
-            return _resolve_dir(path, trusted_root)
+            return _resolve_dir(path)
         if mode is None:
             raise MissingFileError("no such file or directory", path=path)
         if path.name.endswith(".index.json"):
-            return _resolve_index(path, trusted_root)
+            return _resolve_index(path)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
         opener = functools.partial(_open_shard, read_ahead=read_ahead)
@@ -73,7 +63,7 @@ def _mode(path: Path) -> int | None:
         raise
 
 
-def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
+def _resolve_dir(directory: Path) -> Layout:
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         preferred = directory / "model.safetensors.index.json"
@@ -83,7 +73,7 @@ def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
                                   path=directory)
         indexes = [preferred]
     if indexes:
-        return _resolve_index(indexes[0], trusted_root)
+        return _resolve_index(indexes[0])
     single = directory / "model.safetensors"
     if single.is_file():
         return _open_local([single], root=str(directory), opener=_open_shard)
@@ -143,28 +133,22 @@ def _read_index(index_path: Path) -> dict[str, Any]:
     return parse_index(raw, index_path)
 
 
-def shard_path(directory: Path, name: Any, index_path: Path,
-               trusted_root: TrustedRoot = _itself) -> Path:
-    """The path of shard ``name`` of an index, refusing anything that leaves ``directory``
-    (or the wider ``trusted_root(directory)``)."""
+def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
+    """The path of shard ``name`` of an index: a name that climbs out of ``directory`` (``..``,
+    an absolute path) is refused; symlinks the directory holds are followed wherever they lead,
+    as every loader does (model stores and the Hugging Face cache are built of them)."""
     check_shard_name(name, index_path)
-    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
-    real_root = os.path.realpath(trusted_root(directory))
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
-                              f"directory {real_root} (a symlink leaves it)", path=index_path)
-    return candidate
+    return directory / os.path.normpath(name)  # "./a" and "a" are one shard
 
 
-def _resolve_index(index_path: Path, trusted_root: TrustedRoot) -> Layout:
+def _resolve_index(index_path: Path) -> Layout:
     obj = _read_index(index_path)
     directory = index_path.parent
     weight_map: dict[str, Any] = obj["weight_map"]
     shard_names: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or name not in shard_names:  # a list is no dict key
-            shard_names[name] = shard_path(directory, name, index_path, trusted_root)
+            shard_names[name] = shard_path(directory, name, index_path)
     for name, path in shard_names.items():
         if not path.is_file():
             error = CheckpointError if path.exists() else MissingFileError
@@ -242,4 +226,4 @@ def _open_regular(path: str) -> int:
         raise
 
 
-__all__ = ["LocalSource", "TrustedRoot", "resolve_local", "shard_path"]
+__all__ = ["LocalSource", "resolve_local", "shard_path"]
