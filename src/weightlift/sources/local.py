@@ -10,6 +10,7 @@ stamp. Before the shards are opened, ``reserve`` makes room under the descriptor
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
             return _resolve_dir(path, trusted_root)
         if not path.exists():
             raise MissingFileError("no such file or directory", path=path)
-        if path.name.endswith(".index.json"):
+        if is_index_name(path.name):
             return _resolve_index(path, trusted_root)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
@@ -55,6 +56,13 @@ def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> L
         raise CheckpointError("the list of checkpoint files is empty")
     return _open_local(files, root=os.path.commonpath([str(f.parent.resolve()) for f in files]),
                        opener=_open_shard)
+
+
+def is_index_name(name: str) -> bool:
+    """``*.index.json``, or a variant's index as transformers and diffusers name it
+    (``diffusion_pytorch_model.safetensors.index.fp16.json``)."""
+    return name.endswith(".index.json") or re.search(r"\.safetensors\.index\.[^.]+\.json$",
+                                                     name) is not None
 
 
 def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
@@ -202,4 +210,4 @@ def _open_regular(path: str) -> int:
         raise
 
 
-__all__ = ["LocalSource", "TrustedRoot", "resolve_local", "shard_path"]
+__all__ = ["LocalSource", "TrustedRoot", "is_index_name", "resolve_local", "shard_path"]
