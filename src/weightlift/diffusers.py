@@ -89,17 +89,22 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def _refuse(options: dict[str, Any], what: str) -> None:
-    for name in IGNORED:
+#: Values of refused options that ask for what weightlift does anyway: accepted.
+HARMLESS = {"low_cpu_mem_usage": (True,), "use_safetensors": (True, None),
+            "disable_mmap": (False,)}
+
+
+def _refuse(options: dict[str, Any], what: str, ignored: tuple[str, ...] = IGNORED) -> None:
+    """Drop the options that mean nothing here; raise on one weightlift does not carry out."""
+    for name in ignored:
         options.pop(name, None)
     for name, reason in REFUSED.items():
-        value = options.get(name)
-        if name in options and not (name == "low_cpu_mem_usage" and value is True) \
-                and not (name == "use_safetensors" and value in (True, None)) \
-                and not (name == "disable_mmap" and value is False):
+        if name not in options:
+            continue
+        value = options.pop(name)
+        if value not in HARMLESS.get(name, ()):
             raise PlacementError(f"{what}: {name}={value!r} is not supported by "
                                  f"weightlift.diffusers ({reason})")
-        options.pop(name, None)
 
 
 def pipeline_directory(source: str | os.PathLike[str]) -> Path:
@@ -115,12 +120,15 @@ def pipeline_directory(source: str | os.PathLike[str]) -> Path:
 
 def weights_file(directory: Path, name: str = WEIGHTS, variant: str | None = None) -> Path:
     """The file to read in a model folder, as diffusers picks it: the (variant) index of a
-    sharded model, else the single (variant) file; a ``CheckpointError`` listing what is there
-    when neither exists."""
+    sharded model (or a variant's index under its legacy name), else the single (variant) file;
+    a ``CheckpointError`` listing what is there when none exists."""
     add_variant = _diffusers().utils._add_variant
     index = directory / add_variant(f"{name}.index.json", variant)
     if index.is_file():
         return index
+    legacy = directory / f"{name}.{variant}.index.json"  # its deprecated name
+    if variant is not None and legacy.is_file():
+        return legacy
     single = directory / add_variant(name, variant)
     if single.is_file():
         return single
@@ -424,10 +432,11 @@ def load_single_file(model_class: Any, path: str | os.PathLike[str], *,
     ``quantization_config``) go to ``from_single_file``; ``device`` is its ``device``.
     """
     options = dict(kwargs)
-    for name in ("device_map", "disable_mmap", "low_cpu_mem_usage"):
-        if name in options:
-            raise PlacementError(f"load_single_file: {name} is not supported by "
-                                 f"weightlift.diffusers ({REFUSED[name]})")
+    quantization = options.pop("quantization_config", None)
+    _refuse(options, f"load_single_file({getattr(model_class, '__name__', model_class)})",
+            ignored=())  # local_files_only stays: diffusers may fetch the config
+    if quantization is not None:
+        options["quantization_config"] = quantization  # diffusers' GGUF quantizer, on our reads
     file = Path(resolve_source(path) or path)
     if not file.is_file():
         raise CheckpointError("no such file", path=file)
