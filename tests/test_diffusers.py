@@ -190,6 +190,17 @@ def test_single_model_equals_diffusers(sd_dir: Path) -> None:
         assert_same_tensors(ours, reference)
 
 
+def test_variant_index_under_its_legacy_name(sd_dir: Path, tmp_path: Path) -> None:
+    """``diffusion_pytorch_model.safetensors.fp16.index.json``, which diffusers still finds."""
+    folder = tmp_path / "unet"
+    shutil.copytree(sd_dir / "unet", folder, ignore=shutil.ignore_patterns("*.fp16.*"))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").rename(
+        folder / "diffusion_pytorch_model.safetensors.fp16.index.json")
+    cls = diffusers.UNet2DConditionModel
+    reference = cls.from_pretrained(folder, variant="fp16")
+    assert_same_tensors(load_model(cls, folder, variant="fp16"), reference)
+
+
 def test_keep_in_fp32_modules(tmp_path: Path) -> None:
     torch.manual_seed(0)
     wan = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,

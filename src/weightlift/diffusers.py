@@ -152,8 +152,7 @@ def _parameters_on_meta() -> Iterator[None]:
         register(module, name, param)
         if param is not None:
             kind = type(module._parameters[name])
-            extra = module._parameters[name].__dict__
-            extra["requires_grad"] = param.requires_grad
+            extra = {**module._parameters[name].__dict__, "requires_grad": param.requires_grad}
             module._parameters[name] = kind(module._parameters[name].to("meta"), **extra)
 
     torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
@@ -201,7 +200,7 @@ def load_model(model_class: Any, source: str | os.PathLike[str], subfolder: str 
     override config entries, as in diffusers. Refused: see ``REFUSED``.
     """
     options = dict(kwargs)
-    _refuse(options, f"{getattr(model_class, '__name__', model_class)}")
+    _refuse(options, str(getattr(model_class, "__name__", model_class)))
     directory = pipeline_directory(source)
     folder = directory / subfolder if subfolder else directory
     if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
