@@ -175,6 +175,20 @@ def test_flux_pipeline_equals_diffusers(flux_dir: Path) -> None:
     assert torch.equal(image(ours), image(reference))
 
 
+def test_pipeline_from_the_hub_cache(sd_dir: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf://org/name``: the snapshot the local cache's ``refs/main`` names, never a download."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny-sd"
+    shutil.copytree(sd_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = from_pretrained("hf://org/tiny-sd")
+    reference = diffusers.DiffusionPipeline.from_pretrained(repo / "snapshots" / commit)
+    assert_same_pipelines(pipe, reference)
+
+
 def test_components_passed_are_used_as_they_are(sd_dir: Path) -> None:
     vae = diffusers.AutoencoderKL.from_pretrained(sd_dir, subfolder="vae")
     pipe = from_pretrained(sd_dir, vae=vae)
