@@ -26,13 +26,13 @@ DOC = Path(__file__).parent.parent / "docs" / "architecture.md"
 #: above. A module belongs to the layer of the longest prefix that names it ("" is the package's
 #: ``__init__``). docs/architecture.md shows the same table.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("errors", "units", "probes", "budget", "report", "computed"),
+    "base": ("errors", "units", "probes", "budget", "report", "computed", "io.retry"),
     "formats": ("formats", "dequant"),
     "storage": ("remote",),
     "sources": ("sources",),
-    "plan": ("plan", "slicing", "advanced", "verify"),
+    "plan": ("plan", "slicing", "advanced"),
     "engines": ("io",),
-    "place": ("place", "read"),
+    "place": ("place", "read", "verify"),
     "api": ("api",),
     "integrations": ("load_into", "gguf_families", "compat", "torch", "numpy", "transformers",
                      "diffusers",

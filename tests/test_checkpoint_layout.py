@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from weightlift.errors import CheckpointError, FormatError
+import weightlift
+
+from weightlift.errors import CheckpointError, CheckpointWarning, FormatError
 from weightlift.sources import resolve
 from weightlift.sources.descriptors import POOL
 from weightlift.sources.records import Layout, iter_entries
@@ -259,20 +260,27 @@ def test_index_with_absolute_shard(sharded: Path, tmp_path: Path) -> None:
     assert_refused(sharded, CheckpointError, "is an absolute path", index)
 
 
-def test_index_with_symlink_leaving_the_directory(sharded: Path, tmp_path: Path) -> None:
+def test_index_with_symlink_leaving_the_directory_is_followed(sharded: Path,
+                                                              tmp_path: Path) -> None:
+    """The directory holds the symlink, so it is part of the checkpoint wherever it points
+    (model stores and caches are built of them), as for vLLM's and transformers' loaders."""
     outside = write_file(tmp_path / "x.safetensors", ["outside"])
     (sharded / "link.safetensors").symlink_to(outside)
-    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "link.safetensors"))
-    message = assert_refused(sharded, CheckpointError, "a symlink leaves it", index)
-    assert str(outside) in message
+    edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "link.safetensors"))
+    with resolve(sharded) as layout:
+        assert shard_of(layout)["outside"] == "link.safetensors"
+        assert layout.accepted == []
 
 
-def test_index_with_symlinked_directory_leaving(sharded: Path, tmp_path: Path) -> None:
+def test_index_with_symlinked_directory_leaving_is_followed(sharded: Path,
+                                                            tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     write_file(tmp_path / "elsewhere" / "x.safetensors", ["outside"])
     (sharded / "sub").symlink_to(tmp_path / "elsewhere")
-    index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "sub/x.safetensors"))
-    assert_refused(sharded, CheckpointError, "outside the checkpoint directory", index)
+    edit_index(sharded, lambda o: o["weight_map"].__setitem__("outside", "sub/x.safetensors"))
+    with resolve(sharded) as layout:
+        assert layout.shards[layout.entries["outside"].shard].path == \
+            str(sharded / "sub" / "x.safetensors")
 
 
 def test_index_with_symlink_inside_the_directory_is_fine(sharded: Path) -> None:
@@ -312,12 +320,32 @@ def shared_shard_tensor(directory: Path) -> tuple[str, str]:
     return tensor, weight_map[tensor]
 
 
+# --- an index and files that disagree: accepted as vLLM's and transformers' loaders accept them,
+# said by a CheckpointWarning and in ``Layout.accepted`` (``LoadReport.notes``)
+
+
+def accepted(source: Path, match: str) -> Layout:
+    """``resolve(source)``, which must warn once, matching ``match``; closed, for inspection."""
+    with pytest.warns(CheckpointWarning, match=match) as warned:
+        with resolve(source) as layout:
+            pass
+    assert [str(w.message) for w in warned] == layout.accepted
+    return layout
+
+
 def test_indexed_tensor_absent_from_its_shard(sharded: Path) -> None:
     _, shard = shared_shard_tensor(sharded)
     index = edit_index(sharded, lambda o: o["weight_map"].__setitem__("ghost.weight", shard))
-    assert_refused(sharded, CheckpointError,
-                   f"tensor 'ghost.weight' in '{shard}', which does not hold it \\(no shard holds "
-                   "it\\)", index)
+    layout = accepted(sharded, f"^{index}: the index lists 1 tensor that no shard stores, "
+                      f"'ghost.weight' \\(in '{shard}'\\); not loaded")
+    assert layout.missing == {"ghost.weight": shard}
+    assert "ghost.weight" not in layout.entries
+    assert layout_view(layout) == merged_view(sharded)
+    with pytest.warns(CheckpointWarning), resolve(sharded) as layout, \
+            pytest.raises(CheckpointError) as info:
+        list(iter_entries(layout, ["ghost.weight"]))  # asked for by name: an error
+    assert str(info.value) == (f"{index}: the index lists tensor 'ghost.weight' in '{shard}', "
+                               "but no shard stores it")
 
 
 def test_indexed_tensor_in_another_shard(sharded: Path) -> None:
@@ -325,34 +353,124 @@ def test_indexed_tensor_in_another_shard(sharded: Path) -> None:
     shards = json.loads((sharded / INDEX).read_text())["weight_map"].values()
     wrong = next(s for s in sorted(set(shards)) if s != actual)
     index = edit_index(sharded, lambda o: o["weight_map"].__setitem__(tensor, wrong))
-    assert_refused(sharded, CheckpointError, f"'{tensor}' in '{wrong}', which does not hold it "
-                   f"\\(it is in '{actual}'\\)", index)
+    layout = accepted(sharded, f"^{index}: the index puts 1 tensor in a shard that does not hold "
+                      f"it, '{tensor}' \\(index: '{wrong}', stored in '{actual}'\\)")
+    assert shard_of(layout)[tensor] == actual
 
 
 def test_shard_holding_a_tensor_the_index_omits(sharded: Path) -> None:
     tensor, _ = shared_shard_tensor(sharded)
     index = edit_index(sharded, lambda o: o["weight_map"].pop(tensor))
-    assert_refused(sharded, CheckpointError, f"1 tensor the index does not list, e.g. '{tensor}'",
-                   index)
+    layout = accepted(sharded, f"^{index}: the shards hold 1 tensor the index does not list, "
+                      f"'{tensor}'; they load too")
+    assert layout_view(layout) == merged_view(sharded)
 
 
-def test_tensor_present_in_two_shards(tmp_path: Path) -> None:
-    a = write_file(tmp_path / "a.safetensors", ["x", "shared"])
-    b = write_file(tmp_path / "b.safetensors", ["shared", "y"])
-    message = assert_refused(tmp_path, CheckpointError, "tensor 'shared' is in two files", a)
-    assert str(b) in message
+def test_tensor_present_in_two_shards_loads_from_the_last(tmp_path: Path) -> None:
+    """vLLM's loader reads both files in order and its model keeps the last copy: so do we."""
+    write_file(tmp_path / "a.safetensors", ["x", "shared"], seed=1)
+    write_file(tmp_path / "b.safetensors", ["shared", "y"], seed=2)
+    layout = accepted(tmp_path, f"^{tmp_path}: 1 tensor stored in more than one file, 'shared' "
+                      "from b.safetensors \\(the last of its files; also in a.safetensors\\)")
+    assert shard_of(layout) == {"x": "a.safetensors", "shared": "b.safetensors",
+                                "y": "b.safetensors"}
+    assert layout.copies == {"shared": [0, 1]}
+    listed = accepted_list([tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
+    assert shard_of(listed)["shared"] == "a.safetensors", "a list's last file"
 
 
-def test_tensor_present_in_two_indexed_shards(sharded: Path) -> None:
-    weight_map = json.loads((sharded / INDEX).read_text())["weight_map"]
-    holder = sharded / weight_map["lm_head.weight"]
-    other = sharded / next(s for s in sorted(set(weight_map.values())) if s != holder.name)
-    with safe_open(str(other), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["lm_head.weight"] = torch.zeros(1)
-    save_file(tensors, str(other))
-    assert_refused(sharded, CheckpointError, "tensor 'lm_head.weight' is in two files",
-                   f"{other.name}")
+def accepted_list(files: list[Path]) -> Layout:
+    with pytest.warns(CheckpointWarning, match="stored in more than one file"):
+        with resolve(files) as layout:
+            return layout
+
+
+@pytest.mark.parametrize("named", ["a.safetensors", "b.safetensors"])
+def test_tensor_present_in_two_indexed_shards_loads_the_indexs_copy(tmp_path: Path,
+                                                                    named: str) -> None:
+    write_file(tmp_path / "a.safetensors", ["x", "shared"], seed=1)
+    write_file(tmp_path / "b.safetensors", ["shared", "y"], seed=2)
+    index = tmp_path / INDEX
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors",
+                                                "shared": named}}))
+    other = "b.safetensors" if named == "a.safetensors" else "a.safetensors"
+    layout = accepted(tmp_path, f"^{index}: 1 tensor stored in more than one file, 'shared' "
+                      f"from {named} \\(the index names it; also in {other}\\)")
+    assert shard_of(layout)["shared"] == named
+    with pytest.warns(CheckpointWarning):
+        state = weightlift.load(tmp_path)
+    copies = {name: load_file(tmp_path / name)["shared"] for name in (named, other)}
+    assert not torch.equal(copies[named], copies[other])
+    assert torch.equal(state["shared"], copies[named])
+
+
+def tied_head_checkpoint(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A sharded checkpoint whose index lists a tied head that no shard stores (as some
+    exporters write them), and the tensors its shards do store."""
+    write_file(directory / "model-1.safetensors", ["embed.weight", "norm.weight"], seed=1)
+    write_file(directory / "model-2.safetensors", ["layer.weight"], seed=2)
+    index = directory / INDEX
+    index.write_text(json.dumps({"weight_map": {
+        "embed.weight": "model-1.safetensors", "norm.weight": "model-1.safetensors",
+        "layer.weight": "model-2.safetensors", "lm_head.weight": "model-2.safetensors"}}))
+    stored = load_file(directory / "model-1.safetensors") | load_file(
+        directory / "model-2.safetensors")
+    return index, stored
+
+
+def _load(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    return weightlift.load(source, on_report=reports.append)
+
+
+def _stream(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    return dict(weightlift.stream(source, on_report=reports.append))
+
+
+def _open(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    with weightlift.open(source) as checkpoint:
+        assert "lm_head.weight" not in checkpoint
+        with pytest.raises(CheckpointError, match="lists tensor 'lm_head.weight' in "
+                           "'model-2.safetensors', but no shard stores it"):
+            checkpoint.get_tensor("lm_head.weight")
+        return {name: checkpoint.get_tensor(name) for name in checkpoint.keys()}
+
+
+def _safe_open(source: Path, reports: list) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    with weightlift.safe_open(source, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+@pytest.mark.parametrize("entry", [_load, _stream, _open, _safe_open])
+@pytest.mark.parametrize("via", ["directory", "index"])
+def test_every_entry_point_loads_the_stored_tensors_of_an_index_listing_more(
+        tmp_path: Path, entry, via: str) -> None:  # type: ignore[no-untyped-def]
+    index, stored = tied_head_checkpoint(tmp_path)
+    reports: list = []  # type: ignore[type-arg]
+    with pytest.warns(CheckpointWarning, match=f"^{index}: the index lists 1 tensor that no "
+                      "shard stores, 'lm_head.weight' \\(in 'model-2.safetensors'\\)"):
+        state = entry(tmp_path if via == "directory" else index, reports)
+    assert sorted(state) == sorted(stored)
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor), name
+    for report in reports:
+        assert report.missing == ["lm_head.weight"]
+        assert report.notes[0].startswith(f"{index}: the index lists 1 tensor")
+
+
+def test_asking_for_an_index_entry_no_shard_stores_raises(tmp_path: Path) -> None:
+    index, _ = tied_head_checkpoint(tmp_path)
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError) as info:
+        weightlift.load(tmp_path, keys=["embed.weight", "lm_head.weight"])
+    assert str(info.value) == (f"{index}: the index lists tensor 'lm_head.weight' in "
+                               "'model-2.safetensors', but no shard stores it")
+
+
+def merged_view(directory: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor the directory's files store, as safetensors reads them."""
+    view: dict[str, tuple[str, list[int]]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        view.update(safetensors_view(path))
+    return view
 
 
 @pytest.mark.parametrize(("content", "match"), [

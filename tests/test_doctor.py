@@ -12,6 +12,8 @@ import json
 import mmap
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 
 from weightlift import probes
 from weightlift.cli import main
+from weightlift.cli.doctor import descriptors
 
 
 def mount_type(path: Path) -> str:
@@ -132,3 +135,87 @@ def test_missing_source_is_one_line_error(capsys: pytest.CaptureFixture[str],
     err = capsys.readouterr().err
     assert err.startswith("weightlift: error:") and "absent.safetensors" in err
     assert len(err.strip().splitlines()) == 1
+
+
+#: In a child under a chosen descriptor limit: the doctor's findings, then a load of the same
+#: checkpoint and what it did about the limit (its report's fallbacks), as JSON.
+DESCRIPTOR_CHILD = """
+import json, resource, sys
+import weightlift
+from weightlift.cli.doctor import collect
+limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+found = collect(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, limits)  # as the doctor found it (it resolved too)
+reports = []
+try:
+    weightlift.load(sys.argv[1], on_report=reports.append)
+    did = reports[0].fallbacks
+except weightlift.CheckpointError as exc:
+    did = [str(exc)]
+print(json.dumps({"doctor": found, "load": did}))
+"""
+
+
+def descriptor_child(source: Path, soft: int, hard: int) -> dict:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    done = subprocess.run([sys.executable, "-c", DESCRIPTOR_CHILD, str(source)],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def forty_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("forty")
+    for number in range(40):
+        save_file({f"w{number}": torch.full((4,), float(number))},
+                  directory / f"model-{number:05d}.safetensors")
+    return directory
+
+
+@pytest.mark.parametrize("soft, hard, action, load_note", [
+    (64, 4096, "raise", "the soft descriptor limit (64) left too few free for the 40 files of "
+                        "the checkpoint; raised it to "),
+    (64, 64, "pool", "files are closed and re-opened during the load"),
+    (64, 100, "pool", "raised it to 100 (hard limit 100); the descriptor limit (soft 100, hard "
+                      "100) leaves room for "),
+])
+def test_the_descriptor_limit_and_what_a_load_does_under_it(
+        forty_shards: Path, soft: int, hard: int, action: str, load_note: str) -> None:
+    """The doctor shows the limit a process runs under and says what a load will do there;
+    a load in the same process then does that."""
+    result = descriptor_child(forty_shards, soft, hard)
+    system, plan = result["doctor"]["system"], result["doctor"]["source"]["descriptors"]
+    assert (system["nofile_soft"], system["nofile_hard"]) == (soft, hard)
+    assert 3 <= system["open_descriptors"] < soft
+    assert system["files_open_soft"] == max(0, (soft - system["open_descriptors"]
+                                                - max(4, soft // 8)) // 3)
+    assert plan["action"] == action, plan
+    assert len(result["load"]) == 1 and load_note in result["load"][0], result["load"]
+    if action == "raise":
+        assert f"raised it to {plan['soft_limit']} " in result["load"][0]
+
+
+def test_the_text_report_shows_the_descriptor_limit(capsys: pytest.CaptureFixture[str],
+                                                    tmpfs_checkpoint: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert main(["doctor", str(tmpfs_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    shown = [line for line in out.splitlines() if "descriptors (ulimit -n)" in line]
+    assert len(shown) == 1 and f"soft {soft}, hard {hard}" in shown[0], out
+    assert "1 file(s): open" in out
+
+
+def test_a_limit_too_low_for_one_file_is_refused_and_said_so() -> None:
+    """Resolving refuses such a checkpoint (the doctor's SOURCE too, with the same message)."""
+    plan = descriptors(40, 10, 10, 3)
+    assert plan["action"] == "refuse" and plan["capacity"] == 3
+    assert plan["note"].startswith("too low to load it; raise the limit to at least 153")
+    assert descriptors(40, None, None, 3)["action"] == "open"
+    assert descriptors(40, 64, None, 3) == {
+        "action": "raise", "soft_limit": 153, "wanted": 153, "capacity": 153 - 3 - 19,
+        "note": "a load raises the soft limit from 64 to 153 (the hard limit allows it) and "
+                "keeps every file open"}

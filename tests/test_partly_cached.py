@@ -7,6 +7,7 @@ that before loading. Reads are counted at the one seam every read goes through
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import pagecache
 import weightlift
 from conftest import assert_same, random_tensor
-from weightlift.io import base, residency
+from weightlift.io import base, residency, retry
 from weightlift.io.residency import split_cached
 
 PAGE = pagecache.PAGE
@@ -229,3 +230,62 @@ def test_sampled_residency_estimates_a_half_evicted_file(
         os.close(fd)
     assert abs(estimate - exact) <= 0.1 * path.stat().st_size, (estimate, exact)
     assert cold == 0
+
+
+class FlakyMincore:
+    """``probes.mincore`` answering ``code`` (nothing done) ``times`` times before each call
+    that goes through; ``times=None``: for ever."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, code: int, times: int | None) -> None:
+        self.code, self.times = code, times
+        self.refused = self.passed = 0
+        self.streak = 0
+        real = weightlift.probes.mincore
+
+        def mincore(address: int, length: int, vector: int) -> None:
+            if self.times is None or self.streak < self.times:
+                self.streak += 1
+                self.refused += 1
+                raise OSError(code, os.strerror(code))
+            self.streak = 0
+            self.passed += 1
+            real(address, length, vector)
+
+        monkeypatch.setattr(weightlift.probes, "mincore", mincore)
+
+
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.EINTR])
+def test_residency_probes_ask_again_after_a_transient_mincore_error(
+        half_evicted: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    """EAGAIN (the kernel short of memory for a moment) and EINTR are asked again, as a read
+    is (io/retry.py): the answer is the one a calm kernel gives, not "cold"."""
+    path, resident = half_evicted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        calm = weightlift.probes.sampled_resident_bytes(fd)
+        flaky = FlakyMincore(monkeypatch, code, times=2)
+        pages = weightlift.probes.resident_pages(fd)
+        sampled = weightlift.probes.sampled_resident_bytes(fd)
+    finally:
+        os.close(fd)
+    assert np.array_equal(pages, resident)
+    assert sampled == calm > 0
+    assert flaky.refused == 2 * flaky.passed and flaky.passed == 1 + 64  # one map, 64 windows
+
+
+def test_a_mincore_that_keeps_refusing_gives_up_and_the_load_still_works(
+        half_evicted: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = half_evicted
+    flaky = FlakyMincore(monkeypatch, errno.EAGAIN, times=None)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match=f"gave up after {retry.ATTEMPTS} attempts"):
+            weightlift.probes.sampled_resident_bytes(fd)
+    finally:
+        os.close(fd)
+    assert flaky.refused == retry.ATTEMPTS and flaky.passed == 0
+    reports: list[weightlift.LoadReport] = []
+    assert_same(weightlift.load(path, on_report=reports.append), load_file(path))
+    assert reports[0].reason.startswith("0% of the checkpoint is in the page cache"), \
+        "unknown residency counts as cold"

@@ -1,12 +1,15 @@
-"""Index and path safety at every entry point: an index naming a shard outside the checkpoint
-directory (``..``, an absolute path, a symlinked file or directory) is refused by ``load``,
-``stream``, ``open`` and the ``weightlift info`` / ``load`` commands alike, before any
-tensor is read; a symlink that stays inside is fine."""
+"""Index and path safety at every entry point: an index whose shard *name* leaves the checkpoint
+directory (``..``, an absolute path, backslashes) is refused by ``load``, ``stream``, ``open``
+and the ``weightlift info`` / ``load`` commands alike, before any tensor is read. A symlink the
+directory itself holds is part of the checkpoint and is followed wherever it points (a file or
+a directory, inside or out: model stores and caches are built of them), as vLLM's and
+transformers' loaders follow it."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,13 +17,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import weightlift
 from conftest import assert_same
 from test_faults import no_leaks
 from weightlift.cli import main
-from weightlift.errors import CheckpointError, WeightliftError
+from weightlift.errors import CheckpointError, CheckpointWarning, WeightliftError
 
 INDEX = "model.safetensors.index.json"
 
@@ -72,8 +75,10 @@ def escape(directory: Path, outside: Path, how: str) -> str:
     raise ValueError(how)
 
 
-ESCAPES = ["dotdot", "dotdot-inside-a-path", "backslashes", "absolute", "symlinked-file",
-           "symlinked-directory"]
+#: Names that climb out by themselves: refused.
+ESCAPES = ["dotdot", "dotdot-inside-a-path", "backslashes", "absolute"]
+#: Names inside the directory that lead out through a symlink it holds: followed.
+SYMLINKS = ["symlinked-file", "symlinked-directory"]
 
 
 def _stream(source: Path) -> object:
@@ -123,6 +128,25 @@ def test_an_escaping_shard_is_refused_by_the_cli(layout: tuple[Path, Path, dict]
     assert str(index) in err and repr(name) in err
 
 
+@pytest.mark.parametrize("via", ["directory", "index"])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("how", SYMLINKS)
+def test_a_symlink_the_directory_holds_is_followed_wherever_it_points(
+        layout: tuple[Path, Path, dict], how: str, entry: str, via: str) -> None:
+    directory, outside, tensors = layout
+    name = escape(directory, outside, how)
+    index = write_index(directory, {"a": "model-1.safetensors", "b": "model-1.safetensors",
+                                    "c": "model-2.safetensors", "stolen": name})
+    source = directory if via == "directory" else index
+    expected = tensors | load_file(outside)
+    with no_leaks():
+        loaded = ENTRY_POINTS[entry](source)
+    if entry == "open":
+        assert_same({"stolen": loaded}, {"stolen": expected["stolen"]})  # type: ignore[dict-item]
+    else:
+        assert_same(dict(loaded), expected)  # type: ignore[call-overload]
+
+
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_a_symlink_that_stays_inside_is_followed(layout: tuple[Path, Path, dict],
                                                  entry: str) -> None:
@@ -166,12 +190,32 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+#: The directory's own ways out: symlinks it holds, which lead to the tensor that lives outside.
+LINKS_OUT = {"link.safetensors", "elsewhere"}
+
+
+def through_a_link_out(name: str) -> bool:
+    """Does ``name`` reach outside only by a symlink the directory holds: a relative name, no
+    ``..``, whose first step is one of ``LINKS_OUT``?"""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return (not name.startswith(("/", "\\")) and "\\" not in name and ".." not in parts
+            and bool(parts) and parts[0] in LINKS_OUT)
+
+
 @settings(max_examples=int(os.environ.get("WEIGHTLIFT_FUZZ_EXAMPLES", "150")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=shard_names)
 def test_no_shard_name_reaches_a_file_outside(playground: Path, name: str) -> None:
-    """Whatever the index names, the tensor that lives only outside is never loaded: the index
-    is refused (the name escapes, or names a shard without that tensor)."""
+    """Whatever the index names, the tensor that lives only outside loads only through a
+    symlink the directory holds: the index is refused (the name escapes, is no file, or holds
+    ``a`` a second time), or the checkpoint loads, with ``stolen`` only by such a name (else
+    an index entry no shard stores: warned, not loaded)."""
     write_index(playground, {"a": "model-1.safetensors", "stolen": name})
-    with pytest.raises(WeightliftError):
-        weightlift.load(playground)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            state = weightlift.load(playground)
+    except WeightliftError:
+        return
+    assert ("stolen" in state) == through_a_link_out(name), name
+    assert sorted(state) == sorted({"a"} | ({"stolen"} if "stolen" in state else set()))

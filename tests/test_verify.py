@@ -7,9 +7,13 @@ with the safetensors package's own load_file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import json
+import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,3 +239,92 @@ def test_the_bench_sha256_row_verifies_with_digests_computed_before(files: Path)
             list(LOADERS[VERIFIED].run(job))
     finally:
         sums.unlink()
+
+
+@pytest.mark.parametrize("verify, message", [
+    ({}, "verify={} names no file, so it would check nothing"),
+    ("", "verify='' names no digest file"),
+])
+@pytest.mark.parametrize("entry", ["load", "stream", "open"])
+def test_an_empty_verify_is_refused_before_anything_is_opened(files: Path, verify: object,
+                                                              message: str, entry: str) -> None:
+    """An empty verify would check nothing: refused, by every entry point, before the source
+    is even resolved (a missing path is not what the error is about)."""
+    calls = {
+        "load": lambda source: weightlift.load(source, verify=verify),
+        "stream": lambda source: next(weightlift.stream(source, verify=verify)),
+        "open": lambda source: weightlift.open(source, verify=verify),
+    }
+    for source in (files, files / "no-such-file.safetensors"):
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            calls[entry](source)
+
+
+def test_a_bad_verify_is_refused_before_anything_is_opened(files: Path, tmp_path: Path) -> None:
+    missing = files / "no-such-file.safetensors"
+    with pytest.raises(CheckpointError, match="'abc' is not 64 hex digits"):
+        weightlift.load(missing, verify={"a.safetensors": "abc"})
+    with pytest.raises(TypeError, match="verify maps 'a.safetensors' to 3"):
+        weightlift.load(missing, verify={"a.safetensors": 3})
+    with pytest.raises(CheckpointError, match="cannot read the digest file"):
+        weightlift.load(missing, verify=str(tmp_path / "SHA256SUMS"))
+
+
+@pytest.mark.parametrize("code", [errno.EINTR, errno.EAGAIN])
+def test_the_verifiers_own_reads_ask_again_after_a_transient_error(
+        files: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Bytes no tensor covers (each header) the verifier reads itself, through the read path's
+    seam: answered ``code`` twice at each offset and then only half of what is asked, it asks
+    again and continues (io/retry.py), and the digests match."""
+    import weightlift.io.base as io_base
+
+    preadv = io_base.preadv
+    answers: Counter[int] = Counter()
+
+    def flaky(fd: int, buffers: list[memoryview], offset: int) -> int:
+        answers[offset] += 1
+        if answers[offset] <= 2:
+            raise OSError(code, os.strerror(code))
+        return preadv(fd, [buffers[0][:max(1, len(buffers[0]) // 2)]], offset)
+
+    monkeypatch.setattr(io_base, "preadv", flaky)
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files.glob("*.safetensors")}
+    assert_same(weightlift.load(files, verify=sums, strategy="mmap"), reference(files))
+    assert answers[0] >= 3, "the headers were not read through the seam"
+    assert len(answers) > 2, "no read was continued after a short one"
+
+
+def test_a_whole_load_verifies_every_file_even_one_it_reads_no_tensor_from(
+        tmp_path: Path) -> None:
+    """A tensor stored twice loads from the last file; the first file, whose only tensor that
+    is, is still verified."""
+    save_file({"shared": torch.zeros(4)}, tmp_path / "a.safetensors")
+    save_file({"shared": torch.ones(4), "y": torch.ones(2)}, tmp_path / "b.safetensors")
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in tmp_path.glob("*.safetensors")}
+    with pytest.warns(weightlift.CheckpointWarning, match="'shared' from b.safetensors"):
+        assert torch.equal(weightlift.load(tmp_path, verify=sums)["shared"], torch.ones(4))
+    with pytest.warns(weightlift.CheckpointWarning), \
+            pytest.raises(IntegrityError, match="a.safetensors: SHA-256 mismatch"):
+        weightlift.load(tmp_path, verify=dict(sums, **{"a.safetensors": "0" * 64}))
+
+
+def test_cli_verify_checks_a_file_whose_tensors_all_load_from_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_file({"shared": torch.zeros(4)}, tmp_path / "a.safetensors")
+    save_file({"shared": torch.ones(4), "y": torch.ones(2)}, tmp_path / "b.safetensors")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                            for p in sorted(tmp_path.glob("*.safetensors"))))
+    with pytest.warns(weightlift.CheckpointWarning):
+        assert main(["verify", str(tmp_path), "--sums", str(sums)]) == 0
+    out = capsys.readouterr().out
+    assert "a.safetensors: OK" in out and "b.safetensors: OK" in out
+    data = bytearray((tmp_path / "a.safetensors").read_bytes())
+    data[-1] ^= 0x01  # in the tensor's bytes
+    (tmp_path / "a.safetensors").write_bytes(bytes(data))
+    with pytest.warns(weightlift.CheckpointWarning):
+        assert main(["verify", str(tmp_path), "--sums", str(sums)]) == 1
+    out = capsys.readouterr().out
+    assert "a.safetensors: FAILED" in out and "b.safetensors: OK" in out

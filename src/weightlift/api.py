@@ -27,7 +27,7 @@ from .remote import StorageOptions, as_remote
 from .report import LoadReport, Monitor
 from .sources import Source, resolve
 from .sources.records import Layout, iter_entries
-from .verify import Verify, make_verifier
+from .verify import Verify, check_verify, make_verifier
 
 Device = str | torch.device
 DType = torch.dtype | str | None
@@ -105,10 +105,11 @@ class Checkpoint:
 
     def __init__(self, source: Source, verify: Verify | None = None,
                  storage_options: StorageOptions | None = None) -> None:
+        check_verify(verify)
         self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
         self._choices: dict[tuple[str, bool], Choice] = {}
         self._pinned = False
-        if verify is not None and verify is not False:
+        if verify:  # checked above: None, False, or something to check
             try:  # one streamed pass, bounded by the budget, before any tensor is handed out
                 for _ in run_load(self.layout, keys=None, device="cpu", strategy="auto",
                                   dtype=None, streaming=True, verify=verify):
@@ -210,6 +211,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    check_verify(verify)
     owned = not isinstance(source, Layout)
     layout = resolve(source) if owned else source
     try:
@@ -231,6 +233,8 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                             else layout.root, device=str(target), strategy=choice.strategy,
                             reason=choice.reason, budget=budget, tensors=len(entries), bytes=total)
         report.fallbacks.extend(layout.notes)  # e.g. files re-opened under a low descriptor limit
+        report.missing.extend(layout.missing)
+        report.notes.extend(layout.accepted)
         sink = make_sink(target, to_dtype, destinations) if copying else None
         if sink is not None:
             sink.keep_slots = keep_pinned
@@ -243,7 +247,7 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         started = time.perf_counter()
         verifier = None
         try:
-            verifier = make_verifier(layout, entries, verify)
+            verifier = make_verifier(layout, entries, verify, every_file=keys is None)
             runner, fallback = make_engine(engine, reader)
             report.engine = runner.name
             if fallback is not None:

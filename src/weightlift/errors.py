@@ -30,7 +30,13 @@ class FormatError(WeightliftError):
 
 
 class CheckpointError(WeightliftError):
-    """The checkpoint layout is wrong: index file, missing or escaping shards, duplicate tensors."""
+    """The checkpoint layout is wrong: index file, missing or escaping shards, duplicate files."""
+
+
+class CheckpointWarning(UserWarning):
+    """The checkpoint's index and files disagree in a way loaders accept (a tensor the index
+    lists that no file stores, a tensor stored twice); the load goes on and its ``LoadReport``
+    lists what happened (``missing``, ``notes``)."""
 
 
 class ReadError(WeightliftError):

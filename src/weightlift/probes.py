@@ -20,6 +20,8 @@ from types import TracebackType
 
 import numpy as np
 
+from .errors import ReadError
+
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 
 # Kernel limits at or above this mean "no limit" (v1 reports PAGE_COUNTER_MAX * page size).
@@ -67,9 +69,7 @@ def resident_pages(fd: int) -> np.ndarray:
         raise OSError(err, f"mmap failed: {os.strerror(err)}")
     try:
         vec = np.zeros((size + PAGE_SIZE - 1) // PAGE_SIZE, dtype=np.uint8)
-        if _LIBC.mincore(addr, size, vec.ctypes.data) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mincore failed: {os.strerror(err)}")
+        _residency(addr, 0, size, vec.ctypes.data)
     finally:
         _LIBC.munmap(addr, size)
     return (vec & 1).astype(bool)
@@ -94,18 +94,44 @@ def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> in
         raise OSError(err, f"mmap failed: {os.strerror(err)}")
     windows = max(1, samples // window)
     flags = (ctypes.c_ubyte * window)()
-    mincore = _LIBC.mincore
+    vector = ctypes.addressof(flags)
     hits = 0
     try:
         for i in range(windows):
             page = i * (pages - window) // max(1, windows - 1)
-            if mincore(addr + page * PAGE_SIZE, window * PAGE_SIZE, flags) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore failed: {os.strerror(err)}")
+            _residency(addr, page * PAGE_SIZE, window * PAGE_SIZE, vector)
             hits += sum(flag & 1 for flag in bytes(flags))
     finally:
         _LIBC.munmap(addr, size)
     return size * hits // (windows * window)
+
+
+def mincore(address: int, length: int, vector: int) -> None:
+    """``mincore(2)``, raising OSError; every residency probe goes through it, looked up at call
+    time, so tests can answer EAGAIN or EINTR as the kernel may."""
+    if _LIBC.mincore(address, length, vector) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mincore failed: {os.strerror(code)}")
+
+
+def _residency(mapping: int, offset: int, length: int, vector: int) -> None:
+    """``mincore`` of ``[offset, offset + length)`` of a mapping, asked again as a read is
+    (``io/retry.py``) while the kernel answers EAGAIN (short of memory for the moment) or
+    EINTR; any other error, or ``retry.ATTEMPTS`` such answers in a row, raises OSError (and
+    the caller counts the file as not cached)."""
+    from .io import retry  # at call time: the io package imports this module
+
+    attempts = retry.Attempts()
+    while True:
+        try:
+            return mincore(mapping + offset, length, vector)
+        except OSError as exc:
+            if not retry.transient(exc.errno):
+                raise
+            try:
+                time.sleep(attempts.failed(exc.errno, "mincore", length, offset, None))
+            except ReadError as gave_up:
+                raise OSError(exc.errno, str(gave_up)) from None
 
 
 def resident_bytes(path: str | os.PathLike[str]) -> int:

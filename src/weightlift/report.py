@@ -27,6 +27,12 @@ class LoadReport:
     reason: str
     budget: int
     fallbacks: list[str] = field(default_factory=list)
+    #: Tensors the checkpoint's index lists that no file stores: not loaded (as vLLM's and
+    #: transformers' loaders skip them; a ``CheckpointWarning`` says so too).
+    missing: list[str] = field(default_factory=list)
+    #: What was accepted of an index and files that disagree (those missing tensors, a tensor
+    #: stored in two files and which copy loaded, ...), each also a ``CheckpointWarning``.
+    notes: list[str] = field(default_factory=list)
     #: How reads were submitted: "threads" (a pool of blocking reads) or "uring" (io_uring).
     engine: str = "threads"
     tensors: int = 0

@@ -28,13 +28,15 @@ import os
 import queue
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
 
 import torch
 
-from .errors import CheckpointError, IntegrityError, ReadError
+from .errors import CheckpointError, IntegrityError
+from .io.base import pread_into
 from .sources.records import Entry, Layout, Shard
 
 #: ``verify=`` of the public API: True (HF cache digests), {name: hex}, or a sha256sum file.
@@ -73,16 +75,44 @@ def read_sums(path: str | os.PathLike) -> dict[str, str]:
     return sums
 
 
+def check_verify(verify: Verify | None) -> None:
+    """Refuse a ``verify=`` that cannot check anything, before any read: an empty mapping or
+    path (which would silently check nothing; ``ValueError``), a digest that is no SHA-256 or
+    a digest file that cannot be read or parsed (``CheckpointError``), another type
+    (``TypeError``). None and False: no verification."""
+    if verify is None or isinstance(verify, bool):
+        return
+    if isinstance(verify, (str, os.PathLike)):
+        if not os.fspath(verify):
+            raise ValueError("verify='' names no digest file: pass True (the digests of a "
+                             "Hugging Face cache), {file name: sha256} or the path of a "
+                             "sha256sum file")
+        read_sums(verify)
+        return
+    if not isinstance(verify, Mapping):
+        raise TypeError(f"verify must be True, a mapping of file name to SHA-256, or the path of "
+                        f"a sha256sum file, not {type(verify).__name__}")
+    if not verify:
+        raise ValueError("verify={} names no file, so it would check nothing: pass "
+                         "{file name: sha256}, True (the digests of a Hugging Face cache) or "
+                         "the path of a sha256sum file")
+    for name, digest in verify.items():
+        if not isinstance(name, (str, os.PathLike)) or not isinstance(digest, str):
+            raise TypeError(f"verify maps {name!r} to {digest!r}: expected a file name and the "
+                            "hex digest of its SHA-256")
+        if not DIGEST.fullmatch(digest.lower()):
+            raise CheckpointError(f"expected digest {digest[:80]!r} is not 64 hex digits of a "
+                                  "SHA-256", path=name)
+
+
 def expected_digests(layout: Layout, verify: Verify, shards: Iterable[int]) -> dict[int, str]:
     """The expected digest of each of ``shards`` (positions in ``layout.shards``)."""
+    check_verify(verify)
     given: Mapping[str, str] | None = None
     if isinstance(verify, (str, os.PathLike)):
         given = read_sums(verify)
     elif isinstance(verify, Mapping):
         given = verify
-    elif verify is not True:
-        raise TypeError(f"verify must be True, a mapping of file name to SHA-256, or the path of "
-                        f"a sha256sum file, not {type(verify).__name__}")
     out: dict[int, str] = {}
     missing: list[str] = []
     for index in shards:
@@ -91,10 +121,7 @@ def expected_digests(layout: Layout, verify: Verify, shards: Iterable[int]) -> d
         if digest is None:
             missing.append(shard.path)
             continue
-        if not DIGEST.fullmatch(digest.lower()):
-            raise CheckpointError(f"expected digest {digest[:80]!r} is not 64 hex digits of a "
-                                  "SHA-256", path=shard.path)
-        out[index] = digest.lower()
+        out[index] = digest.lower()  # a SHA-256: checked by check_verify, or a blob's name
     if missing:
         where = ("is not a file of a Hugging Face cache snapshot (no blob named by its SHA-256)"
                  if given is None else "has no digest in the ones given")
@@ -113,18 +140,22 @@ def _lookup(given: Mapping[str, str], shard: Shard, root: str) -> str | None:
     return None
 
 
-def whole_shards(layout: Layout, entries: Iterable[Entry]) -> list[int]:
-    """The shards ``entries`` cover; refuses a shard of which only some tensors are selected."""
-    chosen: dict[int, int] = {}
-    for entry in entries:
-        chosen[entry.shard] = chosen.get(entry.shard, 0) + 1
+def whole_shards(layout: Layout, entries: Iterable[Entry], every_file: bool = False
+                 ) -> list[int]:
+    """The shards ``entries`` cover (``every_file``: every shard, for a load of the whole
+    checkpoint); refuses a shard of which only some tensors are selected."""
+    chosen = Counter(entry.shard for entry in entries)
+    # What a full load takes from each file: all its tensors, but for copies loaded from another.
+    held = Counter(entry.shard for entry in layout.entries.values())
     for index, count in chosen.items():
         shard = layout.shards[index]
-        if count != len(shard.header.tensors):
+        if count != held[index]:
             raise CheckpointError(f"verification hashes whole files, but only {count} of the "
-                                  f"{len(shard.header.tensors)} tensors of this file are loaded; "
+                                  f"{held[index]} tensors of this file are loaded; "
                                   "load all of them, or check the files with `weightlift verify`",
                                   path=shard.path)
+    if every_file:  # also a file whose tensors all load from copies in other files
+        return list(range(len(layout.shards)))
     return sorted(chosen)
 
 
@@ -238,14 +269,9 @@ class Verifier:
             return
         with s.opened() as fd:
             while self.position[shard] < until:
-                want = min(FILL, until - self.position[shard])
-                try:
-                    data = os.pread(fd, want, self.position[shard])
-                except OSError as exc:
-                    raise ReadError(f"read for verification failed: {exc.strerror}",
-                                    path=s.path) from exc
-                if not data:
-                    raise ReadError("file ended while it was being verified", path=s.path)
+                data = bytearray(min(FILL, until - self.position[shard]))
+                # Short reads continued, EINTR/EAGAIN asked again (io/retry.py), as every read.
+                pread_into(fd, memoryview(data), self.position[shard], s.path)
                 self.hashes[shard].update(data)
                 self.position[shard] += len(data)
 
@@ -263,9 +289,10 @@ class Verifier:
             raise self.error
 
 
-def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | None
-                  ) -> Verifier | None:
-    """A ``Verifier`` for the files ``entries`` cover, or None when ``verify`` is off."""
+def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | None,
+                  every_file: bool = False) -> Verifier | None:
+    """A ``Verifier`` for the files ``entries`` cover (``every_file``: all of them, for a load
+    of the whole checkpoint), or None when ``verify`` is off."""
     if verify is None or verify is False:
         return None
     remote = [shard.path for shard in layout.shards if shard.remote]
@@ -274,8 +301,9 @@ def make_verifier(layout: Layout, entries: Iterable[Entry], verify: Verify | Non
                               "not support object-storage sources yet (an ETag is no SHA-256): "
                               "download the files, or load without verify=", path=remote[0])
     entries = list(entries)
-    return Verifier(layout, expected_digests(layout, verify, whole_shards(layout, entries)))
+    return Verifier(layout, expected_digests(layout, verify,
+                                             whole_shards(layout, entries, every_file)))
 
 
-__all__ = ["Verifier", "Verify", "expected_digests", "hub_digest", "make_verifier", "read_sums",
+__all__ = ["Verifier", "Verify", "check_verify", "expected_digests", "hub_digest", "make_verifier", "read_sums",
            "whole_shards"]

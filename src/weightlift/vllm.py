@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -38,8 +39,11 @@ import torch
 import torch.distributed as dist
 
 from . import api
+from .budget import MINIMUM, resolve_budget
 from .distributed import PlanFn, RankFailed, load_sharded
+from .errors import CheckpointWarning, WeightliftError
 from .report import LoadReport
+from .verify import check_verify
 
 LOAD_FORMAT = "weightlift"
 #: The strategies a user may ask for. The default reads into a ring of buffers: ``direct``
@@ -87,11 +91,20 @@ class Options:
         return options
 
     def check(self) -> None:
+        """Every option, as ``weightlift.stream`` would check it, before any file is read: the
+        errors name the key, the value and what is valid."""
         budget = self.max_host_memory
+        valid = (f"a number of bytes of at least {MINIMUM} ({MINIMUM >> 20} MiB) or a size such "
+                 "as '512MB'")
         if budget is not None and (isinstance(budget, bool)
                                    or not isinstance(budget, (int, str))):
-            raise ValueError(f"weightlift: max_host_memory must be a number of bytes or a size "
-                             f"such as '512MB', got {budget!r}")
+            raise ValueError(f"weightlift: max_host_memory must be {valid}, got {budget!r}")
+        if budget is not None:
+            try:
+                resolve_budget(budget)
+            except ValueError as exc:
+                raise ValueError(f"weightlift: max_host_memory={budget!r} is not {valid}: "
+                                 f"{exc}") from None
         if self.strategy not in STRATEGIES:
             raise ValueError(f"weightlift: unknown strategy {self.strategy!r}; choose one of "
                              f"{', '.join(STRATEGIES)}")
@@ -101,6 +114,12 @@ class Options:
         if not isinstance(self.verify, (bool, str, Mapping)):
             raise ValueError(f"weightlift: verify must be true, the path of a sha256sum file or "
                              f"{{file: sha256}}, got {self.verify!r}")
+        try:
+            check_verify(self.verify)
+        except (ValueError, TypeError) as exc:  # the message names verify and its value
+            raise ValueError(f"weightlift: {exc}") from None
+        except WeightliftError as exc:  # a digest file or digest: the message names it
+            raise ValueError(f"weightlift: verify={self.verify!r}: {exc}") from None
         if not isinstance(self.report, bool):
             raise ValueError(f"weightlift: report must be true or false, got {self.report!r}")
 
@@ -174,7 +193,7 @@ def read_weights(files: list[str], options: Options, wanted: Callable[[str], boo
         return
     verify = options.verify or None
     if verify is not None and keys is not None:
-        _verify(files, verify)  # weightlift verifies whole files only: do it before
+        _verify(files, options)  # weightlift verifies whole files only: do it before
         verify = None
     yield from api.stream(files, keys=keys, strategy=options.strategy,
                                  max_host_memory=options.max_host_memory, engine=options.engine,
@@ -192,7 +211,7 @@ def collective(files: list[str], keys: list[str] | None, options: Options, group
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if options.verify:
-        _verify_together(files, options.verify, group, rank, world)
+        _verify_together(files, options, group, rank, world)
     with api.open(files) as checkpoint:
         sizes = [(name, checkpoint.info(name).nbytes)
                  for name in (keys if keys is not None else checkpoint.keys())]
@@ -224,11 +243,12 @@ def _tensor_parallel_group() -> Any:
     return get_tp_group().cpu_group
 
 
-def _verify_together(files: list[str], verify: Any, group: Any, rank: int, world: int) -> None:
+def _verify_together(files: list[str], options: Options, group: Any, rank: int, world: int
+                     ) -> None:
     """Each rank checks the SHA-256 of its share of the files; if any fails, all raise."""
     error: Exception | None = None
     try:
-        _verify(files[rank::world], verify)
+        _verify(files[rank::world], options)
     except Exception as exc:  # noqa: BLE001 - every rank must reach the all_gather
         error = exc
     failures: list[str | None] = [None] * world
@@ -247,13 +267,27 @@ def check_index(model: str, subfolder: str | None, patterns: list[str] | None) -
     Only where vLLM filters by the index (no model-specific file patterns)."""
     index = os.path.join(model, subfolder or "", INDEX)
     if patterns is None and os.path.isfile(index):
-        api.open(index).close()  # headers only
+        with warnings.catch_warnings():
+            # What the index says of a tensor stored twice is not vLLM's rule (the last file's
+            # copy), which the load of the files follows; tensors it lists that no shard
+            # stores are said here.
+            warnings.simplefilter("ignore", CheckpointWarning)
+            with api.open(index) as checkpoint:  # headers only
+                missing = sorted(checkpoint.layout.missing)
+        if missing:
+            logger.warning("weightlift: %s lists %d tensor(s) that no shard stores (%s); they "
+                           "are not loaded, as with load_format='safetensors'", index,
+                           len(missing), ", ".join(missing[:5]))
 
 
-def _verify(files: list[str], verify: Any) -> None:
-    """Check whole files' SHA-256 (one streamed pass within the budget); raise on a mismatch."""
+def _verify(files: list[str], options: Options) -> None:
+    """Check whole files' SHA-256 in one streamed pass with the load's strategy, engine and
+    budget (the tensors are dropped as they come); raise on a mismatch."""
     if files:
-        api.open(files, verify=verify).close()
+        for _ in api.stream(files, verify=options.verify, strategy=options.strategy,
+                            max_host_memory=options.max_host_memory, engine=options.engine,
+                            on_report=_log_verified if options.report else None):
+            pass
 
 
 def _whole(names: set[str]) -> PlanFn:
@@ -279,6 +313,12 @@ def _natural(path: str) -> list[int | str]:
     """model-00002-of-00010 before model-00010-of-00010."""
     return [int(part) if part.isdigit() else part
             for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def _log_verified(report: LoadReport) -> None:
+    logger.info("weightlift: verified the SHA-256 of %s: %.1f MB in %.2f s, strategy %s (%s), "
+                "engine %s, budget %d MiB", report.source, report.bytes / 1e6, report.seconds,
+                report.strategy, report.reason, report.engine, report.budget >> 20)
 
 
 def _log_report(report: LoadReport) -> None:

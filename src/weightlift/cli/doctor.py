@@ -1,9 +1,11 @@
 """``weightlift doctor [SOURCE]``: what this machine offers a load, and what ``auto`` would do.
 
 Everything a slow or killed load usually comes down to, in one place: memory (available, swap,
-cgroup limit), the memlock limit that caps pinned memory, accelerators, and for SOURCE its file
-system, whether O_DIRECT works there, how much of it is already in the page cache, and the
-strategy ``auto`` would pick with its reason, and whether io_uring works here (and why not). ``collect`` gathers, ``render`` prints.
+cgroup limit), the memlock limit that caps pinned memory, the descriptor limit (``ulimit -n``) and
+what a load does under it, accelerators, whether io_uring works here (and why not), and for
+SOURCE its file system, whether O_DIRECT works there, how much of it is already in the page
+cache, and the strategy ``auto`` would pick with its reason. ``collect`` gathers, ``render``
+prints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from .. import probes
 from ..io import uring
 from ..io.auto import choose, gather
 from ..sources import resolve
+from ..sources.descriptors import (MIN_CAPACITY, PER_SHARD, advice, headroom, open_count,
+                                   wanted_limit)
 from ..units import format_bytes
 from .output import console as stdout, label
 
@@ -48,14 +52,62 @@ def run(args: argparse.Namespace) -> int:
 def collect(source: str | None = None) -> dict[str, Any]:
     """The doctor's findings as plain data (what ``--json`` prints)."""
     report: dict[str, Any] = {"system": system(), "accelerators": accelerators()}
-    if source is not None:
+    if source is not None:  # limits as found: resolving may raise the soft one, as a load does
         report["source"] = checkpoint(source, report["accelerators"]["cuda"])
+        if report["source"]["local"]:
+            nofile = report["system"]
+            report["source"]["descriptors"] = descriptors(
+                report["source"]["files"], nofile["nofile_soft"], nofile["nofile_hard"],
+                nofile["open_descriptors"])
     return report
+
+
+def _limit(value: int) -> int | None:
+    """RLIM_INFINITY (-1) → None: no limit."""
+    return None if value == resource.RLIM_INFINITY else value
+
+
+def files_open(limit: int | None, others: int) -> int | None:
+    """Files a load keeps open at once under a soft descriptor limit of ``limit`` (None: no
+    bound), with ``others`` descriptors open besides."""
+    if limit is None:
+        return None
+    return max(0, (limit - others - headroom(limit)) // PER_SHARD)
+
+
+def descriptors(files: int, soft: int | None, hard: int | None, others: int
+                ) -> dict[str, Any]:
+    """What a load of ``files`` local files does under this descriptor limit (as
+    ``sources.descriptors.reserve`` decides it): ``action`` is ``open`` (every file stays open),
+    ``raise`` (the soft limit is raised to ``soft_limit``), ``pool`` (files share ``capacity``
+    descriptors, closed and re-opened as needed) or ``refuse`` (too low even for one file)."""
+    wanted = wanted_limit(files, 0, others)
+    limit = soft if soft is None or soft >= wanted else (
+        wanted if hard is None else max(soft, min(wanted, hard)))
+    capacity = None if limit is None else limit - others - headroom(limit)
+    if capacity is not None and capacity < MIN_CAPACITY:
+        action = "refuse"
+        note = f"too low to load it; {advice(wanted)}"
+    elif capacity is not None and capacity < PER_SHARD * files:
+        action = "pool"
+        raised = f"a load raises the soft limit to {limit}; " if limit != soft else ""
+        note = (f"{raised}the files share {capacity} descriptors and are re-opened during a "
+                f"load; to keep them open, {advice(wanted)}")
+    elif limit != soft:
+        action = "raise"
+        note = (f"a load raises the soft limit from {soft} to {limit} (the hard limit "
+                "allows it) and keeps every file open")
+    else:
+        action, note = "open", "every file stays open during a load"
+    return {"action": action, "soft_limit": limit, "wanted": wanted, "capacity": capacity,
+            "note": note}
 
 
 def system() -> dict[str, Any]:
     info = probes.meminfo()
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    nofile_soft, nofile_hard = map(_limit, resource.getrlimit(resource.RLIMIT_NOFILE))
+    others = open_count()
     return {
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -67,6 +119,14 @@ def system() -> dict[str, Any]:
         # RLIM_INFINITY (-1) → None: no limit on pinned (page-locked) memory.
         "memlock_soft": None if soft == resource.RLIM_INFINITY else soft,
         "memlock_hard": None if hard == resource.RLIM_INFINITY else hard,
+        # The descriptor limit (None: unlimited), descriptors open now, and how many files a
+        # load keeps open at once under the soft limit, and under the hard one once a load
+        # raised the soft limit to it (None: no bound); beyond, files share descriptors.
+        "nofile_soft": nofile_soft,
+        "nofile_hard": nofile_hard,
+        "open_descriptors": others,
+        "files_open_soft": files_open(nofile_soft, others),
+        "files_open_hard": files_open(nofile_hard, others),
         # None when an io_uring can be set up here, else why not (loads then use threads).
         "io_uring_refused": uring.probe(),
     }
@@ -98,6 +158,7 @@ def checkpoint(source: str, cuda: bool) -> dict[str, Any]:
         where = "object storage" if layout.shards[0].remote else probes.file_system(first)
         return {
             "path": layout.index_path or first,
+            "local": not layout.shards[0].remote,
             "files": len(layout.shards),
             "tensors": len(layout.entries),
             "bytes": layout.total_bytes,
@@ -144,6 +205,8 @@ def render(report: dict[str, Any]) -> None:
         note = "[yellow]pinned host buffers may fail above this; raise `ulimit -l`[/]"
     table.add_row("memlock (ulimit -l)", "unlimited" if memlock is None else
                   format_bytes(memlock), note)
+    table.add_row("descriptors (ulimit -n)", f"soft {_shown(sys_['nofile_soft'])}, hard "
+                  f"{_shown(sys_['nofile_hard'])}", _descriptor_note(sys_))
     refused = sys_["io_uring_refused"]
     table.add_row("io_uring", "works" if refused is None else "unavailable",
                   "--engine uring reads 64 at a time through one ring" if refused is None
@@ -157,6 +220,25 @@ def render(report: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _shown(limit: int | None) -> str:
+    return "unlimited" if limit is None else str(limit)
+
+
+def _descriptor_note(sys_: dict[str, Any]) -> str:
+    at_soft, at_hard = sys_["files_open_soft"], sys_["files_open_hard"]
+    if at_soft is None:
+        return f"{sys_['open_descriptors']} open; no bound on the files a load keeps open"
+    if sys_["nofile_hard"] == sys_["nofile_soft"]:
+        more = "no more under the hard limit"
+    elif at_hard is None:
+        more = "any number once a load raises the soft limit"
+    else:
+        more = f"{at_hard} once a load raises the soft limit to the hard one"
+    return (f"{sys_['open_descriptors']} open; a load keeps {at_soft} files open at once "
+            f"({PER_SHARD} descriptors each), {more}; beyond, files share descriptors and are "
+            "re-opened")
+
+
 def _source_rows(table: Table, src: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("checkpoint", src["path"], f"{src['tensors']} tensors, "
@@ -168,6 +250,11 @@ def _source_rows(table: Table, src: dict[str, Any]) -> None:
                   src["o_direct_refused"] or "")
     table.add_row("page cache", f"{src['residency']:.0%} resident",
                   format_bytes(src["resident_bytes"]))
+    if "descriptors" in src:
+        plan = src["descriptors"]
+        colour = {"pool": "yellow", "refuse": "red"}.get(plan["action"])
+        table.add_row("descriptors", f"{src['files']} file(s): {plan['action']}",
+                      f"[{colour}]{plan['note']}[/]" if colour else plan["note"])
     for device, choice in src["auto"].items():
         note = choice["reason"] + (f" [red]({choice['warning']})[/]" if choice["warning"] else "")
         table.add_row(f"auto → {device}", f"[bold]{choice['strategy']}[/]", note)

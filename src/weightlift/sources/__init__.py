@@ -10,11 +10,13 @@ into a local path) and object storage (``remote``). None imports another; ``reso
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Union
 
 from ..remote import RemoteSource, as_remote, is_remote
-from .hub import resolve_source, trusted_root
+from ..errors import CheckpointWarning
+from .hub import resolve_source
 from .local import resolve_local
 from .records import Layout
 
@@ -22,13 +24,18 @@ Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], RemoteSource
 
 
 def resolve(source: Source) -> Layout:
-    """Turn a user's source into an open, validated ``Layout``."""
+    """Turn a user's source into an open, validated ``Layout``; warn (``CheckpointWarning``)
+    of what was accepted from an index and files that disagree (``Layout.accepted``)."""
     if is_remote(source):
         from .remote import resolve_remote  # imports the object-storage client
 
-        return resolve_remote(as_remote(source))  # type: ignore[arg-type]
-    local = resolve_source(source) or source  # hf://org/name, models--org--name directories
-    return resolve_local(local, trusted_root)  # type: ignore[arg-type]
+        layout = resolve_remote(as_remote(source))  # type: ignore[arg-type]
+    else:
+        local = resolve_source(source) or source  # hf://org/name, models--org--name directories
+        layout = resolve_local(local)  # type: ignore[arg-type]
+    for message in layout.accepted:
+        warnings.warn(message, CheckpointWarning, stacklevel=2)
+    return layout
 
 
 __all__ = ["Source", "resolve"]

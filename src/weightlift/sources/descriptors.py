@@ -78,6 +78,14 @@ class Room:
     note: str | None = None
 
 
+def wanted_limit(files: int, held: int, others: int) -> int:
+    """The soft limit under which ``files`` shards (with ``held`` descriptors of other
+    checkpoints' shards, ``others`` of the rest of the program) all stay open: ``reserve`` raises
+    a lower one toward it."""
+    need = PER_SHARD * files + held
+    return others + need + max(MIN_HEADROOM, (others + need) // 4)
+
+
 def reserve(files: int, held: int, root: str) -> Room:
     """Make room at resolve for ``files`` shards (``held``: descriptors shards of other open
     checkpoints hold now): raise the soft limit where it leaves too few free and the hard one
@@ -85,8 +93,7 @@ def reserve(files: int, held: int, root: str) -> Room:
     shard's descriptors fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     others = max(0, open_count() - held)  # the program's own descriptors, not our shards'
-    need = PER_SHARD * files + held
-    wanted = others + need + max(MIN_HEADROOM, (others + need) // 4)
+    wanted = wanted_limit(files, held, others)
     note = None
     if soft != resource.RLIM_INFINITY and soft < wanted:
         raised = _raise_soft_limit(wanted, soft, hard)

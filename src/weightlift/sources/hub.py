@@ -135,14 +135,5 @@ def resolve_source(source: object) -> Path | None:
     return None
 
 
-def trusted_root(directory: Path) -> Path:
-    """The directory shard symlinks may point into: a snapshot's whole repository (its files
-    link to ``../../blobs``), else ``directory`` itself."""
-    repo = directory.parent.parent
-    if directory.parent.name == "snapshots" and is_repo_dir(repo) and (repo / "blobs").is_dir():
-        return repo
-    return directory
-
-
 __all__ = ["HubReference", "cache_dir", "is_repo_dir", "locate", "parse_reference",
-           "repo_folder", "resolve_source", "snapshot", "trusted_root"]
+           "repo_folder", "resolve_source", "snapshot"]

@@ -25,29 +25,20 @@ from .records import (PLAIN, FileStamp, Layout, Shard, check_index, check_index_
                       check_shard_name, open_shards, parse_index)
 
 LocalSource = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-#: ``directory`` → the directory its shards' symlinks may point into (see ``hub.trusted_root``).
-TrustedRoot = Callable[[Path], Path]
 
 
-def _itself(directory: Path) -> Path:
-    return directory
-
-
-def resolve_local(source: LocalSource, trusted_root: TrustedRoot = _itself) -> Layout:
-    """Open a local file, directory or list of files into a validated ``Layout``.
-
-    ``trusted_root(directory)`` is where an index's shards may lead through symlinks: the
-    directory itself, or more (an HF snapshot's files link into its repository's blobs)."""
+def resolve_local(source: LocalSource) -> Layout:
+    """Open a local file, directory or list of files into a validated ``Layout``."""
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
             raise CheckpointError("the checkpoint path is empty")
         path = Path(source)
         if path.is_dir():
-            return _resolve_dir(path, trusted_root)
+            return _resolve_dir(path)
         if not path.exists():
             raise MissingFileError("no such file or directory", path=path)
         if is_index_name(path.name):
-            return _resolve_index(path, trusted_root)
+            return _resolve_index(path)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
         return _open_local([path], root=str(path.parent), opener=_open_shard)
@@ -65,7 +56,7 @@ def is_index_name(name: str) -> bool:
                                                      name) is not None
 
 
-def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
+def _resolve_dir(directory: Path) -> Layout:
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         preferred = directory / "model.safetensors.index.json"
@@ -75,7 +66,7 @@ def _resolve_dir(directory: Path, trusted_root: TrustedRoot) -> Layout:
                                   path=directory)
         indexes = [preferred]
     if indexes:
-        return _resolve_index(indexes[0], trusted_root)
+        return _resolve_index(indexes[0])
     single = directory / "model.safetensors"
     if single.is_file():
         return _open_local([single], root=str(directory), opener=_open_shard)
@@ -135,28 +126,22 @@ def _read_index(index_path: Path) -> dict[str, Any]:
     return parse_index(raw, index_path)
 
 
-def shard_path(directory: Path, name: Any, index_path: Path,
-               trusted_root: TrustedRoot = _itself) -> Path:
-    """The path of shard ``name`` of an index, refusing anything that leaves ``directory``
-    (or the wider ``trusted_root(directory)``)."""
+def shard_path(directory: Path, name: Any, index_path: Path) -> Path:
+    """The path of shard ``name`` of an index: a name that climbs out of ``directory`` (``..``,
+    an absolute path) is refused; symlinks the directory holds are followed wherever they lead,
+    as every loader does (model stores and the Hugging Face cache are built of them)."""
     check_shard_name(name, index_path)
-    candidate = directory / os.path.normpath(name)  # "./a" and "a" are one shard
-    real_root = os.path.realpath(trusted_root(directory))
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise CheckpointError(f"shard {name!r} resolves to {real}, outside the checkpoint "
-                              f"directory {real_root} (a symlink leaves it)", path=index_path)
-    return candidate
+    return directory / os.path.normpath(name)  # "./a" and "a" are one shard
 
 
-def _resolve_index(index_path: Path, trusted_root: TrustedRoot) -> Layout:
+def _resolve_index(index_path: Path) -> Layout:
     obj = _read_index(index_path)
     directory = index_path.parent
     weight_map: dict[str, Any] = obj["weight_map"]
     shard_names: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or name not in shard_names:  # a list is no dict key
-            shard_names[name] = shard_path(directory, name, index_path, trusted_root)
+            shard_names[name] = shard_path(directory, name, index_path)
     for name, path in shard_names.items():
         if not path.is_file():
             error = CheckpointError if path.exists() else MissingFileError
@@ -210,4 +195,4 @@ def _open_regular(path: str) -> int:
         raise
 
 
-__all__ = ["LocalSource", "TrustedRoot", "is_index_name", "resolve_local", "shard_path"]
+__all__ = ["LocalSource", "is_index_name", "resolve_local", "shard_path"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -184,6 +184,15 @@ class Layout:
         self.index_path = index_path
         #: What resolving did about the descriptor limit (``LoadReport.fallbacks`` shows it).
         self.notes: list[str] = []
+        #: Tensors the index lists that no shard stores → the shard it names (``LoadReport
+        #: .missing``): not loaded; asking for one by name raises.
+        self.missing: dict[str, str] = {}
+        #: Tensors stored in more than one shard → those shards (positions); ``entries`` holds
+        #: the copy that loads.
+        self.copies: dict[str, list[int]] = {}
+        #: What was accepted of a checkpoint its index or files disagree on, as vLLM's and
+        #: transformers' loaders accept it (``LoadReport.notes``; ``resolve`` warns each).
+        self.accepted: list[str] = []
 
     @property
     def total_bytes(self) -> int:
@@ -244,22 +253,45 @@ def check_shard_name(name: Any, index_path: str | os.PathLike[str]) -> str:
 
 def check_index(layout: Layout, obj: dict[str, Any], position: dict[Any, int]) -> Layout:
     """Check ``layout`` (opened from the shards an index names; ``position``: shard name → its
-    place in ``layout.shards``) against the index ``obj``; close it and raise on a mismatch."""
+    place in ``layout.shards``) against the index ``obj``, and take its metadata.
+
+    What vLLM's and transformers' loaders accept is accepted and noted in ``layout.accepted``
+    (``resolve`` warns): a tensor the index lists that no shard stores (not loaded), a tensor
+    stored in another shard than the index says (loaded from where it is), tensors the index
+    does not list (loaded), and a tensor stored twice (the copy the index names loads)."""
     index_path = layout.index_path or layout.root
     weight_map: dict[str, Any] = obj["weight_map"]
     try:
+        misplaced: list[str] = []
+        by_index: set[str] = set()
         for tensor, name in weight_map.items():
             entry = layout.entries.get(tensor)
-            if entry is None or entry.shard != position[name]:
-                found = ("no shard holds it" if entry is None else
-                         f"it is in {os.path.basename(layout.shards[entry.shard].path)!r}")
-                raise CheckpointError(f"index puts tensor {tensor!r} in {name!r}, which does not "
-                                      f"hold it ({found})", path=index_path)
-        extra = sorted(set(layout.entries) - set(weight_map))
-        if extra:
-            count = f"{len(extra)} tensor{'s' if len(extra) > 1 else ''}"
-            raise CheckpointError(f"shards hold {count} the index does not list, e.g. "
-                                  f"{extra[0]!r}", path=index_path)
+            if entry is None:
+                layout.missing[tensor] = name
+                continue
+            named = position[name]
+            if named in layout.copies.get(tensor, ()):
+                layout.entries[tensor] = Entry(named, _info(layout.shards[named], tensor))
+                by_index.add(tensor)
+            elif entry.shard != named:
+                held = os.path.basename(layout.shards[entry.shard].path)
+                misplaced.append(f"{tensor!r} (index: {name!r}, stored in {held!r})")
+        if layout.missing:
+            listed = [f"{t!r} (in {n!r})" for t, n in layout.missing.items()]
+            layout.accepted.append(
+                f"{index_path}: the index lists {_count(listed, 'tensor')} that no shard stores, "
+                f"{_some(listed)}; not loaded (as vLLM's and transformers' loaders skip them: a "
+                "tied weight saved once, or a stale index)")
+        if misplaced:
+            layout.accepted.append(
+                f"{index_path}: the index puts {_count(misplaced, 'tensor')} in a shard that "
+                f"does not hold it, {_some(misplaced)}; each loads from the shard holding it")
+        unlisted = sorted(set(layout.entries) - set(weight_map))
+        if unlisted:
+            layout.accepted.append(
+                f"{index_path}: the shards hold {_count(unlisted, 'tensor')} the index does not "
+                f"list, {_some([repr(t) for t in unlisted])}; they load too")
+        note_copies(layout, by_index)
         index_meta = obj.get("metadata")
         if index_meta is not None:
             layout.metadata = {str(k): v if isinstance(v, str) else json.dumps(v)
@@ -270,10 +302,43 @@ def check_index(layout: Layout, obj: dict[str, Any], position: dict[Any, int]) -
     return layout
 
 
+def note_copies(layout: Layout, by_index: Collection[str] = ()) -> None:
+    """Note in ``layout.accepted`` which copy of each tensor stored twice loads (``by_index``:
+    those the index chose; the others come from the last of their files in load order)."""
+    if not layout.copies:
+        return
+    parts = []
+    for tensor, holders in layout.copies.items():
+        chosen = layout.entries[tensor].shard
+        others = ", ".join(os.path.basename(layout.shards[i].path) for i in holders if i != chosen)
+        rule = "the index names it" if tensor in by_index else "the last of its files"
+        parts.append(f"{tensor!r} from {os.path.basename(layout.shards[chosen].path)} ({rule}; "
+                     f"also in {others})")
+    layout.accepted.append(f"{layout.index_path or layout.root}: "
+                           f"{_count(parts, 'tensor')} stored in more than one file, "
+                           f"{_some(parts)}; one copy of each loads")
+
+
+def _info(shard: Shard, tensor: str) -> TensorInfo:
+    return next(info for info in shard.header.tensors if info.name == tensor)
+
+
+def _count(items: list[str], noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 5 more``."""
+    head = ", ".join(items[:shown])
+    return head if len(items) <= shown else f"{head} and {len(items) - shown} more"
+
+
 def open_shards(paths: Iterable[Any], root: str, opener: Callable[[Any], Shard],
                 index_path: str | None = None) -> Layout:
-    """Open every shard (``opener``: a path or key → ``Shard``) into a ``Layout``; tensors must
-    be unique across shards and no shard may be listed twice."""
+    """Open every shard (``opener``: a path or key → ``Shard``) into a ``Layout``. No file may
+    be listed twice; a tensor stored in several files loads from the last of them (as vLLM's
+    loader, which reads them all in order, ends up with it), unless an index says otherwise
+    (``check_index``)."""
     shards: list[Shard] = []
     entries: dict[str, Entry] = {}
     layout = Layout(root, shards, entries, None, index_path)
@@ -289,12 +354,13 @@ def open_shards(paths: Iterable[Any], root: str, opener: Callable[[Any], Shard],
             seen[identity] = shard.path
             for info in shard.header.tensors:
                 if info.name in entries:
-                    first = shards[entries[info.name].shard].path
-                    raise CheckpointError(f"tensor {info.name!r} is in two files: {first} and "
-                                          f"{shard.path}", path=root)
+                    layout.copies.setdefault(info.name, [entries[info.name].shard])
+                    layout.copies[info.name].append(len(shards) - 1)
                 entries[info.name] = Entry(len(shards) - 1, info)
         if len(shards) == 1:
             layout.metadata = shards[0].header.metadata
+        if index_path is None:
+            note_copies(layout)
     except BaseException:
         layout.close()
         raise
@@ -308,6 +374,10 @@ def iter_entries(layout: Layout, keys: Iterable[str] | None = None) -> Iterator[
     else:
         chosen = []
         for key in dict.fromkeys(keys):
+            if key in layout.missing:
+                raise CheckpointError(f"the index lists tensor {key!r} in "
+                                      f"{layout.missing[key]!r}, but no shard stores it",
+                                      path=layout.index_path or layout.root)
             if key not in layout.entries:
                 raise CheckpointError(f"has no tensor named {key!r}", path=layout.root)
             chosen.append(layout.entries[key])
