@@ -146,6 +146,7 @@ def test_sd_pipeline_equals_diffusers(sd_dir: Path) -> None:
 
 def test_sd_variant_and_dtype_equal_diffusers(sd_dir: Path) -> None:
     assert (sd_dir / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (sd_dir / "text_encoder" / "model.fp16.safetensors").is_file()
     for dtype in (None, torch.float16):
         reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_dir, variant="fp16",
                                                                       torch_dtype=dtype)
@@ -204,15 +205,18 @@ def test_single_model_equals_diffusers(sd_dir: Path) -> None:
         assert_same_tensors(ours, reference)
 
 
-def test_variant_index_under_its_legacy_name(sd_dir: Path, tmp_path: Path) -> None:
-    """``diffusion_pytorch_model.safetensors.fp16.index.json``, which diffusers still finds."""
-    folder = tmp_path / "unet"
-    shutil.copytree(sd_dir / "unet", folder, ignore=shutil.ignore_patterns("*.fp16.*"))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").rename(
-        folder / "diffusion_pytorch_model.safetensors.fp16.index.json")
+def test_sharded_variant_index_and_its_legacy_name(sd_dir: Path, tmp_path: Path) -> None:
+    """``diffusion_pytorch_model.safetensors.index.fp16.json`` and its deprecated name
+    ``diffusion_pytorch_model.safetensors.fp16.index.json``, which diffusers still finds."""
     cls = diffusers.UNet2DConditionModel
-    reference = cls.from_pretrained(folder, variant="fp16")
-    assert_same_tensors(load_model(cls, folder, variant="fp16"), reference)
+    unet = cls.from_pretrained(sd_dir, subfolder="unet").to(torch.float16)
+    unet.save_pretrained(tmp_path / "unet", variant="fp16", max_shard_size="20KB")
+    index = tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    assert index.is_file()
+    for _ in ("current", "legacy"):
+        reference = cls.from_pretrained(tmp_path / "unet", variant="fp16")
+        assert_same_tensors(load_model(cls, tmp_path / "unet", variant="fp16"), reference)
+        index = index.rename(index.with_name("diffusion_pytorch_model.safetensors.fp16.index.json"))
 
 
 def test_keep_in_fp32_modules(tmp_path: Path) -> None:
