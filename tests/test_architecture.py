@@ -35,6 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "place": ("place", "read", "verify"),
     "api": ("api",),
     "integrations": ("load_into", "gguf_families", "compat", "torch", "numpy", "transformers",
+                     "diffusers",
                      "distributed", "vllm"),
     "edge": ("cli", "bench", "__main__", ""),
 }

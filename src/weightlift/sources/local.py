@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ def resolve_local(source: LocalSource, read_ahead: int = 0) -> Layout:
             return _resolve_dir(path)
         if mode is None:
             raise MissingFileError("no such file or directory", path=path)
-        if path.name.endswith(".index.json"):
+        if is_index_name(path.name):
             return _resolve_index(path)
         if path.name.endswith(".gguf"):
             return _resolve_gguf(path)
@@ -61,6 +62,13 @@ def _mode(path: Path) -> int | None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
             return None
         raise
+
+
+def is_index_name(name: str) -> bool:
+    """``*.index.json``, or a variant's index as transformers and diffusers name it
+    (``diffusion_pytorch_model.safetensors.index.fp16.json``)."""
+    return name.endswith(".index.json") or re.search(r"\.safetensors\.index\.[^.]+\.json$",
+                                                     name) is not None
 
 
 def _resolve_dir(directory: Path) -> Layout:
@@ -226,4 +234,4 @@ def _open_regular(path: str) -> int:
         raise
 
 
-__all__ = ["LocalSource", "resolve_local", "shard_path"]
+__all__ = ["LocalSource", "is_index_name", "resolve_local", "shard_path"]
