@@ -198,6 +198,10 @@ def map_window(shard: Shard, start: int, end: int,
         raise ReadError(f"cannot map bytes {start}..{end}: {os.strerror(err)}", path=shard.path)
     memory = (ctypes.c_ubyte * length).from_address(addr)
     weakref.finalize(memory, _unmap, addr, length, unmapped)
+    # No read-ahead from faults here: every page was asked for by its warmer, and a fault on a
+    # page an earlier buffered read marked (the header's) would read the next window's pages
+    # ahead of their warmer, who would then take them for cached before the load.
+    base.madvise(addr, length, mmap.MADV_RANDOM)
     _populate(shard, addr, lo, length)
     return torch.frombuffer(memory, dtype=torch.uint8)[start - lo:]
 
