@@ -30,8 +30,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,9 +38,9 @@ import numpy as np
 import torch
 
 from ..errors import ReadError
-from ..io import base, retry
+from ..io import base
 from ..io.base import PAGE
-from ..io.mapped import MADV_POPULATE_READ
+from ..io.window import Window as FileWindow
 from ..place import as_tensor
 from ..probes import LIBC
 from ..sources.records import PLAIN, Entry, Layout, Shard
@@ -182,52 +180,28 @@ def drop(shard: Shard, runs: Sequence[Run]) -> None:
 
 def map_window(shard: Shard, start: int, end: int,
                unmapped: Callable[[], None] | None = None) -> torch.Tensor:
-    """Bytes ``[start, end)`` of the file as a uint8 tensor over a private mapping, every page
-    faulted in; unmapped (then ``unmapped()`` called) when the last tensor viewing it is gone.
-    The mapping is copy-on-write: a consumer that writes into a view changes only its own copy,
-    never the file."""
-    lo = start // PAGE * PAGE
-    length = end - lo
-    if length == 0:
+    """Bytes ``[start, end)`` of the file as a uint8 tensor over a private ``io.window.Window``,
+    every page faulted in; unmapped (then ``unmapped()`` called) when the last tensor viewing it
+    is gone. Copy-on-write: a consumer that writes into a view changes only its own copy."""
+    if end == start:
         return torch.empty(0, dtype=torch.uint8)
-    with shard.opened(PLAIN) as fd:
-        addr = LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd,
-                         lo)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise ReadError(f"cannot map bytes {start}..{end}: {os.strerror(err)}", path=shard.path)
-    memory = (ctypes.c_ubyte * length).from_address(addr)
-    weakref.finalize(memory, _unmap, addr, length, unmapped)
+    try:
+        with shard.opened(PLAIN) as fd:
+            window = FileWindow(fd, start, end, path=shard.path,
+                                on_unmap=None if unmapped is None else lambda size: unmapped())
+    except (OSError, ValueError) as exc:
+        raise ReadError(f"cannot map bytes [{start}, {end}) of the file: {exc}",
+                        path=shard.path) from exc
     # No read-ahead from faults here: every page was asked for by its warmer, and a fault on a
     # page an earlier buffered read marked (the header's) would read the next window's pages
     # ahead of their warmer, who would then take them for cached before the load.
-    base.madvise(addr, length, mmap.MADV_RANDOM)
-    _populate(shard, addr, lo, length)
-    return torch.frombuffer(memory, dtype=torch.uint8)[start - lo:]
-
-
-def _unmap(addr: int, length: int, then: Callable[[], None] | None) -> None:
-    LIBC.munmap(addr, length)
-    if then is not None:
-        then()
-
-
-def _populate(shard: Shard, addr: int, offset: int, length: int) -> None:
-    """Fault every page in now: the reads in flight are waited for here, and a page that cannot
-    be read (I/O error, a file that shrank) is an error instead of a SIGBUS in the consumer.
-    A signal may stop it midway (EINTR/EAGAIN): the pages faulted in stay, it asks again."""
-    attempts = retry.Attempts()
-    total = -(-length // PAGE) * PAGE
-    while True:
-        try:
-            base.madvise(addr, total, MADV_POPULATE_READ)
-            return
-        except OSError as exc:
-            if not retry.transient(exc.errno):
-                shard.check_unchanged()  # a file that shrank: say so
-                raise ReadError(f"read of {length} bytes at offset {offset} (mapped) failed: "
-                                f"{exc.strerror or exc}", path=shard.path) from exc
-            time.sleep(attempts.failed(exc.errno, "mapped read", length, offset, shard.path))
+    base.madvise(window.address, window.size, mmap.MADV_RANDOM)
+    try:
+        window.populate()  # waits for the reads in flight; an I/O error raises, not SIGBUS
+    except ReadError:
+        shard.check_unchanged()  # a file that shrank: say so
+        raise
+    return window.view(start, end)
 
 
 @dataclass
