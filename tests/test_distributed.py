@@ -545,7 +545,8 @@ def expert_filter(rank: int, world: int) -> Any:
 
 STREAMS: dict[str, dict[str, Any]] = {
     "ep_page_cache": dict(share="page_cache"),
-    "ep_exchange": dict(share="exchange", strategy="stream"),
+    # Small batches: many rounds of exchange over one resolved checkpoint.
+    "ep_exchange": dict(share="exchange", strategy="stream", batch=256 << 10),
     "ep_two_hosts": dict(hosts=True),                      # auto → exchange between "hosts"
     "ep_two_hosts_page_cache": dict(hosts=True, share="page_cache"),
     "consumer_fails_page_cache": dict(share="page_cache", consumer_fails=True),
@@ -575,8 +576,19 @@ def read_bytes() -> int:
 
 def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
                    scenarios: list[str]) -> None:
+    import weightlift.distributed.stream as streaming
     from pagecache import evict, settled_bytes
 
+    calls = {"resolve": 0, "strategy": 0}
+
+    def counted(name: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    streaming.resolve = counted("resolve", streaming.resolve)
+    streaming._strategy = counted("strategy", streaming._strategy)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -593,6 +605,7 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
             if options.pop("hosts", False):
                 options["host"] = f"host{rank}"
             result: dict[str, Any] = {"state": {}}
+            calls.update(resolve=0, strategy=0)
             if cold:
                 if rank == 0:
                     for path in files:
@@ -601,10 +614,13 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
             peaks = dict.fromkeys(files, 0)
             stop = threading.Event()
 
+            def sample_once() -> None:
+                for path, size in mapped_bytes(files).items():
+                    peaks[path] = max(peaks[path], size)
+
             def sample() -> None:
                 while not stop.is_set():
-                    for path, size in mapped_bytes(files).items():
-                        peaks[path] = max(peaks[path], size)
+                    sample_once()
                     stop.wait(0.001)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -618,6 +634,7 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
                         **options)):
                     if fails and i == 3:
                         raise ValueError("the consumer failed on purpose")
+                    sample_once()  # each tensor's window is mapped now: seen on a busy machine
                     result["state"][key] = tensor.clone()
                     del tensor
             except Exception as exc:
@@ -625,6 +642,7 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
                               failed=getattr(exc, "ranks", None), trace=traceback.format_exc())
             result["seconds"] = time.monotonic() - started
             result["read_bytes"] = read_bytes() - before
+            result["calls"] = dict(calls)
             stop.set()
             sampler.join()
             result["mapped_peak"] = peaks
@@ -676,6 +694,15 @@ def test_ranks_wanting_different_experts_each_get_theirs_bit_exact(
     shares = {r["report"]["share"] for r in streamed(streams, scenario)}
     expected = {"ep_exchange": "exchange", "ep_two_hosts": "exchange"}.get(scenario, "page_cache")
     assert shares == {expected}
+
+
+def test_the_exchange_opens_the_checkpoint_once_for_all_its_batches(streams: Path) -> None:
+    """Headers, strategy, O_DIRECT probe and residency once per load, not once per batch."""
+    for result in streamed(streams, "ep_exchange"):
+        assert result["report"]["bytes_read"] > 0
+        assert result["calls"] == {"resolve": 1, "strategy": 1}
+    total = sum(t.numel() * t.element_size() for t in moe_tensors().values())
+    assert total > 20 * (256 << 10)  # so the load ran in many batches
 
 
 @pytest.mark.parametrize("scenario", ["consumer_fails_page_cache", "consumer_fails_exchange"])

@@ -115,6 +115,12 @@ def status() -> dict[str, int]:
     return values
 
 
+def storage_reads() -> int:
+    """Bytes this process (all its threads) had read from storage: /proc/self/io read_bytes."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
+
+
 def child(load_format: str, extra: dict, model: str, out: Path) -> None:
     """One run: start vLLM as ``vllm serve`` does (engine core and worker in processes of their
     own); the worker, importing this module as ``__mp_main__``, measures (``measure``)."""
@@ -154,12 +160,14 @@ def measure(out: Path) -> None:
                     stop.wait(0.005)
 
             reset_peak_rss()
+            reads = storage_reads()
             result["before"] = status()
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             started = time.perf_counter()
             original(self, module, model_config)
             result["seconds"] = time.perf_counter() - started
+            result["read_bytes"] = storage_reads() - reads
             stop.set()
             sampler.join()
             result["after"] = status()
@@ -195,7 +203,9 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
     # Tensor parallel: the load is done when the slowest rank is; memory is per worker.
     slowest = max(ranks, key=lambda r: r["seconds"])
     return {**slowest, "transient": max(r["transient"] for r in ranks),
-            "peak_file": max(r["peak_file"] for r in ranks), "ranks": ranks}
+            "peak_file": max(r["peak_file"] for r in ranks), "ranks": ranks,
+            # One host: what its workers read from storage together.
+            "read_bytes_host": sum(r.get("read_bytes", 0) for r in ranks)}
 
 
 def summary(runs: list[dict], size: int) -> dict:
@@ -207,6 +217,8 @@ def summary(runs: list[dict], size: int) -> dict:
             "transient_median": statistics.median(r["transient"] for r in runs),
             "peak_file_max": max(r["peak_file"] for r in runs),
             "cached_after_median": statistics.median(r["cached_after"] for r in runs),
+            "cached_after_max": max(r["cached_after"] for r in runs),
+            "read_bytes_host_max": max(r.get("read_bytes_host", 0) for r in runs),
             "affinity": runs[0]["affinity"]}
 
 
@@ -246,7 +258,9 @@ def main() -> None:
                 print(f"rep {rep} {cache:4s} {name:18s} {result['seconds']:7.2f} s  transient "
                       f"{result['transient'] / 2**20:7.0f} MiB  peak file-backed "
                       f"{result['peak_file'] / 2**20:6.0f} MiB  cached after "
-                      f"{result['cached_after']:.0%}", flush=True)
+                      f"{result['cached_after']:.0%}  read from storage (host) "
+                      f"{result['read_bytes_host'] / size:.2f}x  load average "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
     print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
           f"started {started}")
