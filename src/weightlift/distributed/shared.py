@@ -167,15 +167,27 @@ def warm(shard: Shard, start: int, end: int) -> list[Run]:
 
 
 def drop(shard: Shard, runs: Sequence[Run]) -> None:
-    """Give the pages of ``runs`` back (those no process maps any more)."""
-    if not runs or shard.closed:
+    """Give the pages of ``runs`` back (those no process maps any more). After the load (the
+    shard closed) through a descriptor of its own: advice only, harmless on any file."""
+    if not runs:
         return
     try:
+        if shard.closed:
+            fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _advise_all(fd, runs, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            return
         with shard.opened(PLAIN) as fd:
-            for lo, hi in runs:
-                advise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            _advise_all(fd, runs, os.POSIX_FADV_DONTNEED)
     except (OSError, ReadError):
         pass  # advice only: the pages stay cached until the kernel needs the room
+
+
+def _advise_all(fd: int, runs: Sequence[Run], advice: int) -> None:
+    for lo, hi in runs:
+        advise(fd, lo, hi - lo, advice)
 
 
 def map_window(shard: Shard, start: int, end: int,
