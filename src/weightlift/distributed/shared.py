@@ -3,7 +3,7 @@
 Ranks that run on one kernel share its page cache, so they need not send each other weight
 bytes: each byte is read from storage once into the cache, and every rank maps it from there.
 The checkpoint (the tensors some rank of the group needs) is walked in *windows* of consecutive
-tensors of one file, a third of the budget each, the same sequence on every rank:
+tensors of one file, a quarter of the budget each, the same sequence on every rank:
 
 1. each rank *warms* its share of the window's pages (a contiguous part, split by page count):
    the pages mincore shows uncached are asked for with ``POSIX_FADV_WILLNEED`` in steps of
@@ -17,9 +17,11 @@ tensors of one file, a third of the budget each, the same sequence on every rank
    drops (``POSIX_FADV_DONTNEED``) the pages it warmed: the load leaves the page cache as it
    found it (pages that were cached before stay).
 
-At any moment a rank holds the window it hands out (mapped) and the next (warming); the pages of
-the one before wait for the ranks to pass it: three windows, the budget. A tensor larger than a
-window is a window of its own. Only control messages go over the group.
+At any moment the page cache holds, for the load, the window being handed out, the next
+(warming) and the one before (waiting for every rank to pass it): three windows; a rank maps the
+window it hands out and, while its consumer still holds their tensors, one or two before it:
+within the budget. A tensor larger than a window is a window of its own (mapped whole: the bound
+is then that tensor plus what the consumer holds). Only control messages go over the group.
 
     for entry, view in shared(peers, layout, entries, budget, local=[0, 1]):
         ...   # view: zero-copy, read-only in spirit (writes stay private to this rank)
@@ -46,13 +48,16 @@ from ..probes import LIBC
 from ..sources.records import PLAIN, Entry, Layout, Shard
 from .sync import Peers
 
-#: Windows in the budget: the one handed out, the next (warming), the one before (its pages
-#: wait until every rank is past it).
-WINDOWS_IN_BUDGET = 3
+#: Windows in the budget. Cached by the load at once: the window handed out, the next (being
+#: warmed) and the one before (its pages wait until every rank is past it). Mapped at once: the
+#: window handed out and the one or two before while the consumer still holds a tensor of them
+#: (a ``for`` loop's variable holds the last one while it asks for the next; vLLM's grouping of
+#: weights holds one more).
+WINDOWS_IN_BUDGET = 4
 #: ``POSIX_FADV_WILLNEED`` reads at most the device's read-ahead size per call: ask in steps.
 STEP = 4 << 20
 #: mincore looks at the page cache through mappings of at most this many bytes at a time.
-PROBE = 16 << 20
+PROBE = 1 << 20
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 #: A range of file offsets ``[start, end)``.
