@@ -159,6 +159,10 @@ def measure(out: Path) -> None:
                         peaks[key] = max(peaks[key], now[key])
                     stop.wait(0.005)
 
+            if os.environ.get("WEIGHTLIFT_BENCH_REWARM"):
+                # Warm again right before the load: on a machine others measure on, someone's
+                # drop_caches during vLLM's start would make a warm run cold.
+                make_warm(files_of(Path(model_config.model)))
             reset_peak_rss()
             reads = storage_reads()
             result["before"] = status()
@@ -192,6 +196,8 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
     files = files_of(model)
     settle_reported_memory()
     (make_cold if cache == "cold" else make_warm)(files)
+    if os.environ.get("WEIGHTLIFT_BENCH_WARM_IN_WORKER"):
+        os.environ["WEIGHTLIFT_BENCH_REWARM"] = "1" if cache == "warm" else ""
     out = scratch / f"{name}-{cache}.json"
     for old in scratch.glob(f"{out.stem}.rank*.json"):
         old.unlink()
@@ -235,10 +241,15 @@ def main() -> None:
     parser.add_argument("--evict-only", action="store_true",
                         help="cold: drop only the checkpoint's pages, not the whole page cache "
                              "(drop_caches), on a machine others measure on")
+    parser.add_argument("--warm-in-worker", action="store_true",
+                        help="warm: read the files again in each worker right before the load "
+                             "(others' drop_caches during vLLM's start made warm runs cold)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.evict_only:
         os.environ["WEIGHTLIFT_BENCH_EVICT_ONLY"] = "1"
+    if args.warm_in_worker:
+        os.environ["WEIGHTLIFT_BENCH_WARM_IN_WORKER"] = "1"
     if args.child:
         load_format, extra, model, out = args.child
         child(load_format, json.loads(extra), model, Path(out))
