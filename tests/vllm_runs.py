@@ -130,6 +130,22 @@ def storage_reads() -> int:
         return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
 
 
+def capture_reports() -> list[dict[str, object]]:
+    """The ``ShardReport`` of each tensor-parallel load in this process (what the loader logs
+    with ``report: true``), as dicts: what each rank asked storage for."""
+    import weightlift.vllm as adapter
+
+    reports: list[dict[str, object]] = []
+    log = adapter._log_shard_report
+
+    def keep(report):  # type: ignore[no-untyped-def]
+        reports.append(report.to_dict())
+        log(report)
+
+    adapter._log_shard_report = keep
+    return reports
+
+
 def evict(model: str) -> None:
     """Drop the model's weight files from the page cache (written back first)."""
     for path in sorted(Path(model).glob("*.safetensors")):
@@ -175,6 +191,7 @@ def tp_rank(rank: int, model: str, moe: str, out: str, rendezvous: str) -> None:
         initialize_model_parallel(tensor_model_parallel_size=2)
         try:
             load_general_plugins()  # as each vLLM worker does: weightlift's entry point
+            reports = capture_reports()
             group = get_tp_group().cpu_group
             loader = get_model_loader(LoadConfig(load_format="weightlift",
                                                  model_loader_extra_config=TP_OPTIONS))
@@ -198,6 +215,8 @@ def tp_rank(rank: int, model: str, moe: str, out: str, rendezvous: str) -> None:
                     result["error"] = f"{type(exc).__name__}: {exc}"
                 result["seconds"] = time.monotonic() - started
                 result["bytes_read"] = storage_reads() - before
+                result["report"] = reports[-1] if reports and "error" not in result else None
+                reports.clear()
                 result["experts"] = sorted(loader.local_expert_ids or [])
                 torch.save(result, Path(out) / f"rank{rank}{suffix}.pt")
         finally:
@@ -241,6 +260,7 @@ def worker_hooks() -> None:
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     read = {"before": 0, "bytes": 0}
+    reports = capture_reports()
     process = base_loader.process_weights_after_loading
     load_weights = DefaultModelLoader.load_weights
 
@@ -258,7 +278,8 @@ def worker_hooks() -> None:
         for parameter in model.parameters():
             parameter.data.zero_()
         get_model_loader(LoadConfig(load_format="safetensors")).load_weights(model, model_config)
-        torch.save({"weightlift": ours, "safetensors": snapshot(model), "bytes_read": bytes_read},
+        torch.save({"weightlift": ours, "safetensors": snapshot(model), "bytes_read": bytes_read,
+                    "report": reports[0] if reports else None},
                    Path(out) / f"rank{get_tensor_model_parallel_rank()}.pt")
         process(model, model_config, target_device)
 
