@@ -8,6 +8,7 @@ safetensors package loads them, and check who read which bytes.
 from __future__ import annotations
 
 import itertools
+import threading
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from weightlift.distributed import (
     Split,
     llama_plan,
     load_sharded,
+    stream_sharded,
 )
 from weightlift.distributed.direct import extents, gather
 from weightlift.distributed.parts import normalize, part_in_rows
@@ -176,14 +178,17 @@ class RecordingStream(StreamStrategy):
 SCENARIOS: dict[str, dict[str, Any]] = {
     "direct": dict(mode="direct"),
     "direct_exact": dict(mode="direct", max_gap=0),
-    "collective": dict(mode="collective"),
+    "collective": dict(mode="collective", share="exchange"),
     "direct_custom": dict(mode="direct", custom=True),
-    "collective_custom": dict(mode="collective", custom=True),
+    "collective_custom": dict(mode="collective", share="exchange", custom=True),
+    # The ranks share one host's page cache (the default there): no strategy reads.
+    "collective_page_cache": dict(mode="collective"),
+    "collective_page_cache_custom": dict(mode="collective", custom=True),
     # Failures last: they leave the group usable, but nothing should depend on that.
     "direct_fails": dict(mode="direct", fail="raise"),
-    "collective_fails": dict(mode="collective", fail="raise"),
+    "collective_fails": dict(mode="collective", share="exchange", fail="raise"),
     # Run alone, in a group of its own: the group is broken afterwards.
-    "collective_dies": dict(mode="collective", fail="exit"),
+    "collective_dies": dict(mode="collective", share="exchange", fail="exit"),
 }
 #: The scenarios the 2- and 4-rank groups run.
 REGULAR = [name for name in SCENARIOS if name != "collective_dies"]
@@ -277,7 +282,8 @@ def merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("scenario", ["direct", "direct_exact", "collective"])
+@pytest.mark.parametrize("scenario", ["direct", "direct_exact", "collective",
+                                      "collective_page_cache"])
 def test_each_rank_gets_its_llama_slices_bit_exact(results: tuple[int, Path], scenario: str,
                                                    full: dict[str, torch.Tensor]) -> None:
     world, _ = results
@@ -286,7 +292,8 @@ def test_each_rank_gets_its_llama_slices_bit_exact(results: tuple[int, Path], sc
         assert_bit_exact(result["state"], expected_llama(full, rank, world))
 
 
-@pytest.mark.parametrize("scenario", ["direct_custom", "collective_custom"])
+@pytest.mark.parametrize("scenario", ["direct_custom", "collective_custom",
+                                      "collective_page_cache_custom"])
 def test_custom_plans_with_steps_ints_and_overlaps_are_bit_exact(
         results: tuple[int, Path], scenario: str, full: dict[str, torch.Tensor]) -> None:
     world, _ = results
@@ -336,6 +343,17 @@ def test_collective_mode_reads_every_needed_byte_exactly_once(
         # Byte-balanced: no rank reads more than its share plus one ~800 KiB chunk.
         assert report["bytes_read"] <= nbytes(wanted) / world + BUDGET // 5
         assert report["bytes_received"] > 0 and report["bytes_sent"] > 0
+
+
+def test_ranks_on_one_host_share_the_page_cache_and_send_no_weight_bytes(
+        results: tuple[int, Path]) -> None:
+    """The default of collective mode on one host: no rank reads through a strategy or sends
+    a byte; the parts come from views of the page cache (checked bit for bit above)."""
+    for result in outcome(results, "collective_page_cache"):
+        report = result["report"]
+        assert report["share"] == "page_cache" and report["strategy"] == "page_cache"
+        assert result["ranges"] == []
+        assert report["bytes_sent"] == report["bytes_received"] == 0
 
 
 @pytest.mark.parametrize("scenario", ["direct_fails", "collective_fails"])
@@ -454,10 +472,289 @@ def test_a_transformers_checkpoint_loads_sharded_in_both_modes(llama_dir: Path,
     full: dict[str, torch.Tensor] = {}
     for file in sorted(llama_dir.glob("*.safetensors")):
         full.update(load_file(str(file)))
-    run_group(2, llama_dir, tmp_path, ["direct", "collective"])
-    for scenario in ("direct", "collective"):
+    run_group(2, llama_dir, tmp_path, ["direct", "collective", "collective_page_cache"])
+    for scenario in ("direct", "collective", "collective_page_cache"):
         for rank in range(2):
             result = torch.load(tmp_path / f"{scenario}-{rank}.pt", weights_only=False)
             assert "error" not in result, result.get("trace")
             assert_bit_exact(result["state"], expected_llama(full, rank, 2))
             assert result["report"]["checkpoint_bytes"] == nbytes(full)
+
+
+# ---------------------------------------------------------------------------------------------
+# stream_sharded: whole tensors per rank, each rank its own set (expert parallelism), the page
+# cache shared on one host, failures anywhere posted to every rank.
+
+EXPERTS = 3
+#: Windows of 2 MiB; the 4 MiB embedding is mapped whole, with the window the consumer holds.
+MOE_BUDGET = 8 << 20
+#: Cold loads tried at most this many times: another process dropping every page cache
+#: (drop_caches) or memory pressure mid-load makes pages be read again; undisturbed, they are not.
+COLD_TRIES = 3
+
+
+def moe_tensors() -> dict[str, torch.Tensor]:
+    """A Mixtral-style MoE: dense attention, EXPERTS experts per layer, a 4 MiB embedding."""
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    tensors = {"model.embed_tokens.weight": rand(4096, 256, dtype=torch.float32)}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        tensors[f"{p}.self_attn.qkv_proj.weight"] = rand(768, 256)
+        tensors[f"{p}.self_attn.o_proj.weight"] = rand(256, 256)
+        tensors[f"{p}.input_layernorm.weight"] = rand(255, dtype=torch.float16)  # odd sizes
+        tensors[f"{p}.mlp.gate.weight"] = rand(EXPERTS, 256)
+        for e in range(EXPERTS):
+            for proj, shape in (("w1", (512, 256)), ("w3", (512, 256)), ("w2", (256, 512))):
+                tensors[f"{p}.block_sparse_moe.experts.{e}.{proj}.weight"] = rand(*shape)
+    tensors["lm_head.weight"] = rand(4096, 256)
+    tensors["model.norm.weight"] = rand(256, dtype=torch.float32)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tp-moe")
+    tensors = moe_tensors()
+    names = list(tensors)
+    cut = len(names) // 2
+    weight_map = {}
+    for file, keys in (("model-00001-of-00002.safetensors", names[:cut]),
+                       ("model-00002-of-00002.safetensors", names[cut:])):
+        save_file({k: tensors[k] for k in keys}, str(path / file))
+        weight_map.update(dict.fromkeys(keys, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+def local_experts(rank: int, world: int) -> set[int]:
+    """vLLM's linear placement: 3 experts over 2 ranks → {0, 1} and {2}."""
+    base, extra = divmod(EXPERTS, world)
+    start = rank * base + min(rank, extra)
+    return set(range(start, start + base + (rank < extra)))
+
+
+def expert_filter(rank: int, world: int) -> Any:
+    mine = local_experts(rank, world)
+
+    def wanted(name: str) -> bool:
+        if ".experts." not in name:
+            return True
+        return int(name.split(".experts.")[1].split(".")[0]) in mine
+    return wanted
+
+
+STREAMS: dict[str, dict[str, Any]] = {
+    "ep_page_cache": dict(share="page_cache"),
+    # Small batches: many rounds of exchange over one resolved checkpoint.
+    "ep_exchange": dict(share="exchange", strategy="stream", batch=256 << 10),
+    "ep_two_hosts": dict(hosts=True),                      # auto → exchange between "hosts"
+    "ep_two_hosts_page_cache": dict(hosts=True, share="page_cache"),
+    "consumer_fails_page_cache": dict(share="page_cache", consumer_fails=True),
+    "consumer_fails_exchange": dict(share="exchange", strategy="stream", consumer_fails=True),
+    "open_fails": dict(share="page_cache", open_fails=True),
+    # Last: the files evicted first; mappings sampled, storage reads and page cache measured.
+    "cold_page_cache": dict(share="page_cache", cold=True),
+}
+
+
+def mapped_bytes(paths: list[str]) -> dict[str, int]:
+    """Bytes of each of ``paths`` mapped into this process now (/proc/self/maps)."""
+    out = dict.fromkeys(paths, 0)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() in out:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out[fields[5].strip()] += hi - lo
+    return out
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
+
+
+def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
+                   scenarios: list[str]) -> None:
+    import weightlift.distributed.stream as streaming
+
+    calls = {"resolve": 0, "strategy": 0}
+
+    def counted(name: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    streaming.resolve = counted("resolve", streaming.resolve)
+    streaming._strategy = counted("strategy", streaming._strategy)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=GROUP_TIMEOUT)
+    files = sorted(str(p) for p in Path(source).glob("*.safetensors"))
+    try:
+        for name in scenarios:
+            options = dict(STREAMS[name])
+            cold = options.pop("cold", False)
+            fails = options.pop("consumer_fails", False) and rank == 1
+            target = source
+            if options.pop("open_fails", False) and rank == 1:
+                target = os.path.join(source, "missing.safetensors")
+            if options.pop("hosts", False):
+                options["host"] = f"host{rank}"
+            tries = COLD_TRIES if cold else 1
+            for attempt in range(tries):
+                result = _stream_once(rank, world, target, files, options, cold, fails, calls)
+                reads = torch.tensor([result["read_bytes"]])
+                dist.all_reduce(reads)
+                result["attempts"] = attempt + 1
+                if int(reads) <= 1.05 * sum(os.path.getsize(p) for p in files):
+                    break
+            torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _stream_once(rank: int, world: int, target: str, files: list[str],
+                 options: dict[str, Any], cold: bool, fails: bool, calls: dict[str, int]
+                 ) -> dict[str, Any]:
+    """One ``stream_sharded`` load as a consumer would run it; what it got and what it cost."""
+    from pagecache import evict, settled_bytes
+
+    result: dict[str, Any] = {"state": {}}
+    calls.update(resolve=0, strategy=0)
+    if cold:
+        if rank == 0:
+            for path in files:
+                evict(Path(path))
+        dist.barrier()
+    peaks = dict.fromkeys(files, 0)
+    stop = threading.Event()
+
+    def sample_once() -> None:
+        for path, size in mapped_bytes(files).items():
+            peaks[path] = max(peaks[path], size)
+
+    def sample() -> None:
+        while not stop.is_set():
+            sample_once()
+            stop.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    before = read_bytes()
+    started = time.monotonic()
+    try:
+        for i, (key, tensor) in enumerate(stream_sharded(
+                target, wanted=expert_filter(rank, world), max_host_memory=MOE_BUDGET,
+                on_report=lambda report: result.update(report=report.to_dict()),
+                **options)):
+            if fails and i == 3:
+                raise ValueError("the consumer failed on purpose")
+            sample_once()  # each tensor's window is mapped now: seen on a busy machine
+            result["state"][key] = tensor.clone()
+            del tensor
+    except Exception as exc:
+        result.update(error=type(exc).__name__, message=str(exc),
+                      failed=getattr(exc, "ranks", None), trace=traceback.format_exc())
+    result["seconds"] = time.monotonic() - started
+    result["read_bytes"] = read_bytes() - before
+    result["calls"] = dict(calls)
+    stop.set()
+    sampler.join()
+    result["mapped_peak"] = peaks
+    if cold:
+        dist.barrier()
+        if rank == 0:
+            result["cached_after"] = sum(settled_bytes(Path(p)) for p in files)
+    return result
+
+
+@pytest.fixture(scope="module")
+def streams(moe_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("streams")
+    ctx = mp.start_processes(_stream_worker, args=(2, str(out_dir / "init"), str(moe_checkpoint),
+                                                   str(out_dir), list(STREAMS)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"2 ranks still running after {DEADLINE:.0f}s: a rank hung")
+    return out_dir
+
+
+def streamed(out_dir: Path, scenario: str) -> list[dict[str, Any]]:
+    return [torch.load(out_dir / f"{scenario}-{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.mark.parametrize("scenario", ["ep_page_cache", "ep_exchange", "ep_two_hosts",
+                                      "ep_two_hosts_page_cache", "cold_page_cache"])
+def test_ranks_wanting_different_experts_each_get_theirs_bit_exact(
+        streams: Path, scenario: str) -> None:
+    """Expert parallelism under TP: rank 0 wants experts 0 and 1, rank 1 expert 2 (and both the
+    dense tensors); the group plans over the union, so nobody gets another expert's bytes and
+    the plans line up (with 3 experts over 2 ranks the counts differ)."""
+    full = moe_tensors()
+    for rank, result in enumerate(streamed(streams, scenario)):
+        assert "error" not in result, result.get("trace")
+        wanted = expert_filter(rank, 2)
+        want = {name: t for name, t in full.items() if wanted(name)}
+        assert list(result["state"]) == [n for n in full if n in want] or \
+            sorted(result["state"]) == sorted(want)
+        assert_bit_exact(result["state"], want)
+        report = result["report"]
+        assert report["tensors"] == len(want)
+    shares = {r["report"]["share"] for r in streamed(streams, scenario)}
+    expected = {"ep_exchange": "exchange", "ep_two_hosts": "exchange"}.get(scenario, "page_cache")
+    assert shares == {expected}
+
+
+def test_the_exchange_opens_the_checkpoint_once_for_all_its_batches(streams: Path) -> None:
+    """Headers, strategy, O_DIRECT probe and residency once per load, not once per batch."""
+    for result in streamed(streams, "ep_exchange"):
+        assert result["report"]["bytes_read"] > 0
+        assert result["calls"] == {"resolve": 1, "strategy": 1}
+    total = sum(t.numel() * t.element_size() for t in moe_tensors().values())
+    assert total > 20 * (256 << 10)  # so the load ran in many batches
+
+
+@pytest.mark.parametrize("scenario", ["consumer_fails_page_cache", "consumer_fails_exchange"])
+def test_a_consumer_raising_on_one_rank_fails_every_rank_promptly(streams: Path,
+                                                                   scenario: str) -> None:
+    failed, other = streamed(streams, scenario)[1], streamed(streams, scenario)[0]
+    assert failed["error"] == "ValueError" and "on purpose" in failed["message"]
+    assert other["error"] == "RankFailed", other.get("trace")
+    assert other["failed"] == [1] and "stopped taking tensors" in other["message"]
+    # Stopped by the posted failure, not by the group's timeout (30 s).
+    assert other["seconds"] < GROUP_TIMEOUT.total_seconds() / 3
+
+
+def test_a_rank_failing_to_open_the_checkpoint_fails_every_rank(streams: Path) -> None:
+    failed, other = streamed(streams, "open_fails")[1], streamed(streams, "open_fails")[0]
+    assert failed["error"] == "MissingFileError", failed.get("trace")
+    assert "missing.safetensors" in failed["message"]
+    assert other["error"] == "RankFailed" and "missing.safetensors" in other["message"]
+
+
+def test_a_cold_shared_load_reads_once_maps_and_leaves_at_most_the_budget(
+        streams: Path, moe_checkpoint: Path) -> None:
+    """Two ranks on one host, the checkpoint evicted first: together they read it from storage
+    once (/proc/self/io read_bytes), no rank ever maps more than the budget of any file, and the
+    page cache the load leaves is within the budget."""
+    results = streamed(streams, "cold_page_cache")
+    files = sum(p.stat().st_size for p in moe_checkpoint.glob("*.safetensors"))
+    total = sum(r["read_bytes"] for r in results)
+    assert total <= 1.05 * files, (total, files)
+    assert all(r["report"]["bytes_read"] > 0 for r in results)  # both ranks warmed their share
+    assert sum(r["report"]["bytes_read"] for r in results) <= files
+    for result in results:
+        for path, peak in result["mapped_peak"].items():
+            assert 0 < peak <= MOE_BUDGET, (path, peak)
+    assert results[0]["cached_after"] <= MOE_BUDGET, results[0]["cached_after"]

@@ -88,7 +88,7 @@ def make_cold(files: list[Path]) -> None:
 
     for f in files:
         evict(f)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not os.environ.get("WEIGHTLIFT_BENCH_EVICT_ONLY"):
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
     left = cached_fraction(files)
     assert left < 0.01, f"{left:.1%} of the checkpoint still cached"
@@ -113,6 +113,12 @@ def status() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 values[key] = int(rest.split()[0]) * 1024
     return values
+
+
+def storage_reads() -> int:
+    """Bytes this process (all its threads) had read from storage: /proc/self/io read_bytes."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
 
 
 def child(load_format: str, extra: dict, model: str, out: Path) -> None:
@@ -153,13 +159,19 @@ def measure(out: Path) -> None:
                         peaks[key] = max(peaks[key], now[key])
                     stop.wait(0.005)
 
+            if os.environ.get("WEIGHTLIFT_BENCH_REWARM"):
+                # Warm again right before the load: on a machine others measure on, someone's
+                # drop_caches during vLLM's start would make a warm run cold.
+                make_warm(files_of(Path(model_config.model)))
             reset_peak_rss()
+            reads = storage_reads()
             result["before"] = status()
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             started = time.perf_counter()
             original(self, module, model_config)
             result["seconds"] = time.perf_counter() - started
+            result["read_bytes"] = storage_reads() - reads
             stop.set()
             sampler.join()
             result["after"] = status()
@@ -184,6 +196,8 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
     files = files_of(model)
     settle_reported_memory()
     (make_cold if cache == "cold" else make_warm)(files)
+    if os.environ.get("WEIGHTLIFT_BENCH_WARM_IN_WORKER"):
+        os.environ["WEIGHTLIFT_BENCH_REWARM"] = "1" if cache == "warm" else ""
     out = scratch / f"{name}-{cache}.json"
     for old in scratch.glob(f"{out.stem}.rank*.json"):
         old.unlink()
@@ -195,7 +209,9 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
     # Tensor parallel: the load is done when the slowest rank is; memory is per worker.
     slowest = max(ranks, key=lambda r: r["seconds"])
     return {**slowest, "transient": max(r["transient"] for r in ranks),
-            "peak_file": max(r["peak_file"] for r in ranks), "ranks": ranks}
+            "peak_file": max(r["peak_file"] for r in ranks), "ranks": ranks,
+            # One host: what its workers read from storage together.
+            "read_bytes_host": sum(r.get("read_bytes", 0) for r in ranks)}
 
 
 def summary(runs: list[dict], size: int) -> dict:
@@ -207,6 +223,8 @@ def summary(runs: list[dict], size: int) -> dict:
             "transient_median": statistics.median(r["transient"] for r in runs),
             "peak_file_max": max(r["peak_file"] for r in runs),
             "cached_after_median": statistics.median(r["cached_after"] for r in runs),
+            "cached_after_max": max(r["cached_after"] for r in runs),
+            "read_bytes_host_max": max(r.get("read_bytes_host", 0) for r in runs),
             "affinity": runs[0]["affinity"]}
 
 
@@ -220,8 +238,18 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (one core each)")
     parser.add_argument("--dir", type=Path, default=Path("bench-out"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--evict-only", action="store_true",
+                        help="cold: drop only the checkpoint's pages, not the whole page cache "
+                             "(drop_caches), on a machine others measure on")
+    parser.add_argument("--warm-in-worker", action="store_true",
+                        help="warm: read the files again in each worker right before the load "
+                             "(others' drop_caches during vLLM's start made warm runs cold)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.evict_only:
+        os.environ["WEIGHTLIFT_BENCH_EVICT_ONLY"] = "1"
+    if args.warm_in_worker:
+        os.environ["WEIGHTLIFT_BENCH_WARM_IN_WORKER"] = "1"
     if args.child:
         load_format, extra, model, out = args.child
         child(load_format, json.loads(extra), model, Path(out))
@@ -246,7 +274,9 @@ def main() -> None:
                 print(f"rep {rep} {cache:4s} {name:18s} {result['seconds']:7.2f} s  transient "
                       f"{result['transient'] / 2**20:7.0f} MiB  peak file-backed "
                       f"{result['peak_file'] / 2**20:6.0f} MiB  cached after "
-                      f"{result['cached_after']:.0%}", flush=True)
+                      f"{result['cached_after']:.0%}  read from storage (host) "
+                      f"{result['read_bytes_host'] / size:.2f}x  load average "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
     print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
           f"started {started}")

@@ -16,8 +16,9 @@ index filtering, the multimodal and unused-shard filters, expert-parallel key fi
 weights iterator is ``weightlift.stream``: tensors arrive in file order, read at most the
 host-memory budget ahead of the model's ``load_weights``, which copies each into vLLM's own
 parameters. Under tensor parallelism the ranks of vLLM's tensor-parallel group read the
-checkpoint together (``weightlift.distributed``, collective mode): each byte is read from storage
-by one rank and broadcast to the others over the group's CPU (gloo) communicator.
+checkpoint together (``weightlift.distributed.stream_sharded``): on one host through the page
+cache they share (each byte read by one rank, every rank mapping it, within the budget), across
+hosts each byte read by one rank and sent to the others over the group's CPU (gloo) communicator.
 
 Options (``model_loader_extra_config``), see ``docs/vllm.md``: ``max_host_memory``, ``strategy``,
 ``engine``, ``verify``, ``report``.
@@ -40,7 +41,7 @@ import torch.distributed as dist
 
 from . import api
 from .budget import MINIMUM, resolve_budget
-from .distributed import PlanFn, RankFailed, load_sharded
+from .distributed import RankFailed, ShardReport, stream_sharded
 from .errors import CheckpointWarning, WeightliftError
 from .report import LoadReport
 from .verify import check_verify
@@ -51,8 +52,6 @@ LOAD_FORMAT = "weightlift"
 #: falls back to ``stream`` where O_DIRECT is refused). ``auto`` may map a warm checkpoint.
 STRATEGIES = ("direct", "stream", "auto", "mmap")
 ENGINES = ("auto", "uring", "threads")
-#: Under tensor parallelism, the bytes of full tensors each rank holds at once besides the budget.
-BATCH = 128 << 20
 
 #: Under "vllm." so that vLLM's logging configuration shows our lines with its own.
 logger = logging.getLogger("vllm.weightlift")
@@ -180,17 +179,17 @@ def read_weights(files: list[str], options: Options, wanted: Callable[[str], boo
     """``(name, tensor)`` of ``files`` (the tensors ``wanted`` accepts), read by weightlift.
 
     Alone (``group`` None): ``weightlift.stream`` in file order, at most the budget ahead of the
-    consumer. In a tensor-parallel ``group`` of several ranks: every rank gets every tensor,
-    each byte read from storage by one rank (``collective``).
+    consumer. In a tensor-parallel ``group`` of several ranks: every rank gets every tensor it
+    wants, the group reading each byte once (``collective``).
     """
     files = sorted(files, key=_natural)  # the order vLLM's own iterator reads them in
+    if group is not None:
+        yield from collective(files, wanted, options, group)
+        return
     keys = None
     if wanted is not None:
         with api.open(files) as checkpoint:
             keys = [name for name in checkpoint.keys() if wanted(name)]
-    if group is not None:
-        yield from collective(files, keys, options, group)
-        return
     verify = options.verify or None
     if verify is not None and keys is not None:
         _verify(files, options)  # weightlift verifies whole files only: do it before
@@ -200,38 +199,35 @@ def read_weights(files: list[str], options: Options, wanted: Callable[[str], boo
                                  verify=verify, on_report=_log_report if options.report else None)
 
 
-def collective(files: list[str], keys: list[str] | None, options: Options, group: Any
-               ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every rank of ``group`` gets every tensor, each byte read from storage by one rank.
+def collective(files: list[str], wanted: Callable[[str], bool] | None, options: Options,
+               group: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every rank of ``group`` gets the whole tensors it wants (``wanted``: with expert
+    parallelism, each rank its own experts), the group reading each byte once.
 
-    vLLM's weight loaders cut each rank's shard out of the full tensors, so every rank needs them
-    all; ``load_sharded`` in collective mode deals the bytes out to the ranks to read and
-    broadcasts what each read, within ``max_host_memory``. It returns a state dict, so the
-    tensors go through it in batches of ``BATCH`` bytes (or one larger tensor).
+    vLLM's weight loaders cut each rank's shard out of the full tensors.
+    ``weightlift.distributed.stream_sharded`` plans once over the union of what the ranks want:
+    on one host the ranks share the page cache (each byte read from storage by one rank, every
+    rank handed zero-copy views, at most ``max_host_memory`` of the checkpoint mapped or cached
+    by the load); across hosts each byte is read by one rank and sent to the others over the
+    group's CPU (gloo) communicator. Any rank failing — a read, or vLLM's weight loader raising
+    on one rank — makes every rank raise.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if options.verify:
         _verify_together(files, options, group, rank, world)
-    with api.open(files) as checkpoint:
-        sizes = [(name, checkpoint.info(name).nbytes)
-                 for name in (keys if keys is not None else checkpoint.keys())]
-    started = time.perf_counter()
-    bytes_read = 0
-    for batch in _batches(sizes, BATCH):
-        state, report = load_sharded(files, _whole(set(batch)), group=group, mode="collective",
-                                     strategy=options.strategy,
-                                     max_host_memory=options.max_host_memory)
-        bytes_read += report.bytes_read
-        for name in batch:
-            yield name, state.pop(name)
-        del state
-    if options.report:
-        seconds = time.perf_counter() - started
-        total = sum(size for _, size in sizes)
-        logger.info("weightlift: rank %d of %d read %.1f of %.1f MB (collective over the "
-                    "tensor-parallel group, strategy %s) in %.2f s, %.2f GB/s for the group",
-                    rank, world, bytes_read / 1e6, total / 1e6, options.strategy, seconds,
-                    total / seconds / 1e9 if seconds else 0.0)
+    yield from stream_sharded(files, wanted=wanted, group=group, strategy=options.strategy,
+                              max_host_memory=options.max_host_memory,
+                              on_report=_log_shard_report if options.report else None)
+
+
+def _log_shard_report(report: ShardReport) -> None:
+    logger.info("weightlift: rank %d of %d: %d tensors, read %.1f of %.1f MB (the group: "
+                "%.1f MB) sharing through %s, in %.2f s (slowest rank %.2f s), %.2f GB/s for "
+                "the group", report.rank, report.world_size, report.tensors,
+                report.bytes_read / 1e6, report.checkpoint_bytes / 1e6,
+                report.total_bytes_read / 1e6, report.share, report.seconds,
+                report.slowest_seconds, report.checkpoint_bytes / report.slowest_seconds / 1e9
+                if report.slowest_seconds else 0.0)
 
 
 def _tensor_parallel_group() -> Any:
@@ -288,25 +284,6 @@ def _verify(files: list[str], options: Options) -> None:
                             max_host_memory=options.max_host_memory, engine=options.engine,
                             on_report=_log_verified if options.report else None):
             pass
-
-
-def _whole(names: set[str]) -> PlanFn:
-    """A sharding plan giving every rank the whole of these tensors and nothing of the others."""
-    return lambda name, info, rank, world: () if name in names else None
-
-
-def _batches(sizes: list[tuple[str, int]], limit: int) -> Iterator[list[str]]:
-    """Consecutive names whose bytes add up to at most ``limit`` (one tensor may exceed it)."""
-    batch: list[str] = []
-    total = 0
-    for name, size in sizes:
-        if batch and total + size > limit:
-            yield batch
-            batch, total = [], 0
-        batch.append(name)
-        total += size
-    if batch:
-        yield batch
 
 
 def _natural(path: str) -> list[int | str]:

@@ -2,12 +2,15 @@
 
     from weightlift.distributed import llama_plan, load_sharded
     state, report = load_sharded("Llama-3-70B/", llama_plan(world_size=8), device="cuda")
+    for name, tensor in stream_sharded("Llama-3-70B/", group=tp_group):  # whole tensors
+        ...
 
 See ``docs/distributed.md`` for running it under torchrun with NCCL.
 """
 
-from .load import MODES, ShardReport, load_sharded
+from .load import MODES, SHARES, ShardReport, load_sharded
 from .plan import Index, Placement, Plan, PlanFn, Replicate, Skip, Split, llama_plan
+from .stream import stream_sharded
 from .sync import RankFailed
 
 __all__ = [
@@ -18,9 +21,11 @@ __all__ = [
     "PlanFn",
     "RankFailed",
     "Replicate",
+    "SHARES",
     "ShardReport",
     "Skip",
     "Split",
     "llama_plan",
     "load_sharded",
+    "stream_sharded",
 ]

@@ -25,12 +25,18 @@ from ..sources import Source, resolve
 from ..sources.records import Layout, iter_entries
 from .collective import Traffic, exchange
 from .direct import read_direct
-from .parts import Axis, normalize, part_shape
+from .hosts import Hosts
+from .parts import Axis, normalize, part_in_rows, part_shape
 from .plan import Index, PlanFn
+from .shared import Shared, shared
 from .sync import Peers
 
 Mode = Literal["direct", "collective"]
 MODES = ("direct", "collective")
+#: How collective mode moves bytes between ranks: through the page cache of a host the ranks
+#: share (``page_cache``), or read by one rank and sent over the group (``exchange``).
+Share = Literal["auto", "page_cache", "exchange"]
+SHARES = ("auto", "page_cache", "exchange")
 
 
 @dataclass
@@ -45,6 +51,9 @@ class ShardReport:
     rank: int
     world_size: int
     mode: str
+    #: Collective mode: ``page_cache`` (ranks on one host map what one of them read) or
+    #: ``exchange`` (sent over the group); empty in direct mode.
+    share: str
     strategy: str
     reason: str
     budget: int
@@ -78,7 +87,8 @@ class ShardReport:
 def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | None = None,
                  device: str | torch.device = "cpu", mode: Mode = "direct",
                  strategy: str | Strategy = "auto", max_host_memory: int | str | None = None,
-                 max_gap: int | None = None, storage_options: StorageOptions | None = None
+                 max_gap: int | None = None, storage_options: StorageOptions | None = None,
+                 share: Share = "auto", host: str | None = None
                  ) -> tuple[dict[str, torch.Tensor], ShardReport]:
     """This rank's part of every tensor ``plan`` gives it, as a state dict on ``device``.
 
@@ -94,10 +104,18 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
     An object-storage URL (``"s3://bucket/llama/"``, with ``storage_options``) works the same way:
     in direct mode each rank fetches only its slices' byte ranges, in collective mode each byte
     is fetched once in the group.
+    ``share`` (collective mode): ``"page_cache"``: the ranks of one host map the checkpoint from
+    their shared page cache, each byte read once per host by one of them and no weight byte sent
+    between ranks, at most ``max_host_memory`` of it cached or mapped by the load at a time
+    (``strategy`` is not used); ``"exchange"``: read by one rank, sent on over the group;
+    ``"auto"``: ``page_cache`` when every rank is on one host and the files are local, else
+    ``exchange``. ``host``: this rank's host key (default: host name and boot id; ranks with
+    equal keys share a page cache).
     If any rank fails, every rank raises (``RankFailed`` on those that did not fail themselves).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_share(share)
     if isinstance(strategy, str) and strategy not in NAMES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
     peers = Peers.of(group)
@@ -118,18 +136,26 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
         assert layout is not None
         mine = indices[peers.rank]
         needed = [entry for entry in iter_entries(layout) if mine[entry.name] is not None]
-        report = ShardReport(peers.rank, peers.world, mode, "", "", budget,
+        hosts = Hosts.of(peers, host) if mode == "collective" else None
+        medium = "" if hosts is None else choose_share(share, hosts, layout)
+        report = ShardReport(peers.rank, peers.world, mode, medium, "", "", budget,
                              checkpoint_bytes=layout.total_bytes)
         local: dict[str, torch.Tensor] = {}
         try:
-            reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed), report)
-            if mode == "collective":
-                traffic = _collective(peers, layout, indices, reader, budget, target, local)
-                report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
-                report.bytes_received = traffic.received
+            if medium == "page_cache":
+                assert hosts is not None
+                report.strategy, report.reason = "page_cache", "ranks on one host share it"
+                report.bytes_read = _shared(peers, layout, indices, budget, target, local,
+                                            hosts.local)
             else:
-                report.bytes_read = read_direct(layout, mine, reader, budget=budget,
-                                                max_gap=max_gap, device=target, local=local)
+                reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed), report)
+                if mode == "collective":
+                    traffic = _collective(peers, layout, indices, reader, budget, target, local)
+                    report.bytes_read, report.bytes_sent = traffic.read, traffic.sent
+                    report.bytes_received = traffic.received
+                else:
+                    report.bytes_read = read_direct(layout, mine, reader, budget=budget,
+                                                    max_gap=max_gap, device=target, local=local)
             error = None
         except Exception as exc:
             error = exc
@@ -158,6 +184,46 @@ def _indices(layout: Layout, plan: PlanFn, rank: int, world: int) -> dict[str, I
             normalize(index, entry.info)
         out[entry.name] = index
     return out
+
+
+def check_share(share: str) -> None:
+    if share not in SHARES:
+        raise ValueError(f"unknown share {share!r}; choose one of {', '.join(SHARES)}")
+
+
+def choose_share(share: str, hosts: Hosts, layout: Layout) -> str:
+    """``page_cache`` or ``exchange`` for ``share``: ``auto`` shares the page cache when every
+    rank is on one host and every file is local (object storage has no page cache)."""
+    remote = any(shard.remote for shard in layout.shards)
+    if share == "page_cache" and remote:
+        raise ValueError("share='page_cache' needs local files; object storage is read with "
+                         "share='exchange'")
+    if share == "auto":
+        return "page_cache" if hosts.single and not remote else "exchange"
+    return share
+
+
+def _shared(peers: Peers, layout: Layout, indices: dict[int, dict[str, Index | None]],
+            budget: int, device: torch.device, local: dict[str, torch.Tensor],
+            on_host: list[int]) -> int:
+    """Fill this rank's parts from views of the page cache its host shares (``shared``); return
+    the bytes this rank asked storage for."""
+    names = {name for rank in indices for name, index in indices[rank].items()
+             if index is not None}
+    entries = list(iter_entries(layout, names))
+    stats = Shared()
+    for entry, view in shared(peers, layout, entries, budget, on_host, stats):
+        index = indices[peers.rank][entry.name]
+        if index is None:
+            continue
+        axes = normalize(index, entry.info)
+        part = part_in_rows(axes, entry.info, 0, entry.info.shape[0] if entry.info.shape else 1)
+        out = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch, device=device)
+        if part is not None:
+            out[part.dst].copy_(view[part.src])
+        local[entry.name] = out
+        del view
+    return stats.bytes_read
 
 
 def _collective(peers: Peers, layout: Layout, indices: dict[int, dict[str, Index | None]],

@@ -100,21 +100,48 @@ class Peers:
         """The default-group rank collectives take as ``src`` for group rank ``rank``."""
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
-    def agree(self, error: Exception | None) -> None:
+    def agree(self, error: BaseException | None) -> None:
         """Return if no rank failed; else raise: ``error`` here, ``RankFailed`` on the others."""
+        failed = self.post(error)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise failed
+
+    def post(self, error: BaseException | None) -> RankFailed | None:
+        """Take part in one ``agree`` without raising: this rank's ``error`` (if any) reaches the
+        others, and what failed anywhere comes back (None: nothing did).
+
+        What a rank that is leaving calls, so that the others, waiting in their next ``agree``,
+        raise at once instead of at the group's timeout."""
         flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
         if error is not None:
             flags[self.rank] = 1
         dist.all_reduce(flags, group=self.group)
         failed = flags.nonzero().flatten().tolist()
         if not failed:
-            return
+            return None
         reasons: list[str | None] = [None] * self.world
         mine = None if error is None else f"{type(error).__name__}: {error}"
         dist.all_gather_object(reasons, mine, group=self.group)
-        if error is not None:
-            raise error
-        raise RankFailed(failed, [str(reasons[r]) for r in failed])
+        return RankFailed(failed, [str(reasons[r]) for r in failed])
+
+    def leave(self, exc: BaseException) -> None:
+        """On the way out of a step whose next agreement the other ranks wait in (this rank's
+        consumer raised, or stopped early): post ``exc`` there, so they raise ``RankFailed`` at
+        once. Never raises: a broken group has nobody left to tell."""
+        error = exc if isinstance(exc, Exception) else RuntimeError(
+            f"its consumer stopped taking tensors midway ({type(exc).__name__})")
+        try:
+            self.post(error)
+        except Exception:  # noqa: BLE001 - the group itself is broken
+            pass
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value`` (picklable), in rank order."""
+        values: list[object] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.group)
+        return values
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sums over the group."""

@@ -9,10 +9,8 @@ result, which is why ``auto`` picks this only when the checkpoint is already cac
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
-import time
 import weakref
 from collections.abc import Sequence
 
@@ -23,13 +21,14 @@ from .. import probes
 from ..errors import ReadError
 from ..probes import LIBC
 from ..sources.records import PLAIN, Shard
-from . import base, retry
+from . import base
 from .base import PAGE, Strategy
+from .window import MADV_POPULATE_READ, fault_in, map_file, touch
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+__all__ = ["MADV_POPULATE_READ", "Mapping", "MmapStrategy"]
+
 #: mincore's byte per page → its lowest bit (resident), the others being undefined.
 _RESIDENT_BIT = bytes(value & 1 for value in range(256))
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class Mapping:
@@ -41,19 +40,13 @@ class Mapping:
     """
 
     def __init__(self, fd: int, size: int) -> None:
-        addr = LIBC.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        addr = map_file(fd, 0, size)
         self.addr, self.size = addr, size
         self.memory = (ctypes.c_ubyte * size).from_address(addr)
         weakref.finalize(self.memory, LIBC.munmap, addr, size)
 
     def madvise(self, advice: int, start: int, length: int) -> None:
         base.madvise(self.addr + start, length, advice)
-
-    def byte(self, offset: int) -> int:
-        return self.memory[offset]
 
     def uncached_runs(self, lo: int, end: int) -> list[tuple[int, int]]:
         """``[start, stop)`` runs of ``[lo, end)`` (``lo`` page-aligned) whose pages mincore
@@ -97,8 +90,6 @@ class MmapStrategy(Strategy):
     zero_copy = True
     in_flight = 2
     read_size = 16 << 20
-    #: After a signal stopped ``MADV_POPULATE_READ``, the rest is asked for in steps this large.
-    STEP = 1 << 20
 
     def __init__(self, release: bool = False, skip_cached: bool = False,
                  known_cached: bool = False) -> None:
@@ -200,40 +191,14 @@ class MmapStrategy(Strategy):
         self._populate(shard, first, last)
 
     def _populate(self, shard: int, lo: int, end: int) -> None:
-        """``MADV_POPULATE_READ`` of ``[lo, end)`` (``lo`` page-aligned).
-
-        A signal may stop ``MADV_POPULATE_READ`` midway (EINTR; EAGAIN when the kernel is short
-        of something): the pages faulted in so far stay, and the rest is asked for again in
-        steps of ``STEP``, each with a bounded number of attempts, so progress is counted.
-        """
-        position, step = lo, end - lo
-        attempts = retry.Attempts()
-        while self.populate_ok and position < end:
-            length = min(step, end - position)
-            try:
-                self.maps[shard].madvise(MADV_POPULATE_READ, position, length)
-            except OSError as exc:
-                path = self.shards[shard].path
-                if retry.transient(exc.errno):
-                    time.sleep(attempts.failed(exc.errno, "mapped read", length, position, path))
-                    step = min(step, self.STEP)
-                    continue
-                if exc.errno != errno.EINVAL:
-                    # EFAULT/EIO: a page could not be read (I/O error, file truncated). Touching
-                    # it would raise SIGBUS and kill the process; report it instead.
-                    why = ("a page could not be read: I/O error, or the file shrank"
-                           if exc.errno == errno.EFAULT else exc.strerror or str(exc))
-                    raise ReadError(f"read of {length} bytes at offset {position} (mapped) "
-                                    f"failed: {why}", path=path) from exc
-                self.populate_ok = False  # kernel older than 5.14: touch the pages instead
-                break
-            attempts.progressed()
-            position += length
-        if self.populate_ok:
-            return
+        """Map ``[lo, end)`` (``lo`` page-aligned) in (``window.fault_in``: signals are ridden
+        out, an unreadable page raises ``ReadError``); touched page by page before Linux 5.14."""
         mapping = self.maps[shard]
-        for offset in range(position, end, PAGE):
-            mapping.byte(offset)
+        if self.populate_ok and fault_in(mapping.addr + lo, end - lo, offset=lo,
+                                         path=self.shards[shard].path):
+            return
+        self.populate_ok = False  # kernel older than 5.14: touch the pages instead
+        touch(mapping.addr + lo, end - lo)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         self.populate(shard, start, start + dest.numel())  # an I/O error raises, not SIGBUS

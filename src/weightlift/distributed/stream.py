@@ -1,0 +1,206 @@
+"""``stream_sharded``: every rank of a group gets the whole tensors it wants, read once.
+
+What a serving engine's loader needs under tensor parallelism (vLLM's weight loaders cut each
+rank's shard out of full tensors): each rank names the tensors it wants (they may differ: with
+expert parallelism each rank wants its own experts), and the group plans *once, over the union*,
+so every rank takes part in the same steps; each rank yields only what it wants.
+
+On one host the tensors are zero-copy views of the page cache the ranks share (``shared``);
+across hosts, or from object storage, they are read by one rank and sent to the ranks that want
+them (``collective.exchange``) in batches of ``batch`` bytes. The checkpoint is resolved, and the
+strategy prepared, once per load.
+
+    for name, tensor in stream_sharded(files, wanted=lambda name: ..., group=tp_group):
+        param.copy_(tensor[my_rows])       # a view: copy what you keep
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..budget import resolve_budget
+from ..errors import CheckpointError
+from ..io import NAMES
+from ..remote import StorageOptions, as_remote
+from ..slicing import Axis
+from ..sources import Source, resolve
+from ..sources.records import Entry, Layout, iter_entries
+from .collective import exchange
+from .hosts import Hosts
+from .load import ShardReport, Share, _strategy, check_share, choose_share
+from .parts import normalize
+from .shared import Shared, shared
+from .sync import Peers
+
+#: The exchange path holds the whole tensors of one batch besides the budget.
+BATCH = 128 << 20
+
+Wanted = Callable[[str], bool] | Iterable[str] | None
+
+
+def stream_sharded(source: Source, *, wanted: Wanted = None,
+                   group: dist.ProcessGroup | None = None, share: Share = "auto",
+                   strategy: str = "auto", max_host_memory: int | str | None = None,
+                   host: str | None = None, batch: int = BATCH,
+                   storage_options: StorageOptions | None = None,
+                   on_report: Callable[[ShardReport], None] | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every tensor this rank ``wanted`` (a predicate on names, a
+    collection of names, or None for all), whole, in file order.
+
+        for name, tensor in stream_sharded("Llama-3-8B/", group=tp_group):
+            model.load_weight(name, tensor)
+
+    Call it on every rank of ``group`` with the same ``source``. With ``share="page_cache"``
+    (``auto`` on one host with local files) the tensors are zero-copy views over the page cache
+    that stay valid while referenced: copy what you keep, drop the rest (the budget counts on
+    it). With ``"exchange"`` they are the rank's own tensors. If any rank fails — a read, a bad
+    file, or its consumer raising or closing the iterator early — every rank raises
+    (``RankFailed`` on the others) at the next step, in seconds, not at the group's timeout.
+    ``on_report``: called at the end with this rank's ``ShardReport``.
+    """
+    check_share(share)
+    if strategy not in NAMES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(NAMES)}")
+    peers = Peers.of(group)
+    budget = resolve_budget(max_host_memory)
+    started = time.perf_counter()
+    layout: Layout | None = None
+    try:
+        error: Exception | None = None
+        mask = np.zeros(0, dtype=bool)
+        try:
+            layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
+            mask = _mask(layout, wanted)
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            error = exc
+        peers.agree(error)
+        assert layout is not None
+        entries = list(iter_entries(layout))
+        wants = _gather_wants(peers, entries, mask, layout)
+        union = [entry for i, entry in enumerate(entries) if wants[:, i].any()]
+        mine = {entry.name for i, entry in enumerate(entries) if wants[peers.rank, i]}
+        hosts = Hosts.of(peers, host)
+        medium = choose_share(share, hosts, layout)
+        report = ShardReport(peers.rank, peers.world, "collective", medium, medium, "", budget,
+                             checkpoint_bytes=layout.total_bytes)
+        if medium == "page_cache":
+            report.reason = "ranks on one host share it"
+            stats = Shared()
+            views = shared(peers, layout, union, budget, hosts.local, stats)
+            try:
+                for entry, view in views:
+                    if entry.name in mine:
+                        report.tensors += 1
+                        report.bytes_needed += entry.info.nbytes
+                        yield entry.name, view
+                    del view
+            finally:
+                views.close()  # stopped early: the views post it to the others now
+            report.bytes_read = stats.bytes_read
+        else:
+            yield from _exchanged(peers, layout, union, wants, entries, strategy, budget, batch,
+                                  report)
+        report.seconds = time.perf_counter() - started
+        report.total_bytes_read, report.total_bytes_needed = peers.sum([report.bytes_read,
+                                                                         report.bytes_needed])
+        report.slowest_seconds = peers.max(report.seconds)
+        if on_report is not None:
+            on_report(report)
+    finally:
+        if layout is not None:
+            layout.close()
+
+
+def _mask(layout: Layout, wanted: Wanted) -> np.ndarray:
+    """Which entries (file order) this rank wants."""
+    names = [entry.name for entry in iter_entries(layout)]
+    if wanted is None:
+        return np.ones(len(names), dtype=bool)
+    if callable(wanted):
+        return np.array([bool(wanted(name)) for name in names], dtype=bool)
+    chosen = set(wanted)
+    missing = sorted(chosen - set(names))
+    if missing:
+        raise CheckpointError(f"has no tensor named {missing[0]!r}", path=layout.root)
+    return np.array([name in chosen for name in names], dtype=bool)
+
+
+def _gather_wants(peers: Peers, entries: Sequence[Entry], mask: np.ndarray, layout: Layout
+                  ) -> np.ndarray:
+    """Every rank's wanted entries, ``[rank, entry]``; refuses ranks that opened different
+    checkpoints (their plans would not line up)."""
+    names = hashlib.sha256("\0".join(entry.name for entry in entries).encode()).hexdigest()
+    shapes = [(len(entries), names), np.packbits(mask).tobytes()]
+    gathered = peers.gather(shapes)
+    if len({tuple(g[0]) for g in gathered}) != 1:  # type: ignore[index]
+        raise CheckpointError("the ranks of the group opened different checkpoints (tensor "
+                              "names differ): pass every rank the same files",
+                              path=layout.root)
+    return np.stack([np.unpackbits(np.frombuffer(g[1], dtype=np.uint8),  # type: ignore[index]
+                                   count=len(entries)).astype(bool) for g in gathered])
+
+
+def _exchanged(peers: Peers, layout: Layout, union: Sequence[Entry], wants: np.ndarray,
+               entries: Sequence[Entry], strategy: str, budget: int, batch: int,
+               report: ShardReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """The union read once in the group and sent to the ranks that want each tensor, in
+    batches; the strategy prepared once. Ends with an agreement, so that a rank whose consumer
+    fails at the last batch still reaches the others."""
+    position = {entry.name: i for i, entry in enumerate(entries)}
+    reader = None
+    try:
+        error: Exception | None = None
+        try:
+            reader = _strategy(strategy, layout, sum(e.info.nbytes for e in union), report)
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            error = exc
+        peers.agree(error)
+        assert reader is not None
+        for part in _batches(union, batch):
+            plan: dict[str, list[tuple[Axis, ...] | None]] = {}
+            local: dict[str, torch.Tensor] = {}
+            for entry in part:
+                axes = normalize((), entry.info)
+                plan[entry.name] = [axes if wants[rank, position[entry.name]] else None
+                                    for rank in range(peers.world)]
+                if wants[peers.rank, position[entry.name]]:
+                    local[entry.name] = torch.empty(entry.info.torch_shape,
+                                                    dtype=entry.info.dtype.torch)
+            traffic = exchange(peers, layout, plan, local, reader, budget)
+            report.bytes_read += traffic.read
+            report.bytes_sent += traffic.sent
+            report.bytes_received += traffic.received
+            try:
+                for entry in part:
+                    if entry.name in local:
+                        report.tensors += 1
+                        report.bytes_needed += entry.info.nbytes
+                        yield entry.name, local.pop(entry.name)
+            except BaseException as exc:
+                peers.leave(exc)
+                raise
+        peers.agree(None)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _batches(entries: Sequence[Entry], limit: int) -> Iterator[list[Entry]]:
+    """Consecutive entries whose bytes add up to at most ``limit`` (one tensor may exceed it)."""
+    part: list[Entry] = []
+    total = 0
+    for entry in entries:
+        if part and total + entry.info.nbytes > limit:
+            yield part
+            part, total = [], 0
+        part.append(entry)
+        total += entry.info.nbytes
+    if part:
+        yield part
