@@ -49,6 +49,18 @@ ATTEMPTS = 12
 #: up to ``LONGEST`` (12 tries wait ~0.26 s in all).
 FIRST_PAUSE = 0.001
 LONGEST = 0.05
+#: Seconds a read the load stopped (interrupted, failed, abandoned) may take to come back: a
+#: cancelled io_uring read, a blocking preadv on a worker thread. Beyond it the load gives up
+#: waiting and keeps the read's memory for good (``keep``) instead of freeing it under the kernel.
+SETTLE = 10.0
+#: Memory of reads that never came back within ``SETTLE``: never freed while the process lives.
+KEPT: list[object] = []
+
+
+def keep(memory: object) -> None:
+    """Keep ``memory`` (a buffer a read may still write into) alive for the rest of the process."""
+    if memory is not None:
+        KEPT.append(memory)
 
 
 def transient(code: int | None) -> bool:
