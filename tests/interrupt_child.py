@@ -1,13 +1,14 @@
 """The child of ``test_interrupts.py``'s real-signal test: loads a checkpoint again and again until
 a signal interrupts it, then checks that the process is whole, for ``trials`` signals in a row.
 
-    python tests/interrupt_child.py CHECKPOINT ENGINE TRIALS SEED
+    python tests/interrupt_child.py CHECKPOINT ENGINES TRIALS SEED    # ENGINES: uring,threads
 
 Like vLLM's workers, it turns SIGTERM into ``SystemExit`` (code 143); SIGINT is Python's
 ``KeyboardInterrupt``. It speaks one line at a time on stdout:
 
 * ``ready SECONDS``: set up; one load takes about SECONDS.
-* ``go N STRATEGY MODE``: trial N starts loading (``load`` or ``stream``) — send a signal now.
+* ``go N ENGINE STRATEGY MODE``: trial N starts loading (``load`` or ``stream``) — send a
+  signal now.
 * ``caught N EXCEPTION``: the interrupt reached the caller.
 * ``ok N``: a second load compared bit for bit with safetensors, no descriptor, thread or
   io_uring is left over from the interrupted one, no memory had to be kept.
@@ -76,26 +77,27 @@ def same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> 
 
 
 def main(argv: list[str]) -> None:
-    path, engine, trials, seed = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    path, engines, trials, seed = Path(argv[0]), argv[1].split(","), int(argv[2]), int(argv[3])
     # Copies: safetensors' tensors map the file, whose pages could then not be evicted.
     reference = {name: tensor.clone() for name, tensor in load_file(path).items()}
     gc.collect()
     started = time.monotonic()
-    for strategy in STRATEGIES:  # every thread, descriptor and cache a load keeps, kept
-        for mode in MODES:
-            same(load(path, strategy, mode, engine), reference)
-    seconds = (time.monotonic() - started) / (len(STRATEGIES) * len(MODES))
+    combos = [(engine, strategy, mode) for engine in engines for strategy in STRATEGIES
+              for mode in MODES]
+    for engine in engines:  # every thread, descriptor and cache a load keeps, kept
+        for strategy in STRATEGIES:
+            same(load(path, strategy, "load", engine), reference)
+    seconds = (time.monotonic() - started) / (len(engines) * len(STRATEGIES))
     gc.collect()
     fds, threads = open_fds(), set(threading.enumerate())
     rng = random.Random(seed)
-    combos = [(strategy, mode) for strategy in STRATEGIES for mode in MODES]
     say("ready", f"{seconds:.3f}")
     caught: BaseException | None = None
     for trial in range(trials):
         if trial % len(combos) == 0:
             rng.shuffle(combos)
-        strategy, mode = combos[trial % len(combos)]
-        say("go", trial, strategy, mode)
+        engine, strategy, mode = combos[trial % len(combos)]
+        say("go", trial, engine, strategy, mode)
         try:
             while True:
                 load(path, strategy, mode, engine)
