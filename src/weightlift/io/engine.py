@@ -69,6 +69,40 @@ class Engine(Protocol):
         ...
 
 
+def interrupt_of(exc: BaseException) -> BaseException:
+    """The interrupt behind ``exc``, else ``exc``. A Ctrl-C (or a SIGTERM handler's
+    ``SystemExit``) that lands while a ``threading.Condition`` takes its lock back after a wait
+    (``Future.result``, ``Thread.start``) surfaces in CPython as ``RuntimeError: release unlocked
+    lock``, with the interrupt as its context: the caller must see the interrupt."""
+    context = exc.__context__
+    if isinstance(exc, RuntimeError) and context is not None and not isinstance(context,
+                                                                                Exception):
+        return context
+    return exc
+
+
+class Call:
+    """A worker thread's read: a ``concurrent.futures.Future`` whose waits raise the interrupt
+    itself (``interrupt_of``)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future[None]) -> None:
+        self.future = future
+
+    def result(self, timeout: float | None = None) -> None:
+        try:
+            self.future.result(timeout)
+        except RuntimeError as exc:
+            raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
 def settle(futures: Iterable[Pending], seconds: float | None = None
            ) -> tuple[list[Pending], BaseException | None]:
     """Cancel ``futures`` and wait for those already running, at most ``seconds`` in all
@@ -104,7 +138,7 @@ def settle(futures: Iterable[Pending], seconds: float | None = None
                     break
             except BaseException as exc:
                 if not future.done():  # not its own error: Ctrl-C while waiting, wait on
-                    interrupted = interrupted or exc
+                    interrupted = interrupted or interrupt_of(exc)
     return running, interrupted
 
 
@@ -121,22 +155,23 @@ class ThreadEngine:
         self._running: set[Future[None]] = set()
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
-        return self._track(self.pool.submit(strategy.read, shard, start, dest))
+        return self.call(strategy.read, shard, start, dest)
 
     def call(self, fn: Callable[..., None], *args: Any) -> Pending:
-        return self._track(self.pool.submit(fn, *args))
-
-    def _track(self, future: Future[None]) -> Future[None]:
+        try:
+            future = self.pool.submit(fn, *args)
+        except RuntimeError as exc:  # e.g. Ctrl-C while a new worker thread starts
+            raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
         self._running.add(future)
         future.add_done_callback(self._running.discard)
-        return future
+        return Call(future)
 
     def close(self) -> None:
         """Withdraw queued calls and wait for running ones, at most ``retry.SETTLE`` seconds (a
         read still blocked then is left to its thread, which holds its buffer); an interrupt
         meanwhile is raised once they are over."""
         self.pool.shutdown(wait=False, cancel_futures=True)
-        running, interrupted = settle(list(self._running))
+        running, interrupted = settle([Call(future) for future in list(self._running)])
         if running:
             warnings.warn(f"{len(running)} read(s) still blocked in the kernel {retry.SETTLE:g} s "
                           "after the load stopped; their threads and buffers are left to them",
@@ -147,7 +182,7 @@ class ThreadEngine:
                     self.pool.shutdown(wait=True)
                     break
                 except BaseException as exc:
-                    interrupted = interrupted or exc
+                    interrupted = interrupted or interrupt_of(exc)
         if interrupted is not None:
             raise interrupted
 
