@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import random
 import signal
 import sys
@@ -52,7 +53,8 @@ MODES = ("load", "stream")
 
 
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    """One line to the parent, in one write: a signal cannot cut it in two."""
+    os.write(sys.stdout.fileno(), (" ".join(map(str, words)) + "\n").encode())
 
 
 def load(path: Path, strategy: str, mode: str, engine: str) -> dict[str, torch.Tensor]:
