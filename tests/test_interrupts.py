@@ -620,7 +620,8 @@ class Child:
             time.sleep(1)
             self.process.kill()
         _, err = self.process.communicate(timeout=HANG)
-        raise AssertionError(f"{why}; the child's stderr:\n{err[-6000:]}")
+        shown = err if len(err) < 12000 else f"{err[:6000]}\n[...]\n{err[-6000:]}"
+        raise AssertionError(f"{why}; the child's stderr:\n{shown}")
 
 
 def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[str]:
@@ -640,7 +641,7 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             if twice:
                 time.sleep(rng.uniform(0, 0.02))
                 child.process.send_signal(kind)
-            caught = child.expect("caught", HANG)[2]
+            caught = child.expect("caught", HANG)[-1]
             took = time.monotonic() - sent
             want = "KeyboardInterrupt" if kind == signal.SIGINT else "SystemExit"
             if caught != want:
