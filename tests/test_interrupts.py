@@ -649,6 +649,9 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             child.expect("ok", 3 * HANG)
             report.append(f"{engine} {strategy} {mode} {kind.name}{' twice' if twice else ''}: "
                           f"caught after {took:.3f} s, second load exact, nothing left")
+            if SIGNAL_LOG:  # as it goes: a failed run still shows how far it came
+                with open(SIGNAL_LOG, "a") as log:
+                    log.write(f"{trial} {report[-1]}\n")
         code = child.process.wait(HANG)
     except subprocess.TimeoutExpired:
         child.fail("the child did not exit after its last trial")
@@ -664,9 +667,8 @@ def test_real_signals_at_random_moments_end_loads_promptly_and_cleanly(
         big_checkpoint: Path) -> None:
     seed = int(os.environ.get("WEIGHTLIFT_SIGNAL_SEED", random.randrange(1 << 30)))
     engines = "threads" if URING_REFUSED is not None else "uring,threads"
-    report = run_signals(big_checkpoint, engines, TRIALS, seed)
-    assert len(report) == TRIALS
     if SIGNAL_LOG:
         with open(SIGNAL_LOG, "a") as log:
             log.write(f"# seed {seed}, load average {open('/proc/loadavg').read().strip()}\n")
-            log.writelines(line + "\n" for line in report)
+    report = run_signals(big_checkpoint, engines, TRIALS, seed)
+    assert len(report) == TRIALS
