@@ -295,8 +295,10 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                     yield entry.name, tensor
                     del tensor  # once the consumer drops it, its memory can take the next
             finally:
-                tensors.close()  # every read reaped before the engine and the files go
-                runner.close()
+                try:
+                    tensors.close()  # every read reaped before the engine and the files go
+                finally:
+                    runner.close()  # also when an interrupt during the reaping is raised
             report.seconds = time.perf_counter() - started
         finally:
             reader.close()

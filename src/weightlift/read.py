@@ -10,25 +10,31 @@ Two pipelines share one shape — submit reads ahead on an engine (a thread pool
   parameters). Chunks pass through a ring of reused slots sized from the host-memory budget, and the
   ``Sink`` copies each piece out; a slot is reused only after its copy is done.
 
-Whatever goes wrong, pending reads are cancelled and running ones finished before the error
-propagates, so no thread (or kernel completion) writes into memory after the caller has seen the
-failure.
+Whatever goes wrong — a failed read, the consumer's exception, ``KeyboardInterrupt`` or a
+``SystemExit`` from a signal handler at any point — pending reads are cancelled and running ones
+finished before the error propagates (``_wind_down``), so no thread (or kernel completion) writes
+into memory after the caller has seen the failure. Waiting for them is bounded
+(``retry.SETTLE``): a read still running then keeps its memory and descriptors for good, with a
+warning. An interrupt that arrives while reads are wound down is raised once they are.
 
 Every read submitted pins the descriptors of its shard (``Shard.pin``) until it is reaped, so no
 descriptor is closed (to keep within the descriptor limit) under a read in flight. Reads run in
 file order, so few shards are pinned at once; a load pins another shard ahead of the one it
-waits for only while the pool of descriptors has room (``_room``).
+waits for only while the pool of descriptors has room (``_room``). Each pin carries a token the
+load records before pinning (``Pins``) and releases exactly once, wherever an exception came.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .io import retry
 from .io.base import Strategy, aligned_window
-from .io.engine import Engine, Pending, ThreadEngine
+from .io.engine import Engine, Pending, ThreadEngine, settle
 from .io.pool import BufferPool
 from .place import Sink, as_tensor
 from .plan import Block, Chunk, plan_blocks, plan_chunks
@@ -144,7 +150,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
         # plus one block (the one the consumer holds, with its O_DIRECT slack): reuse never
         # raises a stream's bound of budget + largest tensor.
         reuse = BufferPool(window + max(block.nbytes for block in blocks) + 3 * ALIGN)
-    pending: deque[tuple[Block, torch.Tensor, list[Pending]]] = deque()
+    pending: deque[tuple[Block, torch.Tensor, list[Pending], object]] = deque()
+    pins: Pins = {}
     ahead = 0       # bytes submitted but not yet handed out
     reads = 0       # reads submitted but not yet collected
     try:
@@ -158,18 +165,18 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                     and _room(strategy, blocks[0].shard))):
                 block = blocks.popleft()
                 futures: list[Pending] = []
-                _pin(strategy, block.shard)
-                # Pending (so cancelled and unpinned on failure) from before its first read.
-                pending.append((block, torch.empty(0, dtype=torch.uint8), futures))
+                token = _pin(strategy, block.shard, pins)
+                # Pending (so cancelled on failure) from before its first read.
+                pending.append((block, _NOTHING, futures, token))
                 buf = _submit_block(block, strategy, engine, reuse, futures)
-                pending[-1] = (block, buf, futures)
+                pending[-1] = (block, buf, futures, token)
                 ahead += block.nbytes
                 reads += len(futures)
-            block, buf, futures = pending[0]  # stays pending (cancelled on failure) until read
+            block, buf, futures, token = pending[0]  # pending (cancelled on failure) until read
             for future in futures:
                 future.result()
             pending.popleft()
-            _unpin(strategy, block.shard)
+            _unpin(strategy, token, pins)
             # Nothing is handed out whose bytes may have been read across a change of the file.
             strategy.shards[block.shard].check_unchanged()
             held = _verify(verifier, block.shard, block.start, buf, window is not None,
@@ -186,12 +193,13 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                 yield entry, as_tensor(buf[lo:hi], entry.info)
             del buf  # the consumer's tensors alone decide when this memory is reused
     finally:
-        _cancel(future for _, _, futures in pending for future in futures)
-        for block, _, _ in pending:
-            _unpin(strategy, block.shard)  # its reads are over: withdrawn or finished
+        interrupted = _wind_down(strategy, pins, [(token, buf, futures)
+                                                  for _, buf, futures, token in pending])
         pending.clear()
         if reuse is not None:
             reuse.close()
+        if interrupted is not None:
+            raise interrupted
 
 
 def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tensor,
@@ -222,25 +230,57 @@ def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: Buffe
     return buf
 
 
-def _pin(strategy: Strategy, shard: int) -> None:
-    """Pin the descriptors ``strategy`` reads ``shard`` through, for reads about to be submitted."""
+#: A load's pins: token → (shard, kinds). Recorded before pinning, dropped after unpinning; what
+#: is left when the load ends is unpinned then (unpinning a token twice changes nothing).
+Pins = dict[object, tuple[int, tuple[str, ...]]]
+#: The buffer of a block whose reads are not submitted yet.
+_NOTHING = torch.empty(0, dtype=torch.uint8)
+
+
+def _pin(strategy: Strategy, shard: int, pins: Pins) -> object:
+    """Pin the descriptors ``strategy`` reads ``shard`` through, for reads about to be submitted;
+    the token to unpin them with (``_unpin``). If this raises, ``pins`` still says what to undo."""
+    token = object()
+    kinds = strategy.kinds(shard)
+    pins[token] = (shard, kinds)
     s = strategy.shards[shard]
-    done: list[str] = []
-    try:
-        for kind in strategy.kinds(shard):
-            s.pin(kind)
-            done.append(kind)
-    except BaseException:
-        for kind in done:
-            s.unpin(kind)
-        raise
+    for kind in kinds:
+        s.pin(kind, token)
+    return token
 
 
-def _unpin(strategy: Strategy, shard: int) -> None:
+def _unpin(strategy: Strategy, token: object, pins: Pins) -> None:
     """Undo ``_pin`` once every read it covered has been reaped (finished or withdrawn)."""
+    shard, kinds = pins[token]
     s = strategy.shards[shard]
-    for kind in strategy.kinds(shard):
-        s.unpin(kind)
+    for kind in kinds:
+        s.unpin(kind, token)
+    del pins[token]
+
+
+def _wind_down(strategy: Strategy, pins: Pins,
+               held: list[tuple[object, torch.Tensor | None, list[Pending]]]
+               ) -> BaseException | None:
+    """Stop the reads a load has pending — ``held``: (pin token, memory, reads) — and release
+    every pin of ``pins``, whatever interrupts it; an interrupt that came meanwhile is returned
+    for the caller to raise once it has cleaned up. Reads still running after
+    ``retry.SETTLE`` keep their memory and their descriptors pinned for good."""
+    running, interrupted = settle([future for _, _, futures in held for future in futures])
+    if running:
+        still = {id(future) for future in running}
+        for token, memory, futures in held:
+            if any(id(future) in still for future in futures):
+                retry.keep(memory)
+                pins.pop(token, None)  # its descriptors stay pinned: a read may still use them
+        warnings.warn(f"{len(running)} read(s) were still running {retry.SETTLE:g} s after the "
+                      "load stopped; their memory and descriptors are kept for the rest of the "
+                      "process", RuntimeWarning, stacklevel=3)
+    for token in list(pins):
+        try:
+            _unpin(strategy, token, pins)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    return interrupted
 
 
 def _room(strategy: Strategy, shard: int) -> bool:
@@ -265,7 +305,8 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                 for _ in range(min(count, len(chunks)))]
     had_slots = bool(free)
     fenced: deque[tuple[torch.Tensor, object | None]] = deque()
-    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Pending]] = deque()
+    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Pending, object]] = deque()
+    pins: Pins = {}
     try:
         while chunks or pending:
             while chunks and len(pending) < count and (
@@ -280,17 +321,13 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                         break
                     slot = free.pop()
                 chunk = chunks.popleft()
-                _pin(strategy, chunk.shard)
-                try:
-                    src, future = _submit_chunk(chunk, slot, strategy, engine)
-                except BaseException:
-                    _unpin(strategy, chunk.shard)  # nothing was submitted
-                    raise
-                pending.append((chunk, slot, src, future))
-            chunk, slot, src, future = pending[0]  # stays pending (cancelled on failure) until read
+                token = _pin(strategy, chunk.shard, pins)
+                src, future = _submit_chunk(chunk, slot, strategy, engine)
+                pending.append((chunk, slot, src, future, token))
+            chunk, slot, src, future, token = pending[0]  # pending (cancelled on failure)
             future.result()
             pending.popleft()
-            _unpin(strategy, chunk.shard)
+            _unpin(strategy, token, pins)
             strategy.shards[chunk.shard].check_unchanged()
             ticket = None
             if verifier is not None:
@@ -314,18 +351,22 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                 if piece.last:
                     yield piece.entry, sink.finish(piece.entry)
     finally:
-        _cancel(future for _, _, _, future in pending)
-        for chunk, _, _, _ in pending:
-            _unpin(strategy, chunk.shard)  # its read is over: withdrawn or finished
-        # Every copy queued so far, including those of a chunk whose placing raised before its
-        # fence: none may still read a slot or write a destination once they are freed.
-        sink.drain()
-        if had_slots:
-            free.clear()
-            fenced.clear()
-            pending.clear()
-            slot = src = done_slot = None  # noqa: F841 - the last references to ring slots
-            sink.release_slots()
+        interrupted = _wind_down(strategy, pins, [(token, memory if memory is not None else src,
+                                                   [future])
+                                                  for _, memory, src, future, token in pending])
+        try:
+            # Every copy queued so far, including those of a chunk whose placing raised before
+            # its fence: none may still read a slot or write a destination once they are freed.
+            sink.drain()
+            if had_slots:
+                free.clear()
+                fenced.clear()
+                pending.clear()
+                slot = src = done_slot = None  # noqa: F841 - the last references to ring slots
+                sink.release_slots()
+        finally:
+            if interrupted is not None:
+                raise interrupted
 
 
 def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,
@@ -335,13 +376,3 @@ def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,
         return src, engine.call(strategy.populate, chunk.shard, chunk.start, chunk.end)
     src = aligned_window(slot, chunk.nbytes, chunk.start, ALIGN)
     return src, engine.read(strategy, chunk.shard, chunk.start, src)
-
-
-def _cancel(futures: Iterator[Pending]) -> None:
-    """Cancel what has not started and wait for what has, ignoring their errors (one is raised)."""
-    started = [future for future in futures if not future.cancel()]
-    for future in started:
-        try:
-            future.result()
-        except BaseException:
-            pass

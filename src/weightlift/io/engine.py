@@ -15,12 +15,16 @@ the thread pool otherwise; ``make_engine`` says which it took and, when it fell 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as WaitTimeout
 from typing import Any, Protocol
 
 import torch
 
+from . import retry
 from .base import Strategy
 from .uring import DEPTH, EngineUnavailable, UringEngine
 
@@ -37,9 +41,11 @@ AUTO_URING: frozenset[str] = frozenset({"direct"})
 class Pending(Protocol):
     """A submitted read: ``concurrent.futures.Future`` or an io_uring ``Ticket``."""
 
-    def result(self) -> Any: ...
+    def result(self, timeout: float | None = None) -> Any: ...
 
     def cancel(self) -> bool: ...
+
+    def done(self) -> bool: ...
 
 
 class Engine(Protocol):
@@ -63,6 +69,79 @@ class Engine(Protocol):
         ...
 
 
+def interrupt_of(exc: BaseException) -> BaseException:
+    """The interrupt behind ``exc``, else ``exc``. A Ctrl-C (or a SIGTERM handler's
+    ``SystemExit``) that lands while a ``threading.Condition`` takes its lock back after a wait
+    (``Future.result``, ``Thread.start``) surfaces in CPython as ``RuntimeError: release unlocked
+    lock``, with the interrupt as its context: the caller must see the interrupt."""
+    context = exc.__context__
+    if isinstance(exc, RuntimeError) and context is not None and not isinstance(context,
+                                                                                Exception):
+        return context
+    return exc
+
+
+class Call:
+    """A worker thread's read: a ``concurrent.futures.Future`` whose waits raise the interrupt
+    itself (``interrupt_of``)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future[None]) -> None:
+        self.future = future
+
+    def result(self, timeout: float | None = None) -> None:
+        try:
+            self.future.result(timeout)
+        except RuntimeError as exc:
+            raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def settle(futures: Iterable[Pending], seconds: float | None = None
+           ) -> tuple[list[Pending], BaseException | None]:
+    """Cancel ``futures`` and wait for those already running, at most ``seconds`` in all
+    (default ``retry.SETTLE``), whatever interrupts the wait: (those still running then, whose
+    memory must be kept; the first exception that interrupted the waiting, for the caller to
+    raise once it has released what the finished reads held). The futures' own errors are
+    left to whoever wanted their results.
+
+        running, interrupted = settle(pending)
+    """
+    interrupted: BaseException | None = None
+    started: list[Pending] = []
+    for future in futures:
+        try:
+            if not future.cancel():
+                started.append(future)
+        except BaseException as exc:  # e.g. an interrupt raised once a ring has stopped
+            interrupted = interrupted or exc
+            started.append(future)
+    deadline = time.monotonic() + (retry.SETTLE if seconds is None else seconds)
+    running: list[Pending] = []
+    for future in started:
+        while not future.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                running.append(future)
+                break
+            try:
+                future.result(timeout=left)
+            except WaitTimeout:
+                if not future.done():  # (a future's own error may be a TimeoutError)
+                    running.append(future)
+                    break
+            except BaseException as exc:
+                if not future.done():  # not its own error: Ctrl-C while waiting, wait on
+                    interrupted = interrupted or interrupt_of(exc)
+    return running, interrupted
+
+
 class ThreadEngine:
     """One blocking read per worker thread, ``depth`` threads."""
 
@@ -72,15 +151,40 @@ class ThreadEngine:
         self.depth = depth
         self.ahead = 2 * depth
         self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
+        #: Submitted and not finished yet.
+        self._running: set[Future[None]] = set()
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
-        return self.pool.submit(strategy.read, shard, start, dest)
+        return self.call(strategy.read, shard, start, dest)
 
     def call(self, fn: Callable[..., None], *args: Any) -> Pending:
-        return self.pool.submit(fn, *args)
+        try:
+            future = self.pool.submit(fn, *args)
+        except RuntimeError as exc:  # e.g. Ctrl-C while a new worker thread starts
+            raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return Call(future)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Withdraw queued calls and wait for running ones, at most ``retry.SETTLE`` seconds (a
+        read still blocked then is left to its thread, which holds its buffer); an interrupt
+        meanwhile is raised once they are over."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        running, interrupted = settle([Call(future) for future in list(self._running)])
+        if running:
+            warnings.warn(f"{len(running)} read(s) still blocked in the kernel {retry.SETTLE:g} s "
+                          "after the load stopped; their threads and buffers are left to them",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            for _ in range(100):  # the workers are idle: joining them is quick
+                try:
+                    self.pool.shutdown(wait=True)
+                    break
+                except BaseException as exc:
+                    interrupted = interrupted or interrupt_of(exc)
+        if interrupted is not None:
+            raise interrupted
 
 
 class InlineEngine:
@@ -141,7 +245,9 @@ class RingEngine(UringEngine):
         return self.depth
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
-        return self.submit(strategy.describe(shard, start, dest))
+        read = strategy.describe(shard, start, dest)
+        read.owner = dest  # its memory lives while the kernel may write into it
+        return self.submit(read)
 
     def call(self, fn: Callable[..., None], *args: Any) -> Pending:
         raise NotImplementedError("the io_uring engine only reads; use threads for populate")

@@ -43,7 +43,7 @@ class Mapping:
         addr = map_file(fd, 0, size)
         self.addr, self.size = addr, size
         self.memory = (ctypes.c_ubyte * size).from_address(addr)
-        weakref.finalize(self.memory, LIBC.munmap, addr, size)
+        weakref.finalize(self.memory, retry.guarded, LIBC.munmap, addr, size)
 
     def madvise(self, advice: int, start: int, length: int) -> None:
         base.madvise(self.addr + start, length, advice)

@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from . import base
+from . import base, retry
 
 #: A free mapping up to this many times larger than asked for is reused rather than a fresh one
 #: made; beyond that the slack would hold too much memory idle.
@@ -73,7 +73,7 @@ class BufferPool:
         if mapping is None:
             mapping = base.anonymous_mapping(nbytes)
         handle = memoryview(mapping)
-        weakref.finalize(handle, self._give_back, mapping).atexit = False
+        weakref.finalize(handle, retry.guarded, self._give_back, mapping).atexit = False
         return torch.frombuffer(handle, dtype=torch.uint8, count=nbytes)
 
     def _give_back(self, mapping: mmap.mmap) -> None:

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
+from collections.abc import Callable
 
 from ..errors import ReadError
 
@@ -49,6 +52,38 @@ ATTEMPTS = 12
 #: up to ``LONGEST`` (12 tries wait ~0.26 s in all).
 FIRST_PAUSE = 0.001
 LONGEST = 0.05
+#: Seconds a read the load stopped (interrupted, failed, abandoned) may take to come back: a
+#: cancelled io_uring read, a blocking preadv on a worker thread. Beyond it the load gives up
+#: waiting and keeps the read's memory for good (``keep``) instead of freeing it under the kernel.
+SETTLE = 10.0
+#: Memory of reads that never came back within ``SETTLE``: never freed while the process lives.
+KEPT: list[object] = []
+
+
+def keep(memory: object) -> None:
+    """Keep ``memory`` (a buffer a read may still write into) alive for the rest of the process."""
+    if memory is not None:
+        KEPT.append(memory)
+
+
+def guarded(fn: Callable[..., object], *args: object) -> None:
+    """``fn(*args)`` as a finalizer (``weakref.finalize(obj, guarded, fn, ...)``).
+
+    Python prints and drops an exception raised in a finalizer, so a Ctrl-C whose handler runs
+    while one does (unmapping a large buffer takes a while) would be lost, and so would the
+    ``SystemExit`` of a SIGTERM handler. Such an interrupt is sent to the main thread again (the
+    signal whose Python handler raises it) once the finalizer is over."""
+    try:
+        fn(*args)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        again = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        if callable(signal.getsignal(again)):
+            # From another thread, a moment later: a handler run right now would run inside
+            # this finalizer again.
+            timer = threading.Timer(0.05, signal.pthread_kill,
+                                    (threading.main_thread().ident, again))
+            timer.daemon = True
+            timer.start()
 
 
 def transient(code: int | None) -> bool:

@@ -18,7 +18,7 @@ import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import CheckpointError, WeightliftError
 
@@ -165,6 +165,10 @@ class Pool:
         fd = POOL.pin(shard, "plain", opener)   # opened (or kept open) and held
         ...                                     # reads on fd
         POOL.unpin(shard, "plain")              # may close it now, or later when room is needed
+
+    A pin may carry a ``token`` (any object): pinning or unpinning with the same token again
+    changes nothing, so a load that records its tokens before pinning can release them all once
+    in a ``finally``, whatever point an interrupt came at.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
@@ -195,10 +199,11 @@ class Pool:
                 self.capacity = max(MIN_CAPACITY, soft - open_count() - headroom(soft))
         return self.capacity
 
-    def pin(self, owner: object, kind: str, opener: Callable[[str], int]) -> int:
+    def pin(self, owner: object, kind: str, opener: Callable[[str], int],
+            token: object = None) -> int:
         """``owner``'s descriptor of ``kind``, held until ``unpin``; ``opener(kind)`` opens it
         when it is not open (an ``OSError`` it raises propagates, EMFILE after idle descriptors
-        were closed to make room)."""
+        were closed to make room). ``token``: see the class docstring."""
         key = (id(owner), kind)
         with self._lock:
             held = self._open.get(key)
@@ -217,7 +222,10 @@ class Pool:
                 del self._idle[key]
             if held.pins == 0:
                 self._pinned += 1
-            held.pins += 1
+            if token is None:
+                held.count += 1
+            else:
+                held.tokens.add(token)
             return held.fd
 
     def adopt(self, owner: object, kind: str, fd: int) -> None:
@@ -260,13 +268,19 @@ class Pool:
             self.opens += 1
             return fd
 
-    def unpin(self, owner: object, kind: str) -> None:
+    def unpin(self, owner: object, kind: str, token: object = None) -> None:
+        """Undo a ``pin``; with a ``token`` it no longer holds, nothing happens."""
         key = (id(owner), kind)
         with self._lock:
-            held = self._open[key]
-            if held.pins <= 0:
+            held = self._open.get(key)
+            if token is not None:
+                if held is None or token not in held.tokens:
+                    return
+                held.tokens.discard(token)
+            elif held is None or held.count <= 0:
                 raise AssertionError(f"{kind} descriptor unpinned more often than pinned")
-            held.pins -= 1
+            else:
+                held.count -= 1
             if held.pins:
                 return
             self._pinned -= 1
@@ -326,8 +340,14 @@ class Pool:
 class _Held:
     owner: object  # keeps ``id(owner)`` from being reused while its descriptor is open
     fd: int
-    pins: int = 0
+    #: Pins without a token, and the tokens of the others.
+    count: int = 0
+    tokens: set[object] = field(default_factory=set)
     released: bool = False
+
+    @property
+    def pins(self) -> int:
+        return self.count + len(self.tokens)
 
 
 #: The descriptors every local shard of this process holds.

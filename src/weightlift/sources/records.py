@@ -74,15 +74,17 @@ class Shard:
         """Equal for two shards that are the same file (a hard link, a path given twice)."""
         return (self.stamp.device, self.stamp.inode)
 
-    def pin(self, kind: str = PLAIN) -> int:
-        """Hold the descriptor of ``kind`` open (opening it if needed) until ``unpin``.
+    def pin(self, kind: str = PLAIN, token: object = None) -> int:
+        """Hold the descriptor of ``kind`` open (opening it if needed) until ``unpin`` (with the
+        same ``token``, if any: ``Pool``).
 
         Raises ``ReadError``: the file changed or was replaced since its header was read, the
-        descriptor limit is reached (naming it and how to raise it), or ``OpenRefused``."""
+        descriptor limit is reached (naming it and how to raise it), the checkpoint was closed,
+        or ``OpenRefused``."""
         if self.closed:
             raise ReadError("the checkpoint was closed", path=self.path)
         try:
-            return POOL.pin(self, kind, self._open)
+            fd = POOL.pin(self, kind, self._open, token)
         except OSError as exc:
             if is_limit(exc):
                 raise limit_error(ReadError, self.path, exc) from exc
@@ -90,9 +92,16 @@ class Shard:
                 raise ReadError("file disappeared during the load", path=self.path) from exc
             raise OpenRefused(f"cannot open ({kind}): {exc.strerror or exc}",
                               path=self.path) from exc
+        if self.closed:
+            # Closed while the pool waited for a descriptor (EMFILE): ``close`` found nothing
+            # to release then, so this descriptor is given back here.
+            POOL.release(self, (kind,))
+            POOL.unpin(self, kind, token)
+            raise ReadError("the checkpoint was closed", path=self.path)
+        return fd
 
-    def unpin(self, kind: str = PLAIN) -> None:
-        POOL.unpin(self, kind)
+    def unpin(self, kind: str = PLAIN, token: object = None) -> None:
+        POOL.unpin(self, kind, token)
 
     def descriptor(self, kind: str = PLAIN) -> int:
         """The descriptor of ``kind``, which the caller (or a read it waits for) has pinned."""

@@ -1,0 +1,674 @@
+"""Interrupts anywhere in a load: ``KeyboardInterrupt`` (Ctrl-C) or a ``SystemExit`` raised by a
+SIGTERM handler (as vLLM's workers install) reaches the caller promptly, after every read that
+may still write into a buffer was cancelled and reaped (or its memory is kept for good), with no
+pin, descriptor, thread or ring left behind, and the next load in the process is right.
+
+Two kinds of test:
+
+* Hook tests raise the interrupt at one exact point of the read path through a seam (the engine's
+  ``enter``/``completed``, its bookkeeping, ``read._pin``/``_unpin``, a future's ``result``, the
+  descriptor pool's open) — one test per window a review found open.
+* Real signals: a child process loads a few hundred MB again and again while this process sends
+  it SIGINT, or SIGTERM with a handler raising ``SystemExit``, at random moments, across strategy
+  × engine × ``load``/``stream``. The child catches each interrupt, checks that it came promptly,
+  loads again and compares bit for bit with safetensors, and checks that no descriptor, thread
+  or io_uring is left; at the end it lets the interrupt end it. ``WEIGHTLIFT_SIGNAL_TRIALS=500``
+  runs that many trials (a few a combination by default); see docs/safety.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import weightlift
+from conftest import assert_same, bytes_of
+from test_faults import make_tensors, no_leaks
+from weightlift import read as read_module
+from weightlift.errors import ReadError
+from weightlift.io import STRATEGIES, retry, uring
+from weightlift.io import base as io_base
+from weightlift.io import engine as engine_module
+from weightlift.io import pool as pool_module
+from weightlift.io.pool import BufferPool
+from weightlift.sources import records
+from weightlift.sources.descriptors import POOL
+
+URING_REFUSED = uring.probe()
+needs_uring = pytest.mark.skipif(URING_REFUSED is not None,
+                                 reason=f"io_uring unavailable here: {URING_REFUSED}")
+ENGINES = ["threads", pytest.param("uring", marks=needs_uring)]
+KiB = 1 << 10
+#: How long a step that must be prompt may take before the test calls it a hang (a busy machine
+#: is slow; a hang is forever).
+HANG = 20.0
+
+
+@pytest.fixture(autouse=True)
+def small_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many reads per file, so interrupts land with reads in flight."""
+    for strategy in STRATEGIES.values():
+        monkeypatch.setattr(strategy, "read_size", 256 * KiB)
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file(make_tensors(0), path)
+    return path
+
+
+def finishes(action: Callable[[], object], unstick: Callable[[], None] = lambda: None,
+             seconds: float = HANG) -> tuple[bool, BaseException | None]:
+    """Run ``action`` on a thread: (did it end within ``seconds``, what it raised). If it did
+    not, ``unstick()`` is called so a hung call (on code without the fix) can end."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    ended = not thread.is_alive()
+    if not ended:
+        unstick()
+        thread.join(seconds)
+    return ended, raised[0] if raised else None
+
+
+def data_file(tmp_path: Path, size: int) -> tuple[Path, bytes]:
+    path = tmp_path / "data"
+    payload = os.urandom(size)
+    path.write_bytes(payload)
+    return path, payload
+
+
+# ---------------------------------------------------------------------------------------------
+# io_uring: the ring's bookkeeping survives an exception at any point
+
+
+@needs_uring
+@pytest.mark.parametrize("where", ["completed", "then"])
+def test_an_interrupt_while_reaping_leaves_no_completion_untracked(
+        tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the second of a batch of completions is handled (the ``completed`` seam, or
+    a read's ``then`` callback raising ``SystemExit``): ``close()`` returns promptly, every read
+    is over, and the next ring reads correctly."""
+    path, payload = data_file(tmp_path, 8 * 64 * KiB)
+    fd = os.open(path, os.O_RDONLY)
+    buffer = torch.zeros(len(payload), dtype=torch.uint8)
+    calls = [0]
+    stuck = [False]
+    completed, enter = uring.completed, uring.enter
+
+    def interrupt() -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt if where == "completed" else SystemExit(143)
+
+    def seam(fd: int, offset: int, length: int, result: int) -> int:
+        if where == "completed":
+            interrupt()
+        return completed(fd, offset, length, result)
+
+    def unstickable_enter(*args: int) -> int:
+        if stuck[0]:  # the test gave up on a hang: let the spinning close() end
+            raise ReadError("the test gave up", path=None)
+        return enter(*args)
+
+    monkeypatch.setattr(uring, "completed", seam)
+    monkeypatch.setattr(uring, "enter", unstickable_enter)
+    ring = uring.UringEngine(depth=8)
+    try:
+        piece = 64 * KiB
+        tickets = [ring.submit(uring.Read(fd, buffer.data_ptr() + i * piece, i * piece, piece,
+                                          piece, 1, str(path), direct=False,
+                                          then=interrupt if where == "then" else None))
+                   for i in range(8)]
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            tickets[-1].result()
+        ended, raised = finishes(ring.close, lambda: stuck.__setitem__(0, True))
+        assert ended and raised is None, f"close() hung or failed after the interrupt: {raised}"
+    finally:
+        stuck[0] = True
+        if ring.fd >= 0:
+            ring.close()
+        os.close(fd)
+    assert ring.fd == -1 and ring.in_flight == 0
+    for ticket in tickets:
+        try:
+            ticket.result()
+        except ReadError as exc:
+            assert "withdrawn" in str(exc)
+        assert ticket.done()
+    monkeypatch.setattr(uring, "completed", completed)
+    monkeypatch.setattr(uring, "enter", enter)
+    again = torch.zeros(len(payload), dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    ring = uring.UringEngine(depth=8)
+    try:
+        ring.submit(uring.Read(fd, again.data_ptr(), 0, len(payload), len(payload), 1,
+                               str(path), direct=False)).result()
+    finally:
+        if ring.fd >= 0:  # (closing twice spins on code without the fix)
+            ring.close()
+        os.close(fd)
+    assert bytes(again.numpy()) == payload
+
+
+class Interrupting(dict):  # type: ignore[type-arg]
+    """``UringEngine._flying`` raising KeyboardInterrupt on its ``arm``-th insertion, before or
+    after storing it: an interrupt between recording a read and advancing the ring's tail."""
+
+    def __init__(self, arm: int, after: bool) -> None:
+        super().__init__()
+        self.arm, self.after = arm, after
+
+    def __setitem__(self, key: int, value: object) -> None:
+        self.arm -= 1
+        if self.arm == 0 and not self.after:
+            raise KeyboardInterrupt
+        super().__setitem__(key, value)
+        if self.arm == 0:
+            raise KeyboardInterrupt
+
+
+@needs_uring
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_an_interrupt_while_submitting_leaves_no_read_untracked(
+        tmp_path: Path, after: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, payload = data_file(tmp_path, 8 * 64 * KiB)
+    fd = os.open(path, os.O_RDONLY)
+    buffer = torch.zeros(len(payload), dtype=torch.uint8)
+    stuck = [False]
+    enter = uring.enter
+
+    def unstickable_enter(*args: int) -> int:
+        if stuck[0]:
+            raise ReadError("the test gave up", path=None)
+        return enter(*args)
+
+    monkeypatch.setattr(uring, "enter", unstickable_enter)
+    ring = uring.UringEngine(depth=8)
+    ring._flying = Interrupting(3, after)
+    try:
+        piece = 64 * KiB
+        tickets = [ring.submit(uring.Read(fd, buffer.data_ptr() + i * piece, i * piece, piece,
+                                          piece, 1, str(path), direct=False))
+                   for i in range(8)]
+        with pytest.raises(KeyboardInterrupt):
+            tickets[0].result()
+        ended, raised = finishes(ring.close, lambda: stuck.__setitem__(0, True))
+        assert ended and raised is None, f"close() hung or failed after the interrupt: {raised}"
+    finally:
+        stuck[0] = True
+        if ring.fd >= 0:
+            ring.close()
+        os.close(fd)
+    assert ring.fd == -1 and ring.in_flight == 0
+    for ticket in tickets:
+        ended, raised = finishes(ticket.result)
+        assert ended and (raised is None or "withdrawn" in str(raised))
+        assert ticket.done()
+
+
+@needs_uring
+def test_a_stalled_ring_still_reaps_its_reads_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``io_uring_enter`` answers EAGAIN until the load fails with a stall error while a read is
+    in the kernel (waiting on an empty pipe): ``close()`` does not stop after one more attempt —
+    it cancels the read and reaps it before the ring goes, so its buffer can be freed."""
+    readable, writable = os.pipe()
+    buffer = torch.zeros(4 * KiB, dtype=torch.uint8)
+    enter = uring.enter
+    refusals = [0]
+
+    def stalling(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+        if refusals[0] < retry.ATTEMPTS + 2:
+            refusals[0] += 1
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return enter(fd, to_submit, min_complete, flags)
+
+    monkeypatch.setattr(retry, "LONGEST", 0.001)
+    ring = uring.UringEngine(depth=4)
+    try:
+        ticket = ring.submit(uring.Read(readable, buffer.data_ptr(), 0, len(buffer), len(buffer),
+                                        1, "pipe", direct=False))
+        ring.flush()
+        assert ring.in_flight == 1
+        monkeypatch.setattr(uring, "enter", stalling)
+        with pytest.raises(ReadError, match="times in a row"):
+            ticket.result()
+        ended, raised = finishes(ring.close, lambda: os.write(writable, bytes(len(buffer))))
+        assert ended and raised is None, raised
+        assert ticket.finished and not ticket.lost, "close() left the read in the kernel"
+    finally:
+        if ring.fd >= 0:  # (closing twice spins on code without the fix)
+            ring.close()
+        os.close(readable)
+        os.close(writable)
+    assert ticket.done() and ring.in_flight == 0 and ring.fd == -1
+
+
+@needs_uring
+def test_a_read_the_kernel_keeps_keeps_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read the kernel does not give back (no cancel reaches it, ``io_uring_enter`` stalls for
+    ever) ends the wait after ``retry.SETTLE`` seconds: a warning names it, its memory is kept
+    for the rest of the process, and the ring is closed."""
+    readable, writable = os.pipe()
+    buffer = torch.zeros(4 * KiB, dtype=torch.uint8)
+    monkeypatch.setattr(retry, "SETTLE", 0.3)
+    monkeypatch.setattr(retry, "KEPT", [])
+    monkeypatch.setattr(uring.UringEngine, "_push_cancel", lambda self, user: None)
+    ring = uring.UringEngine(depth=4)
+    try:
+        ticket = ring.submit(uring.Read(readable, buffer.data_ptr(), 0, len(buffer), len(buffer),
+                                        1, "pipe", direct=False, owner=buffer))
+        ring.flush()
+        assert ring.in_flight == 1
+        with pytest.warns(RuntimeWarning, match="still in the kernel .* memory is kept"):
+            ended, raised = finishes(ring.close)
+        assert ended and raised is None, raised
+    finally:
+        if ring.fd >= 0:  # (closing twice spins on code without the fix)
+            ring.close()
+        os.close(writable)
+        os.close(readable)
+    assert ring.fd == -1 and ticket.lost and not ticket.done()
+    assert any(kept is buffer for kept in retry.KEPT)
+    with pytest.raises(ReadError, match="memory is kept"):
+        ticket.result()
+
+
+@needs_uring
+def test_a_second_interrupt_while_the_ring_stops_is_raised_after_it_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C, then Ctrl-C again twice while the ring cancels and reaps: it still reaps every
+    read, closes, and only then raises the interrupt."""
+    readable, writable = os.pipe()
+    buffer = torch.zeros(8 * KiB, dtype=torch.uint8)
+    enter = uring.enter
+    interrupts = [0]
+
+    def interrupted(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+        if interrupts[0] < 3:
+            interrupts[0] += 1
+            raise KeyboardInterrupt
+        return enter(fd, to_submit, min_complete, flags)
+
+    ring = uring.UringEngine(depth=4)
+    try:
+        tickets = [ring.submit(uring.Read(readable, buffer.data_ptr() + i * KiB, 0, KiB, KiB, 1,
+                                          "pipe", direct=False)) for i in range(4)]
+        ring.flush()
+        assert ring.in_flight == 4
+        monkeypatch.setattr(uring, "enter", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tickets[0].result()
+        ended, raised = finishes(ring.close, lambda: os.write(writable, bytes(len(buffer))))
+        assert ended and isinstance(raised, KeyboardInterrupt), raised
+        assert ring.fd == -1 and interrupts[0] == 3
+        assert all(ticket.done() for ticket in tickets)
+    finally:
+        if ring.fd >= 0:  # (closing twice spins on code without the fix)
+            os.write(writable, bytes(len(buffer)))
+            ring.close()
+        os.close(readable)
+        os.close(writable)
+
+
+# ---------------------------------------------------------------------------------------------
+# The read pipeline: pins and waits under interrupts
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", ["load", "stream", "copy"])
+@pytest.mark.parametrize("where", ["after-pin", "before-unpin", "after-unpin"])
+def test_an_interrupt_next_to_a_pin_releases_it_exactly_once(
+        ckpt: Path, engine: str, mode: str, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KeyboardInterrupt right after a block's descriptors were pinned (before the load recorded
+    it), right before they are unpinned (after the block was taken off the pending queue), or
+    right after: every pin is released once, every descriptor closed, the next load right."""
+    pin, unpin = read_module._pin, read_module._unpin
+    count = [0]
+
+    def interrupt() -> None:
+        count[0] += 1
+        if count[0] == 3:
+            raise KeyboardInterrupt
+
+    def pinning(*args: object) -> object:
+        token = pin(*args)  # type: ignore[arg-type]
+        if where == "after-pin":
+            interrupt()
+        return token
+
+    def unpinning(*args: object) -> None:
+        if where == "before-unpin":
+            interrupt()
+        unpin(*args)  # type: ignore[arg-type]
+        if where == "after-unpin":
+            interrupt()
+
+    monkeypatch.setattr(read_module, "_pin", pinning)
+    monkeypatch.setattr(read_module, "_unpin", unpinning)
+    expected = load_file(ckpt)
+    with no_leaks():
+        with pytest.raises(KeyboardInterrupt):
+            load(ckpt, mode, engine)
+    assert count[0] >= 3
+    monkeypatch.setattr(read_module, "_pin", pin)
+    monkeypatch.setattr(read_module, "_unpin", unpin)
+    with no_leaks():
+        assert_same(load(ckpt, mode, engine), converted(expected, mode))
+
+
+def load(path: Path, mode: str, engine: str) -> dict[str, torch.Tensor]:
+    if mode == "stream":
+        return dict(weightlift.stream(path, strategy="direct", engine=engine,
+                                      max_host_memory="4MiB"))
+    return weightlift.load(path, strategy="direct", engine=engine, max_host_memory="4MiB",
+                           dtype=torch.float64 if mode == "copy" else None)
+
+
+def converted(tensors: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    if mode != "copy":
+        return tensors
+    return {name: t.to(torch.float64) if t.is_floating_point() else t
+            for name, t in tensors.items()}
+
+
+class Slow:
+    """A ``preadv`` seam that holds the ``nth`` read until released, recording whether its
+    descriptor was still pinned when it ended, and when."""
+
+    def __init__(self, nth: int) -> None:
+        self.calls = iter(range(1, 1 << 30))
+        self.nth = nth
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.ended: list[tuple[bool, float]] = []
+        self.preadv = io_base.preadv
+
+    def __call__(self, fd: int, buffers: list[memoryview], offset: int) -> int:
+        if next(self.calls) == self.nth:
+            self.entered.set()
+            self.release.wait(HANG)
+            n = self.preadv(fd, buffers, offset)
+            pinned = any(held.fd == fd and held.pins for held in POOL._open.values())
+            self.ended.append((pinned, time.monotonic()))
+            return n
+        return self.preadv(fd, buffers, offset)
+
+
+def test_a_second_interrupt_while_a_read_is_waited_for_does_not_abandon_it(
+        ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C ends a thread-engine load while a read blocks on its worker; a second Ctrl-C
+    arrives while the load waits for that read. The load goes on waiting (its descriptor stays
+    pinned, its buffer alive) until the read is over, then raises the interrupt."""
+    slow = Slow(3)
+    monkeypatch.setattr(io_base, "preadv", slow)
+    submitted: list[object] = []
+    read = engine_module.ThreadEngine.read
+
+    class Interrupted:
+        """A future whose first wait after the first interrupt is itself interrupted."""
+
+        def __init__(self, future: object) -> None:
+            self.future = future
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.future, name)
+
+        def result(self, timeout: float | None = None) -> object:
+            if armed and not fired:
+                fired.append(True)
+                threading.Timer(0.3, slow.release.set).start()
+                raise KeyboardInterrupt  # Ctrl-C while waiting for the blocked read
+            return self.future.result(timeout)  # type: ignore[attr-defined]
+
+    armed: list[bool] = []
+    fired: list[bool] = []
+
+    def reading(self: engine_module.ThreadEngine, *args: object) -> object:
+        future = Interrupted(read(self, *args))  # type: ignore[arg-type]
+        submitted.append(future)
+        return future
+
+    def progress(done: int, total: int) -> None:
+        slow.entered.wait(HANG)
+        armed.append(True)
+        raise KeyboardInterrupt  # the first Ctrl-C
+
+    monkeypatch.setattr(engine_module.ThreadEngine, "read", reading)
+    with no_leaks():
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                weightlift.load(ckpt, strategy="direct", engine="threads", on_progress=progress)
+            raised = time.monotonic()
+        finally:
+            slow.release.set()
+    assert fired, "the second interrupt never came"
+    assert slow.ended, "the blocked read never ended"
+    pinned, ended = slow.ended[0]
+    assert pinned, "the read's descriptor was unpinned while it was still reading"
+    assert ended <= raised, "the interrupt reached the caller before the read ended"
+
+
+def test_a_read_that_never_ends_is_left_with_its_memory_after_a_bounded_wait(
+        ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read blocked on its worker thread for longer than ``retry.SETTLE``: the interrupt still
+    reaches the caller (after SETTLE), a warning says so, and the read's buffer is kept."""
+    monkeypatch.setattr(retry, "SETTLE", 0.3)
+    monkeypatch.setattr(retry, "KEPT", [])
+    slow = Slow(3)
+    monkeypatch.setattr(io_base, "preadv", slow)
+
+    def progress(done: int, total: int) -> None:
+        slow.entered.wait(HANG)
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.warns(RuntimeWarning, match="still"):
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                weightlift.load(ckpt, strategy="direct", engine="threads", on_progress=progress)
+            waited = time.monotonic() - started
+        assert waited < HANG
+        assert retry.KEPT, "the blocked read's buffer was not kept"
+    finally:
+        slow.release.set()
+
+
+def test_a_shard_closed_while_its_open_waits_for_a_descriptor_keeps_none(
+        ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin waits in the descriptor pool for EMFILE to pass while another thread closes the
+    checkpoint: the descriptor it opens afterwards is closed again, and the pin fails."""
+    layout = weightlift.open(ckpt)
+    shard = layout.layout.shards[0]
+    POOL.release(shard)  # its next pin opens the file again
+    assert not POOL.has_open(shard)
+    waiting, closed = threading.Event(), threading.Event()
+    real_open = records.Shard._open
+
+    def refused_until_closed(self: records.Shard, kind: str) -> int:
+        if not closed.is_set():
+            waiting.set()
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(self, kind)
+
+    monkeypatch.setattr(records.Shard, "_open", refused_until_closed)
+    outcome: list[object] = []
+
+    def pin() -> None:
+        try:
+            outcome.append(shard.pin(records.PLAIN))
+            shard.unpin(records.PLAIN)
+        except ReadError as exc:
+            outcome.append(exc)
+
+    with no_leaks():
+        thread = threading.Thread(target=pin)
+        thread.start()
+        assert waiting.wait(HANG)
+        layout.close()
+        closed.set()
+        thread.join(HANG)
+        assert not thread.is_alive()
+    assert isinstance(outcome[0], ReadError) and "closed" in str(outcome[0])
+    assert not POOL.has_open(shard)
+
+
+def test_an_interrupt_inside_a_finalizer_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C whose handler runs while a stream buffer is unmapped by its finalizer (Python
+    would print and drop it there) reaches the main thread right after."""
+    pool = BufferPool(limit=0)  # every buffer is unmapped when its tensors die
+
+    def interrupted(mapping: object) -> None:
+        raise KeyboardInterrupt  # as a handler run at the end of a long munmap would
+
+    monkeypatch.setattr(pool_module, "_unmap", interrupted)
+    buf = pool.take(4 << 20)
+    with pytest.raises(KeyboardInterrupt):
+        del buf  # the finalizer runs here
+        time.sleep(HANG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real signals at random moments, in a child process
+
+CHILD = Path(__file__).resolve().parent / "interrupt_child.py"
+#: Signals sent, each at a load of a random engine × strategy × ``load``/``stream`` (every one of
+#: them once a pass in random order); the environment asks for more (hundreds: docs/safety.md).
+TRIALS = int(os.environ.get("WEIGHTLIFT_SIGNAL_TRIALS", "6"))
+#: Where the real-signal runs write their log (one line a trial), if set.
+SIGNAL_LOG = os.environ.get("WEIGHTLIFT_SIGNAL_LOG")
+#: Seconds the child may take to start: torch's import and the reference load, on a busy machine.
+START = 180.0
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """130 MB of random bits in tensors from 4 KiB to 17 MiB, written by safetensors."""
+    path = tmp_path_factory.mktemp("signals") / "model.safetensors"
+    g = torch.Generator().manual_seed(26)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(24):
+        rows = [1, 97, 1024, 4096][i % 4]
+        tensors[f"layer{i:02d}.weight"] = torch.randint(-2**31, 2**31 - 1, (rows, 1024 + i),
+                                                        generator=g, dtype=torch.int32
+                                                        ).view(torch.float32)
+        tensors[f"layer{i:02d}.norm"] = torch.randint(0, 255, (4096 + 3 * i,), generator=g,
+                                                      dtype=torch.uint8)
+    save_file(tensors, path)
+    yield path
+    path.unlink()
+
+
+class Child:
+    """The child process and its lines, read by a thread so every wait is bounded."""
+
+    def __init__(self, checkpoint: Path, engines: str, trials: int, seed: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.process = subprocess.Popen([sys.executable, str(CHILD), str(checkpoint), engines,
+                                         str(trials), str(seed)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.seen = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self.seen:
+                self.lines.append(line.strip())
+                self.seen.notify_all()
+        with self.seen:
+            self.lines.append("")  # end of output
+            self.seen.notify_all()
+
+    def expect(self, word: str, seconds: float) -> list[str]:
+        """The child's next line, which must start with ``word``, within ``seconds``."""
+        with self.seen:
+            if not self.seen.wait_for(lambda: self.lines, seconds):
+                self.fail(f"no {word!r} line within {seconds:.0f} s")
+            line = self.lines.pop(0)
+        if not line.startswith(word):
+            self.fail(f"expected {word!r}, got {line!r}")
+        return line.split()
+
+    def fail(self, why: str) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)  # every thread's stack to stderr
+            time.sleep(1)
+            self.process.kill()
+        _, err = self.process.communicate(timeout=HANG)
+        shown = err if len(err) < 12000 else f"{err[:6000]}\n[...]\n{err[-6000:]}"
+        raise AssertionError(f"{why}; the child's stderr:\n{shown}")
+
+
+def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[str]:
+    """``trials`` signals to one child at random moments of its loads; one report line each."""
+    rng = random.Random(seed)
+    child = Child(checkpoint, engines, trials, seed)
+    report: list[str] = []
+    try:
+        seconds = float(child.expect("ready", START)[1])
+        for trial in range(trials):
+            _, _, engine, strategy, mode = child.expect("go", HANG)
+            kind = rng.choice([signal.SIGINT, signal.SIGTERM])
+            twice = rng.random() < 0.25  # a second Ctrl-C while the first one is cleaned up
+            time.sleep(rng.uniform(0, 1.5 * seconds))
+            sent = time.monotonic()
+            child.process.send_signal(kind)
+            if twice:
+                time.sleep(rng.uniform(0, 0.02))
+                child.process.send_signal(kind)
+            caught = child.expect("caught", HANG)[-1]
+            took = time.monotonic() - sent
+            want = "KeyboardInterrupt" if kind == signal.SIGINT else "SystemExit"
+            if caught != want:
+                child.fail(f"{kind.name} raised {caught}")
+            child.expect("ok", 3 * HANG)
+            report.append(f"{engine} {strategy} {mode} {kind.name}{' twice' if twice else ''}: "
+                          f"caught after {took:.3f} s, second load exact, nothing left")
+            if SIGNAL_LOG:  # as it goes: a failed run still shows how far it came
+                with open(SIGNAL_LOG, "a") as log:
+                    log.write(f"{trial} {report[-1]}\n")
+        code = child.process.wait(HANG)
+    except subprocess.TimeoutExpired:
+        child.fail("the child did not exit after its last trial")
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+    assert code == (-signal.SIGINT if kind == signal.SIGINT else 143), code
+    return report
+
+
+def test_real_signals_at_random_moments_end_loads_promptly_and_cleanly(
+        big_checkpoint: Path) -> None:
+    seed = int(os.environ.get("WEIGHTLIFT_SIGNAL_SEED", random.randrange(1 << 30)))
+    engines = "threads" if URING_REFUSED is not None else "uring,threads"
+    if SIGNAL_LOG:
+        with open(SIGNAL_LOG, "a") as log:
+            log.write(f"# seed {seed}, load average {open('/proc/loadavg').read().strip()}\n")
+    report = run_signals(big_checkpoint, engines, TRIALS, seed)
+    assert len(report) == TRIALS
