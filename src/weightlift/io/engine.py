@@ -219,13 +219,16 @@ class Done:
     def __init__(self, value: Any = None, error: Exception | None = None) -> None:
         self.value, self.error = value, error
 
-    def result(self) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         if self.error is not None:
             raise self.error
         return self.value
 
     def cancel(self) -> bool:
         return False
+
+    def done(self) -> bool:
+        return True
 
 
 def _done(fn: Callable[..., Any], *args: Any) -> Done:

@@ -21,7 +21,7 @@ from .. import probes
 from ..errors import ReadError
 from ..probes import LIBC
 from ..sources.records import PLAIN, Shard
-from . import base
+from . import base, retry
 from .base import PAGE, Strategy
 from .window import MADV_POPULATE_READ, fault_in, map_file, touch
 
