@@ -234,7 +234,9 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         sink = make_sink(target, to_dtype, destinations) if copying else None
         if sink is not None:
             sink.keep_slots = keep_pinned
-        reader = make_strategy(choice.strategy, copying=copying)
+        # Where the consumer copies and drops (a stream, a copying load), ranges in the page
+        # cache are handed out as views of mapped windows, at most the budget mapped at once.
+        reader = make_strategy(choice.strategy, copying=copying, windows=copying or streaming)
         if sink is not None and sink.pinned:
             reader.pin_device = target  # probe O_DIRECT with the page-locked memory it will get
         reader = prepare_strategy(reader, layout, report)
@@ -263,6 +265,9 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                 runner.close()
             report.seconds = time.perf_counter() - started
         finally:
+            report.bytes_mapped = reader.viewed
+            report.bytes_read = max(0, total - reader.viewed)
+            report.mapped_peak = reader.mapped_peak()
             reader.close()
             if verifier is not None:
                 verifier.close()
@@ -302,7 +307,7 @@ def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> 
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         report.fallbacks.append(message)
         report.strategy = "stream"
-        fallback = make_strategy("stream")
+        fallback = make_strategy("stream", windows=strategy.windows is not None)
         fallback.pin_device = strategy.pin_device
         fallback.prepare(layout.shards)
         return fallback

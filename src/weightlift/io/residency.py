@@ -5,11 +5,14 @@ A checkpoint a previous load left half cached should not be read again from disk
 are still in memory, nor lose O_DIRECT speed where they are not. ``split_cached`` is the pure
 decision (a byte range and a page-residency map → runs marked cached or not), usable by any read
 engine; ``CachedRanges`` holds one residency map per shard, taken once when a load starts, and
-copies cached runs with buffered reads that start no read-ahead.
+copies cached runs with buffered reads that start no read-ahead. Given ``Windows``, it maps a
+range that is wholly cached instead (``window``): a load that copies out of it copies once,
+straight from the page cache, where a read would copy cache → buffer first.
 
-    ranges = CachedRanges(shards)            # mincore per shard; nothing kept for cold files
+    ranges = CachedRanges(shards, Windows())  # mincore per shard; nothing kept for cold files
+    window = ranges.window(0, start, end)     # wholly cached: a mapped window to view; else None
     for lo, hi, cached in ranges.split(0, start, end):
-        ...                                  # cached: ranges.read(0, lo, view); else O_DIRECT
+        ...                                   # cached: ranges.read(0, lo, view); else O_DIRECT
 
 ``read`` goes through the shard's ``RANDOM`` descriptor, which the caller pins around it.
 """
@@ -21,8 +24,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import probes
+from ..errors import ReadError
 from ..sources.records import PLAIN, RANDOM, OpenRefused, Shard
 from .base import PAGE, pread_into
+from .window import Window, Windows
 
 #: One run of a range: ``(start, end, cached)`` in absolute file offsets.
 Run = tuple[int, int, bool]
@@ -60,6 +65,25 @@ def split_cached(start: int, end: int, resident: np.ndarray | None, page: int = 
     return runs
 
 
+def wholly_cached(start: int, end: int, resident: np.ndarray | None, page: int = PAGE) -> bool:
+    """Whether every page of ``[start, end)`` is cached by ``resident`` (pages past its end are
+    not): ``wholly_cached(0, 2 * 4096, np.array([True, True, False])) is True``."""
+    if resident is None or end <= start:
+        return False
+    first, last = start // page, (end - 1) // page + 1
+    return last <= resident.size and bool(resident[first:last].all())
+
+
+def map_cached(windows: Windows, shard: Shard, start: int, end: int) -> Window | None:
+    """A window of ``shard``'s ``[start, end)`` (a range ``wholly_cached``); None when the
+    kernel refuses the mapping (the caller reads it instead)."""
+    try:
+        with shard.opened(PLAIN) as fd:
+            return windows.map(fd, start, end, path=shard.path)
+    except ReadError:
+        return None  # e.g. ENOMEM at vm.max_map_count: read like any other range
+
+
 class CachedRanges:
     """Residency maps of a load's shards and buffered descriptors to copy their cached runs.
 
@@ -74,8 +98,10 @@ class CachedRanges:
     #: Below this many cached bytes (estimated) a file is read as if cold.
     MIN_CACHED = 4 << 20
 
-    def __init__(self, shards: Sequence[Shard]) -> None:
+    def __init__(self, shards: Sequence[Shard], windows: Windows | None = None) -> None:
         self.shards = shards
+        #: Set: wholly cached ranges are mapped (``window``) rather than copied.
+        self.windows = windows
         self.resident: list[np.ndarray | None] = []
         try:
             for shard in shards:
@@ -111,6 +137,17 @@ class CachedRanges:
     def split(self, shard: int, start: int, end: int) -> list[Run]:
         """``split_cached`` with this shard's residency map."""
         return split_cached(start, end, self.resident[shard])
+
+    def mappable(self, shard: int, start: int, end: int) -> bool:
+        """Whether windows are on and all of ``[start, end)`` was cached when the load started."""
+        return self.windows is not None and wholly_cached(start, end, self.resident[shard])
+
+    def window(self, shard: int, start: int, end: int) -> Window | None:
+        """A mapped window of ``[start, end)`` if it is ``mappable``; None: read it
+        (``split``/``read``)."""
+        if self.windows is None or not self.mappable(shard, start, end):
+            return None
+        return map_cached(self.windows, self.shards[shard], start, end)
 
     def read(self, shard: int, start: int, dest: memoryview) -> None:
         """Copy ``[start, start + len(dest))`` (a cached run) out of the page cache, through a
