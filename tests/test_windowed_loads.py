@@ -173,11 +173,17 @@ def test_a_device_copy_path_copies_out_of_windows(checkpoint: tuple[Path, str]) 
     assert_same(out, reference)
 
 
-def test_a_warm_stream_never_maps_more_than_the_budget(written: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def warm(written: Path, tmp_path: Path) -> Path:
     path = tmp_path / "model.safetensors"
     path.write_bytes(written.read_bytes())
     pagecache.sync(path)
     pagecache.warm(path, 0, path.stat().st_size)
+    return path
+
+
+def test_a_warm_stream_never_maps_more_than_the_budget(warm: Path) -> None:
+    path = warm
     reference = reference_of(path, "warm")
     seen: list[int] = []
     done = threading.Event()
@@ -205,12 +211,8 @@ def test_a_warm_stream_never_maps_more_than_the_budget(written: Path, tmp_path: 
     assert len(seen) > 1
 
 
-def test_a_kept_tensor_stays_right_after_later_windows_are_unmapped(
-        written: Path, tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(written.read_bytes())
-    pagecache.sync(path)
-    pagecache.warm(path, 0, path.stat().st_size)
+def test_a_kept_tensor_stays_right_after_later_windows_are_unmapped(warm: Path) -> None:
+    path = warm
     reference = reference_of(path, "warm")
     kept: dict[str, torch.Tensor] = {}
     mapped_later = []
@@ -229,13 +231,9 @@ def test_a_kept_tensor_stays_right_after_later_windows_are_unmapped(
     assert mapped_bytes(path) == 0
 
 
-def test_a_cpu_load_keeps_its_zero_copy_views_of_the_whole_file(
-        written: Path, tmp_path: Path) -> None:
+def test_a_cpu_load_keeps_its_zero_copy_views_of_the_whole_file(warm: Path) -> None:
     """``load()`` to CPU of a cached checkpoint: the result *is* the page cache (mmap)."""
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(written.read_bytes())
-    pagecache.sync(path)
-    pagecache.warm(path, 0, path.stat().st_size)
+    path = warm
     reports: list[weightlift.LoadReport] = []
     state = weightlift.load(path, on_report=reports.append)
     assert reports[0].strategy == "mmap"
