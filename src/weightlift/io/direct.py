@@ -7,7 +7,7 @@ extent around its range and writes the few extra bytes into slack that ``aligned
 Pages already in the page cache when the load starts are not read again from disk: each range is
 split into cached and uncached runs (``residency.split_cached``) and only the uncached ones are
 read with O_DIRECT; cached runs are copied out of the cache. With ``windows`` (a load that copies
-its tensors away or streams them), a range wholly in the cache is not read at all: the read loop
+its tensors away or streams them), a range (mostly) in the cache is not read at all: the read loop
 hands out views of a window mapped over it (``io/window.py``), and the consumer copies once.
 """
 
@@ -23,7 +23,7 @@ from ..errors import ReadError
 from ..sources.records import DIRECT, RANDOM, OpenRefused, Shard
 from . import base, retry
 from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
-from .residency import CachedRanges
+from .residency import MAPPED_IN_FLIGHT, CachedRanges
 from .uring import Read
 from .window import Window, Windows
 
@@ -41,7 +41,7 @@ class DirectStrategy(Strategy):
         super().__init__()
         #: Copy ranges cached when the load starts out of the page cache instead of the disk.
         self.per_range = per_range
-        #: Map ranges wholly cached when the load starts instead of copying them (``window``).
+        #: Map ranges (mostly) cached when the load starts instead of copying them (``window``).
         self.windows = Windows() if windows and per_range else None
         self.cache: CachedRanges | None = None
 
@@ -71,6 +71,8 @@ class DirectStrategy(Strategy):
                     # Copies out of the cache take worker threads too: keep as many O_DIRECT
                     # reads in flight as a cold load would, or the disk idles between them.
                     self.in_flight = self.CACHED_IN_FLIGHT
+                    if self.windows is not None and cache.mostly_cached():
+                        self.in_flight = MAPPED_IN_FLIGHT  # windows: populating, few reads
         except BaseException:
             self.close()
             raise

@@ -4,7 +4,7 @@ Needs neither mmap nor O_DIRECT nor pinned memory, so it works on every file sys
 read-ahead still helps; ``POSIX_FADV_DONTNEED`` on each consumed range keeps the page cache from
 growing with the checkpoint. Pages that were cached before the load stay: they are someone
 else's working set. With ``windows`` (a load that copies its tensors away or streams them), a
-range wholly cached before the load is not read: the read loop hands out views of a window mapped
+range (mostly) cached before the load is not read: the read loop hands out views of a window mapped
 over it (``io/window.py``).
 """
 
@@ -19,7 +19,8 @@ import torch
 from ..errors import WeightliftError
 from ..sources.records import PLAIN, Shard
 from .base import PAGE, Strategy, host_view, pread_into
-from .residency import CachedRanges, cached_pages, map_cached, wholly_cached
+from .residency import (MAPPED, MAPPED_IN_FLIGHT, CachedRanges, cached_pages, map_cached,
+                        mostly_cached)
 from .uring import Read
 from .window import Window, Windows
 
@@ -55,9 +56,12 @@ class StreamStrategy(Strategy):
             self.mappable_pages = [
                 pages if pages is not None and np.count_nonzero(pages) * PAGE
                 >= CachedRanges.MIN_CACHED else None for pages in self.cached_before]
+            if all(pages is not None and np.count_nonzero(pages) >= MAPPED * pages.size
+                   for pages in self.mappable_pages):
+                self.in_flight = MAPPED_IN_FLIGHT  # see DirectStrategy.MAPPED_IN_FLIGHT
 
     def mappable(self, shard: int, start: int, end: int) -> bool:
-        return self.windows is not None and wholly_cached(start, end, self.mappable_pages[shard])
+        return self.windows is not None and mostly_cached(start, end, self.mappable_pages[shard])
 
     def window(self, shard: int, start: int, end: int) -> Window | None:
         if self.windows is None or not self.mappable(shard, start, end):
