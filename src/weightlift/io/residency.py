@@ -19,6 +19,7 @@ straight from the page cache, where a read would copy cache → buffer first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,10 +134,13 @@ class CachedRanges:
 
     def _map(self, fd: int) -> np.ndarray | None:
         try:
-            if probes.sampled_resident_bytes(fd) < self.MIN_CACHED:
-                return None
+            estimate = probes.sampled_resident_bytes(fd)
         except OSError:
             return None
+        if estimate < self.MIN_CACHED:
+            return None
+        if self.windows is not None:
+            return warm_map(fd, estimate)
         return cached_pages(fd)
 
     @property
@@ -180,6 +184,22 @@ class CachedRanges:
         for shard in self.shards:
             shard.release(RANDOM)
         self.resident = []
+
+
+#: A file estimated at least this much cached counts as wholly cached for windows: no
+#: page-by-page map is taken (mincore over every page cost ~70 ms per 700 MB shard on this busy
+#: VM, where the estimate costs ~5 ms), and the windows' page faults read the few missing pages.
+NEARLY = 0.98
+
+
+def warm_map(fd: int, estimate: int) -> np.ndarray | None:
+    """The residency map a load that maps cached ranges in windows goes by: every page cached
+    when ``estimate`` (``probes.sampled_resident_bytes``) says the file nearly is, else the
+    file's real map (``cached_pages``)."""
+    size = os.fstat(fd).st_size
+    if estimate >= NEARLY * size:
+        return np.ones(-(-size // PAGE), dtype=bool)
+    return cached_pages(fd)
 
 
 def cached_pages(fd: int) -> np.ndarray | None:

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import probes
 from ..errors import WeightliftError
 from ..sources.records import PLAIN, Shard
 from .base import PAGE, Strategy, host_view, pread_into
 from .residency import (MAPPED, MAPPED_IN_FLIGHT, CachedRanges, cached_pages, map_cached,
-                        mostly_cached)
+                        mostly_cached, warm_map)
 from .uring import Read
 from .window import Window, Windows
 
@@ -49,8 +50,7 @@ class StreamStrategy(Strategy):
             # limit) reads with the default read-ahead, as correctly.
             with shard.opened(PLAIN) as fd:
                 _fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                known = self.evict or self.windows is not None
-                self.cached_before.append(cached_pages(fd) if known else None)
+                self.cached_before.append(self._cached(fd))
         if self.windows is not None:
             # As ``direct`` does: a file with a few pages cached (its header) is read as if cold.
             self.mappable_pages = [
@@ -62,6 +62,18 @@ class StreamStrategy(Strategy):
 
     def mappable(self, shard: int, start: int, end: int) -> bool:
         return self.windows is not None and mostly_cached(start, end, self.mappable_pages[shard])
+
+    def _cached(self, fd: int) -> np.ndarray | None:
+        """The file's residency map, if this load needs one (to evict only what it read, or to
+        map the cached ranges); with windows, a nearly cached file counts as wholly cached."""
+        if self.windows is not None:
+            try:
+                estimate = probes.sampled_resident_bytes(fd)
+            except OSError:
+                return cached_pages(fd) if self.evict else None
+            if estimate >= CachedRanges.MIN_CACHED:
+                return warm_map(fd, estimate)
+        return cached_pages(fd) if self.evict else None
 
     def window(self, shard: int, start: int, end: int) -> Window | None:
         if self.windows is None or not self.mappable(shard, start, end):
