@@ -96,10 +96,13 @@ def make_cold(files: list[Path]) -> None:
 
 def make_warm(files: list[Path]) -> None:
     buffer = bytearray(16 << 20)
-    for f in files:
-        with open(f, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
+    for _ in range(3):  # on a shared machine reclaim may take pages meanwhile: read again
+        for f in files:
+            with open(f, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+        if cached_fraction(files) > 0.99:
+            break
     held = cached_fraction(files)
     assert held > 0.99, f"only {held:.1%} of the checkpoint cached"
 
