@@ -56,8 +56,18 @@ def test_auto_streams_past_the_uncached_rest_when_it_exceeds_the_budget() -> Non
     refused = choose(facts(resident_bytes=cached, streaming=True, budget=64 << 20,
                            direct_refused="no"))
     assert refused.strategy == "stream" and "beyond the host-memory budget" in refused.reason
-    assert choose(facts(resident_bytes=cached, streaming=True, budget=1 * GiB)).strategy == "mmap"
+    assert choose(facts(resident_bytes=cached, streaming=True, budget=1 * GiB)).strategy == "stream"
     assert choose(facts(resident_bytes=cached, budget=64 << 20)).strategy == "mmap"
+
+
+@pytest.mark.parametrize("load", [dict(streaming=True), dict(copying=True, device="cuda"),
+                                  dict(copying=True)])
+def test_auto_maps_windows_of_a_cached_checkpoint_whose_consumer_copies(load: dict) -> None:
+    """Zero-copy views of the whole files only where they are the result (a CPU ``load()``);
+    a stream or a copying load gets views of windows mapped at most the budget at a time."""
+    choice = choose(facts(resident_bytes=4 * GiB, budget=64 << 20, **load))
+    assert choice.strategy == "stream"
+    assert "views of windows" in choice.reason and "at most the budget" in choice.reason
 
 
 def test_auto_reads_only_the_uncached_part_of_a_partly_cached_checkpoint() -> None:

@@ -1,5 +1,5 @@
 """Warm loads pay only for what their choice needs: no O_DIRECT probe (a disk read) when the
-checkpoint is cached enough to be mapped."""
+checkpoint is cached enough to be mapped (whole, or in windows)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def test_a_cached_stream_is_mapped_without_probing_o_direct(cached: Path,
     facts = gather(cached, streaming=True, budget=64 << 20)
     assert probes == []
     assert facts.direct_refused is not None and facts.direct_refused.startswith("not probed")
-    assert auto.choose(facts).strategy == "mmap"
-    state = dict(weightlift.stream(cached))
+    assert auto.choose(facts).strategy == "stream"  # in windows of the file
+    state = {name: tensor.clone() for name, tensor in weightlift.stream(cached)}
     assert probes == []
     assert_same(state, load_file(cached))
 

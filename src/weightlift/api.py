@@ -252,7 +252,10 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
             reader: Strategy = MmapStrategy(skip_cached=True, known_cached=facts is not None
                                             and facts.resident_bytes >= facts.file_bytes > 0)
         else:
-            reader = make_strategy(choice.strategy, copying=copying)
+            # Where the consumer copies and drops (a stream, a copying load), ranges in the page
+            # cache are handed out as views of mapped windows, at most the budget mapped at once.
+            reader = make_strategy(choice.strategy, copying=copying,
+                                   windows=copying or streaming)
         if sink is not None and sink.pinned:
             reader.pin_device = target  # probe O_DIRECT with the page-locked memory it will get
         reader = prepare_strategy(reader, layout, report)
@@ -301,6 +304,9 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
                     runner.close()  # also when an interrupt during the reaping is raised
             report.seconds = time.perf_counter() - started
         finally:
+            report.bytes_mapped = reader.viewed
+            report.bytes_read = max(0, total - reader.viewed)
+            report.mapped_peak = reader.mapped_peak()
             reader.close()
             if verifier is not None:
                 verifier.close()
@@ -398,7 +404,7 @@ def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> 
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         report.fallbacks.append(message)
         report.strategy = "stream"
-        fallback = make_strategy("stream")
+        fallback = make_strategy("stream", windows=strategy.windows is not None)
         fallback.pin_device = strategy.pin_device
         fallback.prepare(layout.shards)
         return fallback

@@ -15,7 +15,7 @@ Two shapes of plan, for the two ways bytes reach their destination:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .dequant import packed_type
@@ -67,13 +67,22 @@ class Chunk:
         return self.end - self.start
 
 
-def _runs(entries: Sequence[Entry], limit: int) -> Iterator[list[Entry]]:
-    """Group entries (in file order) into runs of adjacent small tensors; large ones stand alone."""
+#: Says which small tensors may share a read: neighbours of the same kind (e.g. in the page cache
+#: or not, so that a run of cached tensors can be mapped rather than read).
+Kind = Callable[[Entry], object]
+
+
+def _runs(entries: Sequence[Entry], limit: int, kind: Kind | None = None
+          ) -> Iterator[list[Entry]]:
+    """Group entries (in file order) into runs of adjacent small tensors of one ``kind``; large
+    ones stand alone."""
     run: list[Entry] = []
     run_bytes = 0
     for entry in entries:
         size = entry.info.nbytes
         adjacent = bool(run) and run[-1].shard == entry.shard and run[-1].info.end == entry.info.start
+        if adjacent and kind is not None:
+            adjacent = kind(run[-1]) == kind(entry)
         if size >= SMALL_TENSOR:
             if run:
                 yield run
@@ -102,11 +111,12 @@ def split_range(start: int, end: int, step: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip(cuts[:-1], cuts[1:]))
 
 
-def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 << 20
-                ) -> list[Block]:
-    """Blocks for a load into fresh host buffers; ``read_size`` must be a multiple of 4096."""
+def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 << 20,
+                kind: Kind | None = None) -> list[Block]:
+    """Blocks for a load into fresh host buffers; ``read_size`` must be a multiple of 4096.
+    Small tensors share a block with neighbours of their ``kind`` only."""
     blocks = []
-    for run in _runs(list(entries), group_limit):
+    for run in _runs(list(entries), group_limit, kind):
         start, end = run[0].info.start, run[-1].info.end
         blocks.append(Block(run[0].shard, start, end, tuple(run),
                             split_range(start, end, read_size)))
@@ -122,10 +132,12 @@ def _cut_unit(entry: Entry, chunk_size: int) -> int:
     return row if row <= chunk_size else kind.type_size
 
 
-def plan_chunks(entries: Iterable[Entry], chunk_size: int) -> list[Chunk]:
-    """Chunks of at most ``chunk_size`` bytes for a load through a ring of that slot size."""
+def plan_chunks(entries: Iterable[Entry], chunk_size: int, kind: Kind | None = None
+                ) -> list[Chunk]:
+    """Chunks of at most ``chunk_size`` bytes for a load through a ring of that slot size.
+    Small tensors share a chunk with neighbours of their ``kind`` only."""
     chunks = []
-    for run in _runs(list(entries), chunk_size):
+    for run in _runs(list(entries), chunk_size, kind):
         if len(run) > 1 or run[0].info.nbytes <= chunk_size:
             pieces = tuple(Piece(e, 0, e.info.nbytes) for e in run)
             chunks.append(Chunk(run[0].shard, run[0].info.start, run[-1].info.end, pieces))

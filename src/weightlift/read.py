@@ -4,11 +4,13 @@ Two pipelines share one shape — submit reads ahead on an engine (a thread pool
 ``io/engine.py``), take results in file order:
 
 * ``_own``: a CPU load with no conversion. Each ``Block`` gets a buffer the strategy fills
-  directly; tensors are views of it (zero-copy ``view``s for mmap). No intermediate copy. In a
-  stream, buffers whose tensors the consumer has dropped are read into again (``io/pool.py``).
+  directly; tensors are views of it (zero-copy ``view``s for mmap, or of a window mapped over a
+  block in the page cache, ``io/window.py``). No intermediate copy. In a stream, buffers whose
+  tensors the consumer has dropped are read into again (``io/pool.py``), and windows are unmapped.
 * ``_copy``: destinations already exist or live elsewhere (device, dtype conversion, a module's
   parameters). Chunks pass through a ring of reused slots sized from the host-memory budget, and the
-  ``Sink`` copies each piece out; a slot is reused only after its copy is done.
+  ``Sink`` copies each piece out; a slot is reused only after its copy is done. A chunk in the page
+  cache takes a window of the file instead of a slot: the sink copies straight out of the cache.
 
 Whatever goes wrong — a failed read, the consumer's exception, ``KeyboardInterrupt`` or a
 ``SystemExit`` from a signal handler at any point — pending reads are cancelled and running ones
@@ -33,11 +35,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .io import retry
-from .io.base import Strategy, aligned_window
+from .io.base import PAGE, Strategy, aligned_window
 from .io.engine import Engine, Pending, ThreadEngine, settle
 from .io.pool import BufferPool
+from .io.window import Window
 from .place import Sink, as_tensor
-from .plan import Block, Chunk, plan_blocks, plan_chunks
+from .plan import Block, Chunk, Kind, plan_blocks, plan_chunks
 from .sources.descriptors import POOL
 from .sources.records import Entry, Layout
 from .verify import Verifier
@@ -143,16 +146,16 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
         # Within a small window, smaller reads keep as many in flight as a large one would.
         read_size = min(read_size, window // (2 * engine.depth)) // ALIGN * ALIGN
         read_size = max(MIN_SLOT, read_size)
-    blocks = deque(plan_blocks(entries, read_size))
+    blocks = deque(plan_blocks(entries, read_size, kind=_kind(strategy)))
     if window is not None and blocks:
         # Tensors the consumer drops give their memory back to the next blocks. The pool keeps
         # idle mappings only while everything it handed out and holds stays within the window
         # plus one block (the one the consumer holds, with its O_DIRECT slack): reuse never
         # raises a stream's bound of budget + largest tensor.
         reuse = BufferPool(window + max(block.nbytes for block in blocks) + 3 * ALIGN)
-    pending: deque[tuple[Block, torch.Tensor, list[Pending], object]] = deque()
+    pending: deque[tuple[Block, torch.Tensor, list[Pending], object, bool]] = deque()
     pins: Pins = {}
-    ahead = 0       # bytes submitted but not yet handed out
+    ahead = 0       # bytes read ahead into buffers but not yet handed out
     reads = 0       # reads submitted but not yet collected
     try:
         while blocks or pending:
@@ -160,19 +163,22 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             # block read ahead counts against the window, the one being waited for included (it
             # may exceed the window alone: one tensor larger than the budget), so a stream holds
             # at most the window plus the tensor its consumer has: budget + largest tensor.
+            # Windows of the file count from when they are mapped until the consumer has dropped
+            # every tensor viewing them: what is mapped stays within the window.
             while blocks and (not pending or (reads < engine.ahead and (
-                    window is None or ahead + blocks[0].nbytes <= window)
-                    and _room(strategy, blocks[0].shard))):
+                    window is None or _held(strategy, ahead) + _footprint(strategy, blocks[0])
+                    <= window) and _room(strategy, blocks[0].shard))):
                 block = blocks.popleft()
                 futures: list[Pending] = []
                 token = _pin(strategy, block.shard, pins)
-                # Pending (so cancelled on failure) from before its first read.
-                pending.append((block, _NOTHING, futures, token))
-                buf = _submit_block(block, strategy, engine, reuse, futures)
-                pending[-1] = (block, buf, futures, token)
-                ahead += block.nbytes
+                # Pending (so cancelled and unpinned on failure) from before its first read.
+                pending.append((block, _NOTHING, futures, token, False))
+                buf, mapped = _submit_block(block, strategy, engine, reuse, futures)
+                pending[-1] = (block, buf, futures, token, mapped)
+                if not mapped:
+                    ahead += block.nbytes
                 reads += len(futures)
-            block, buf, futures, token = pending[0]  # pending (cancelled on failure) until read
+            block, buf, futures, token, mapped = pending[0]  # pending (cancelled on failure)
             for future in futures:
                 future.result()
             pending.popleft()
@@ -181,7 +187,10 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             strategy.shards[block.shard].check_unchanged()
             held = _verify(verifier, block.shard, block.start, buf, window is not None,
                            last=not blocks and len(pending) == 0)
-            ahead -= block.nbytes
+            if mapped or strategy.zero_copy:
+                strategy.viewed += block.nbytes
+            if not mapped:
+                ahead -= block.nbytes
             reads -= len(futures)
             strategy.consumed(block.shard, block.start, block.end)
             if progress is not None:
@@ -191,15 +200,34 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                     verifier.finish()  # type: ignore[union-attr] # nothing of a bad file comes out
                 lo, hi = entry.info.start - block.start, entry.info.end - block.start
                 yield entry, as_tensor(buf[lo:hi], entry.info)
-            del buf  # the consumer's tensors alone decide when this memory is reused
+            del buf  # the consumer's tensors alone decide when this memory is reused (unmapped)
     finally:
         interrupted = _wind_down(strategy, pins, [(token, buf, futures)
-                                                  for _, buf, futures, token in pending])
+                                                  for _, buf, futures, token, _ in pending])
         pending.clear()
         if reuse is not None:
             reuse.close()
         if interrupted is not None:
             raise interrupted
+
+
+def _kind(strategy: Strategy) -> Kind | None:
+    """Small tensors in the page cache are grouped apart from the others, so that their group
+    can be mapped (``Strategy.window``) rather than read."""
+    if strategy.windows is None:
+        return None
+    return lambda entry: strategy.mappable(entry.shard, entry.info.start, entry.info.end)
+
+
+def _held(strategy: Strategy, ahead: int) -> int:
+    """Bytes a stream holds against its window: ``ahead`` read into buffers, plus every window
+    of the file still mapped (pending, or viewed by tensors the consumer still has)."""
+    return ahead + (strategy.windows.live if strategy.windows is not None else 0)
+
+
+def _footprint(strategy: Strategy, block: Block) -> int:
+    """What ``block`` will take: its bytes, and the pages around them if it is mapped."""
+    return block.nbytes + (2 * PAGE if strategy.windows is not None else 0)
 
 
 def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tensor,
@@ -215,19 +243,25 @@ def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tenso
 
 
 def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: BufferPool | None,
-                  futures: list[Pending]) -> torch.Tensor:
-    """Submit ``block``'s reads, appending each to ``futures`` as it goes; its buffer."""
+                  futures: list[Pending]) -> tuple[torch.Tensor, bool]:
+    """Submit ``block``'s reads, appending each to ``futures`` as it goes; its buffer, and
+    whether that is a window of the file (mapped, not read)."""
     if strategy.zero_copy:
         buf = strategy.view(block.shard, block.start, block.end)
         for lo, hi in block.reads:
             futures.append(engine.call(strategy.populate, block.shard, lo, hi))
-        return buf
+        return buf, False
+    window = strategy.window(block.shard, block.start, block.end)
+    if window is not None:
+        for lo, hi in block.reads:
+            futures.append(engine.call(window.populate, lo, hi))
+        return window.view(block.start, block.end), True
     buf = strategy.alloc(block.nbytes, block.start, reuse.take if reuse is not None else None)
     for lo, hi in block.reads:
         if hi > lo:
             futures.append(engine.read(strategy, block.shard, lo,
                                        buf[lo - block.start:hi - block.start]))
-    return buf
+    return buf, False
 
 
 #: A load's pins: token → (shard, kinds). Recorded before pinning, dropped after unpinning; what
@@ -298,21 +332,29 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
     # the strategy found it cannot read into page-locked memory here.
     pinned = sink.pinned and not strategy.zero_copy and strategy.pin_refused is None
     slot_size, count = ring_shape(budget, strategy, engine.depth, pinned=pinned)
-    chunks = deque(plan_chunks(entries, slot_size))
+    chunks = deque(plan_chunks(entries, slot_size, _kind(strategy)))
+    # ``count`` places, each a ring slot or a window of the file (a chunk in the page cache,
+    # copied straight out of it): at most the budget held, mapped or allocated. Slots are made
+    # when a chunk needs one, so a load served from windows allocates none.
     free: list[torch.Tensor] = []
-    if not strategy.zero_copy:
-        free = [sink.slot(slot_size + SLACK, pinned=pinned)
-                for _ in range(min(count, len(chunks)))]
-    had_slots = bool(free)
+    made = 0
+    windows = 0     # chunks pending whose source is a window
     fenced: deque[tuple[torch.Tensor, object | None]] = deque()
-    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor, Pending, object]] = deque()
+    pending: deque[tuple[Chunk, torch.Tensor | None, torch.Tensor | None, Pending, object]
+                  ] = deque()
     pins: Pins = {}
     try:
         while chunks or pending:
             while chunks and len(pending) < count and (
                     not pending or _room(strategy, chunks[0].shard)):
-                slot = None
-                if not strategy.zero_copy:
+                chunk = chunks[0]
+                slot = window = None
+                if not strategy.zero_copy and made + windows < count:
+                    window = strategy.window(chunk.shard, chunk.start, chunk.end)
+                if not strategy.zero_copy and window is None:
+                    if not free and made + windows < count:
+                        free.append(sink.slot(slot_size + SLACK, pinned=pinned))
+                        made += 1
                     if not free and fenced:
                         done_slot, fence = fenced.popleft()
                         sink.wait(fence)
@@ -320,9 +362,11 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                     if not free:
                         break
                     slot = free.pop()
-                chunk = chunks.popleft()
-                token = _pin(strategy, chunk.shard, pins)
-                src, future = _submit_chunk(chunk, slot, strategy, engine)
+                chunks.popleft()
+                token = _pin(strategy, chunk.shard, pins)  # undone by _wind_down if this raises
+                src, future = _submit_chunk(chunk, slot, window, strategy, engine)
+                windows += window is not None
+                del window  # the views in ``src`` alone keep it mapped
                 pending.append((chunk, slot, src, future, token))
             chunk, slot, src, future, token = pending[0]  # pending (cancelled on failure)
             future.result()
@@ -341,9 +385,18 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                     verifier.finish()  # before the last tensor comes out
             fence = sink.fence()  # one per chunk, covering all its pieces
             if slot is not None:
-                fenced.append((slot, fence))
+                if fence is None:
+                    free.append(slot)
+                else:
+                    fenced.append((slot, fence))
             else:
-                sink.wait(fence)  # the mapping's pages are released next; the copy must be done
+                # A mapping's pages are released next (the window unmapped, or mmap's range
+                # dropped): the copy out of them must be done.
+                sink.wait(fence)
+                if not strategy.zero_copy:
+                    windows -= 1
+                strategy.viewed += chunk.nbytes
+            src = None  # a window is unmapped here, before the next one is mapped
             strategy.consumed(chunk.shard, chunk.start, chunk.end)
             if progress is not None:
                 progress(chunk.nbytes)
@@ -358,19 +411,22 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
             # Every copy queued so far, including those of a chunk whose placing raised before
             # its fence: none may still read a slot or write a destination once they are freed.
             sink.drain()
-            if had_slots:
-                free.clear()
-                fenced.clear()
-                pending.clear()
-                slot = src = done_slot = None  # noqa: F841 - the last references to ring slots
+            free.clear()
+            fenced.clear()
+            pending.clear()
+            slot = src = done_slot = None  # noqa: F841 - the last references to slots, windows
+            if made:
                 sink.release_slots()
         finally:
             if interrupted is not None:
                 raise interrupted
 
 
-def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, strategy: Strategy,
-                  engine: Engine) -> tuple[torch.Tensor, Pending]:
+def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, window: Window | None,
+                  strategy: Strategy, engine: Engine) -> tuple[torch.Tensor, Pending]:
+    if window is not None:
+        src = window.view(chunk.start, chunk.end)
+        return src, engine.call(window.populate, chunk.start, chunk.end)
     if slot is None:
         src = strategy.view(chunk.shard, chunk.start, chunk.end)
         return src, engine.call(strategy.populate, chunk.shard, chunk.start, chunk.end)

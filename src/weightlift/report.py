@@ -44,6 +44,12 @@ class LoadReport:
     tensors: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    #: Of ``bytes``: handed out as views of the mapped files (the page cache; no read, no copy
+    #: by weightlift), and read into buffers (from storage, or copied out of the page cache).
+    bytes_mapped: int = 0
+    bytes_read: int = 0
+    #: The most bytes of the checkpoint's files mapped at once (windows, or whole files).
+    mapped_peak: int = 0
     time_to_first_tensor: float | None = None
     #: Peak resident set size of the process during the load (the kernel's high-water mark
     #: where it can be reset, and samples; see ``SAMPLED_FROM`` for loads too short to sample).

@@ -301,8 +301,10 @@ def _log_verified(report: LoadReport) -> None:
 def _log_report(report: LoadReport) -> None:
     peak = f"{report.peak_rss / 2**30:.2f} GiB" if report.peak_rss is not None else "-"
     logger.info("weightlift: %d tensors, %.1f MB in %.2f s (%.2f GB/s, including vLLM's copies "
-                "into its parameters), strategy %s (%s), engine %s, budget %d MiB, peak RSS "
+                "into its parameters; %.1f MB mapped from the page cache, %.1f MB read, at most "
+                "%d MiB mapped at once), strategy %s (%s), engine %s, budget %d MiB, peak RSS "
                 "%s%s", report.tensors, report.bytes / 1e6, report.seconds, report.gbps,
+                report.bytes_mapped / 1e6, report.bytes_read / 1e6, report.mapped_peak >> 20,
                 report.strategy, report.reason, report.engine, report.budget >> 20, peak,
                 f", fallbacks: {'; '.join(report.fallbacks)}" if report.fallbacks else "")
 

@@ -153,11 +153,13 @@ def _choice(strategy: str) -> Callable[[Job], tuple[str, str]]:
         if strategy != "auto":
             return strategy, "requested"
         from ..sources import resolve
+        from ..budget import resolve_budget
         from ..io.auto import choose, gather
 
         with resolve(job.source) as layout:
             facts = gather(layout.shards, total_bytes=layout.total_bytes, device=job.device,
-                           copying=job.device != "cpu")
+                           copying=job.device != "cpu", streaming=job.scenario != "to_cpu",
+                           budget=resolve_budget(job.budget), probe_direct=False)
         decided = choose(facts)
         return decided.strategy, decided.reason
 

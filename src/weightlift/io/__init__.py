@@ -22,11 +22,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
 NAMES = ("auto", *STRATEGIES)
 
 
-def make_strategy(name: str, *, copying: bool = False) -> Strategy:
-    """A fresh strategy; ``copying`` loads copy into destinations (device, dtype, module)."""
+def make_strategy(name: str, *, copying: bool = False, windows: bool = False) -> Strategy:
+    """A fresh strategy; ``copying`` loads copy into destinations (device, dtype, module);
+    ``windows``: ranges in the page cache are handed out as views of mapped windows (loads whose
+    consumer copies and drops: ``stream()``, copying loads), not read."""
     if name == "mmap":
         # When the mapping is only a source, release what has been copied.
         return MmapStrategy(release=copying)
+    if name == "direct":
+        return DirectStrategy(windows=windows)
+    if name == "stream":
+        return StreamStrategy(windows=windows)
     if name in STRATEGIES:
         return STRATEGIES[name]()
     raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(NAMES)}")

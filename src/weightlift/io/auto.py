@@ -71,12 +71,15 @@ def choose(facts: Facts) -> Choice:
         # Zero-copy tensors would leave the uncached rest in the page cache, beyond the budget.
         return _cold(facts, f"{cached}, but the other {format_bytes(uncached)} would stay "
                      "cached behind a stream, beyond the host-memory budget", warning)
+    if facts.residency >= WARM and (facts.copying or facts.streaming):
+        # The consumer copies each tensor and drops it: map only what is in use, not the files.
+        return Choice("stream", f"{cached}: cached ranges are handed out as views of windows "
+                      "of the files mapped at most the budget at a time, and copied once, "
+                      "straight out of the page cache; the rest is read with buffered reads "
+                      "whose pages are dropped behind", facts, warning)
     if facts.residency >= WARM:
-        if facts.copying:
-            why = "copying straight out of the mapped cache is fastest, no reads needed"
-        else:
-            why = "zero-copy tensors over the cached pages: no reads and no second copy"
-        return Choice("mmap", f"{cached}: {why}", facts, warning)
+        return Choice("mmap", f"{cached}: zero-copy tensors over the cached pages: no reads and "
+                      "no second copy", facts, warning)
     if facts.residency > PARTLY_WARM:
         if facts.direct_refused is None:
             return Choice("direct", f"{cached}: cached ranges are copied out of the page cache "

@@ -1,8 +1,10 @@
 """The one interface every strategy implements; strategies differ only in how bytes arrive.
 
 A strategy is prepared for a list of open shards, then asked, from worker threads, to fill host
-memory with file ranges (``read``). It may also hand out zero-copy views (``view``, mmap only) and
-is told when a range has been consumed (``consumed``) so it can drop what it cached.
+memory with file ranges (``read``). It may also hand out zero-copy views: of a whole mapped file
+(``view``, mmap only), or of a window mapped over a range that is in the page cache (``window``,
+direct and stream when the load copies or streams), and is told when a range has been consumed
+(``consumed``) so it can drop what it cached.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -23,6 +25,9 @@ from ..errors import ReadError
 from ..sources.records import PLAIN, Shard
 from . import retry
 from .uring import Read
+
+if TYPE_CHECKING:
+    from .window import Window, Windows
 
 PAGE = mmap.PAGESIZE
 #: Provides ``n`` bytes of host memory as a uint8 tensor.
@@ -43,6 +48,8 @@ class Strategy(ABC):
     read_size: int = 8 << 20
     #: A zero-copy strategy hands out views of the file instead of reading into buffers.
     zero_copy: ClassVar[bool] = False
+    #: The windows this strategy maps over cached ranges (``window``); None: it maps none.
+    windows: Windows | None = None
 
     def __init__(self) -> None:
         self.shards: Sequence[Shard] = ()
@@ -52,6 +59,9 @@ class Strategy(ABC):
         #: Why reads into page-locked memory fail here (None: they work); the ring is then
         #: pageable and host→device copies no longer overlap the reads.
         self.pin_refused: str | None = None
+        #: Bytes of the checkpoint handed out as views of mapped memory (``view``, ``window``)
+        #: rather than read into buffers; counted by the read loop, for ``LoadReport``.
+        self.viewed = 0
 
     def prepare(self, shards: Sequence[Shard]) -> None:
         """Set up per-file state; raise ``Unavailable`` if this strategy cannot read these files."""
@@ -85,6 +95,21 @@ class Strategy(ABC):
 
     def populate(self, shard: int, start: int, end: int) -> None:
         """Bring ``[start, end)`` into memory ahead of ``view`` (``zero_copy`` strategies)."""
+
+    def mappable(self, shard: int, start: int, end: int) -> bool:
+        """Whether ``window`` would map ``[start, end)`` (it was all in the page cache when the
+        load started and this strategy maps such ranges); plans group tensors by it."""
+        return False
+
+    def window(self, shard: int, start: int, end: int) -> Window | None:
+        """A window mapped over ``[start, end)`` for the read loop to hand out views of, when
+        this strategy maps ranges that are in the page cache; None: ``read`` them. The loop
+        populates it (``Window.populate``) from the engine's threads and drops it once consumed."""
+        return None
+
+    def mapped_peak(self) -> int:
+        """The most bytes of the checkpoint's files this strategy had mapped at once."""
+        return 0 if self.windows is None else self.windows.peak
 
     def consumed(self, shard: int, start: int, end: int) -> None:
         """``[start, end)`` has been copied to its destination; release what holds it."""

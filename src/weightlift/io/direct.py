@@ -6,7 +6,9 @@ extent around its range and writes the few extra bytes into slack that ``aligned
 
 Pages already in the page cache when the load starts are not read again from disk: each range is
 split into cached and uncached runs (``residency.split_cached``) and only the uncached ones are
-read with O_DIRECT; cached runs are copied out of the cache.
+read with O_DIRECT; cached runs are copied out of the cache. With ``windows`` (a load that copies
+its tensors away or streams them), a range (mostly) in the cache is not read at all: the read loop
+hands out views of a window mapped over it (``io/window.py``), and the consumer copies once.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from ..errors import ReadError
 from ..sources.records import DIRECT, RANDOM, OpenRefused, Shard
 from . import base, retry
 from .base import Allocator, Strategy, Unavailable, aligned_buffer, host_view, raw_memory
-from .residency import CachedRanges
+from .residency import MAPPED_IN_FLIGHT, CachedRanges
 from .uring import Read
+from .window import Window, Windows
 
 ALIGN = 4096
 
@@ -34,10 +37,12 @@ class DirectStrategy(Strategy):
     #: Reads in flight when part of the checkpoint is copied out of the page cache.
     CACHED_IN_FLIGHT = 32
 
-    def __init__(self, per_range: bool = True) -> None:
+    def __init__(self, per_range: bool = True, windows: bool = False) -> None:
         super().__init__()
         #: Copy ranges cached when the load starts out of the page cache instead of the disk.
         self.per_range = per_range
+        #: Map ranges (mostly) cached when the load starts instead of copying them (``window``).
+        self.windows = Windows() if windows and per_range else None
         self.cache: CachedRanges | None = None
 
     def prepare(self, shards: Sequence[Shard]) -> None:
@@ -60,12 +65,14 @@ class DirectStrategy(Strategy):
                 finally:
                     shard.unpin(DIRECT)
             if self.per_range:
-                cache = CachedRanges(shards)
+                cache = CachedRanges(shards, self.windows)
                 if cache.any_cached:
                     self.cache = cache
                     # Copies out of the cache take worker threads too: keep as many O_DIRECT
                     # reads in flight as a cold load would, or the disk idles between them.
                     self.in_flight = self.CACHED_IN_FLIGHT
+                    if self.windows is not None and cache.mostly_cached():
+                        self.in_flight = MAPPED_IN_FLIGHT  # windows: populating, few reads
         except BaseException:
             self.close()
             raise
@@ -103,6 +110,12 @@ class DirectStrategy(Strategy):
         if self.cache is not None and self.cache.resident[shard] is not None:
             return (DIRECT, RANDOM)  # cached runs are copied through a buffered descriptor
         return (DIRECT,)
+
+    def mappable(self, shard: int, start: int, end: int) -> bool:
+        return self.cache is not None and self.cache.mappable(shard, start, end)
+
+    def window(self, shard: int, start: int, end: int) -> Window | None:
+        return None if self.cache is None else self.cache.window(shard, start, end)
 
     def read(self, shard: int, start: int, dest: torch.Tensor) -> None:
         end = start + dest.numel()
@@ -159,8 +172,8 @@ class DirectStrategy(Strategy):
 
     def undescribable(self) -> str | None:
         if self.cache is not None:
-            return ("part of the checkpoint is in the page cache, and cached ranges are copied "
-                    "out of it by buffered reads")
+            return ("part of the checkpoint is in the page cache, and cached ranges are mapped "
+                    "or copied out of it by buffered reads")
         return None
 
     def describe(self, shard: int, start: int, dest: torch.Tensor) -> Read:

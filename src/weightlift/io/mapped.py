@@ -146,6 +146,9 @@ class MmapStrategy(Strategy):
     def kinds(self, shard: int) -> tuple[str, ...]:
         return ()  # pages are faulted in through the mapping
 
+    def mapped_peak(self) -> int:
+        return sum(shard.header.file_size for shard in self.shards)
+
     def view(self, shard: int, start: int, end: int) -> torch.Tensor:
         if end == start:
             return torch.empty(0, dtype=torch.uint8)

@@ -108,8 +108,8 @@ class Window:
         self.address = map_file(fd, self.offset, self.size)
         #: What tensors keep alive: ``view`` exports it, and its death unmaps the window.
         self.memory = (ctypes.c_ubyte * self.size).from_address(self.address)
-        self._finalizer = weakref.finalize(self.memory, _unmap, self.address, self.size,
-                                           on_unmap)
+        self._finalizer = weakref.finalize(self.memory, retry.guarded, _unmap, self.address,
+                                           self.size, on_unmap)
 
     @property
     def mapped(self) -> bool:
