@@ -471,6 +471,31 @@ def test_a_second_interrupt_while_a_read_is_waited_for_does_not_abandon_it(
     assert ended <= raised, "the interrupt reached the caller before the read ended"
 
 
+def test_a_future_lock_an_interrupt_left_taken_does_not_hang_the_close() -> None:
+    """A Ctrl-C between a ``with future._condition:``'s acquire and its block leaves the
+    loading thread owning the future's lock (found by the real-signal test: a load hung in
+    ``ThreadPoolExecutor.shutdown``, its worker waiting for that lock). ``close`` gives it back."""
+    outcome: list[str] = []
+
+    def loader() -> None:
+        engine = engine_module.ThreadEngine(1)
+        release = threading.Event()
+        engine.call(release.wait, 30)        # occupies the one worker
+        queued = engine.call(lambda: None)    # taken by the worker next
+        queued.future._condition.acquire()   # what the interrupt leaves behind
+        release.set()
+        deadline = time.monotonic() + 30
+        while engine.pool._work_queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)                  # the worker has taken the queued call: it waits
+        engine.close()
+        outcome.append("closed")
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    thread.join(60)  # a hang detector: close() returns at once once the lock is given back
+    assert outcome == ["closed"], "ThreadEngine.close() hung on a future lock left taken"
+
+
 def test_a_read_that_never_ends_is_left_with_its_memory_after_a_bounded_wait(
         ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read blocked on its worker thread for longer than ``retry.SETTLE``: the interrupt still

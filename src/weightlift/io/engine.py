@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as WaitTimeout
@@ -81,6 +82,21 @@ def interrupt_of(exc: BaseException) -> BaseException:
     return exc
 
 
+def unwedge(future: Future[Any]) -> None:
+    """Give back a future's lock that this thread still owns after an interrupt.
+
+    CPython runs a signal's Python handler between bytecodes, also between a ``with
+    future._condition:``'s acquire and the block that would release it (``Future.result``,
+    ``cancel``, ``add_done_callback``): the Ctrl-C (or a SIGTERM handler's ``SystemExit``)
+    propagates and the loading thread keeps the future's (reentrant) lock. The loading thread
+    itself goes on unhindered, but the worker thread that next takes that lock waits forever,
+    and so does whoever joins it (seen: 1 in ~30 real signals on a busy machine, a load hung in
+    ``ThreadPoolExecutor.shutdown``). Only the owning thread can tell; this is called from it."""
+    condition = future._condition  # noqa: SLF001 - the lock an interrupt can leave taken
+    while condition._is_owned():  # noqa: SLF001
+        condition.release()
+
+
 class Call:
     """A worker thread's read: a ``concurrent.futures.Future`` whose waits raise the interrupt
     itself (``interrupt_of``)."""
@@ -116,6 +132,8 @@ def settle(futures: Iterable[Pending], seconds: float | None = None
     interrupted: BaseException | None = None
     started: list[Pending] = []
     for future in futures:
+        if isinstance(future, Call):
+            unwedge(future.future)
         try:
             if not future.cancel():
                 started.append(future)
@@ -153,6 +171,9 @@ class ThreadEngine:
         self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
         #: Submitted and not finished yet.
         self._running: set[Future[None]] = set()
+        #: Every submitted future still referenced (by a worker, a caller): ``close`` gives
+        #: back any of their locks an interrupt left with this thread (``unwedge``).
+        self._submitted: weakref.WeakSet[Future[None]] = weakref.WeakSet()
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
         return self.call(strategy.read, shard, start, dest)
@@ -162,6 +183,7 @@ class ThreadEngine:
             future = self.pool.submit(fn, *args)
         except RuntimeError as exc:  # e.g. Ctrl-C while a new worker thread starts
             raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
+        self._submitted.add(future)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         return Call(future)
@@ -170,6 +192,8 @@ class ThreadEngine:
         """Withdraw queued calls and wait for running ones, at most ``retry.SETTLE`` seconds (a
         read still blocked then is left to its thread, which holds its buffer); an interrupt
         meanwhile is raised once they are over."""
+        for future in list(self._submitted):
+            unwedge(future)
         self.pool.shutdown(wait=False, cancel_futures=True)
         running, interrupted = settle([Call(future) for future in list(self._running)])
         if running:
