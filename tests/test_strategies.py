@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     for i in range(16)})
     path = tmp_path_factory.mktemp("strategies") / "model.safetensors"
     save_file(tensors, path)
+    # Written back now: dirty pages survive an eviction, and a "cold" file still cached would be
+    # mapped in windows rather than read (the test below measures the cold reading path).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path
 
 

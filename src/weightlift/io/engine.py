@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as WaitTimeout
@@ -171,9 +170,10 @@ class ThreadEngine:
         self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
         #: Submitted and not finished yet.
         self._running: set[Future[None]] = set()
-        #: Every submitted future still referenced (by a worker, a caller): ``close`` gives
-        #: back any of their locks an interrupt left with this thread (``unwedge``).
-        self._submitted: weakref.WeakSet[Future[None]] = weakref.WeakSet()
+        #: Submitted futures not known to be finished: ``close`` gives back any of their locks
+        #: an interrupt left with this thread (``unwedge``). A plain list pruned now and then:
+        #: a ``WeakSet``'s callbacks are one more place where Python drops an interrupt.
+        self._submitted: list[Future[None]] = []
 
     def read(self, strategy: Strategy, shard: int, start: int, dest: torch.Tensor) -> Pending:
         return self.call(strategy.read, shard, start, dest)
@@ -183,7 +183,10 @@ class ThreadEngine:
             future = self.pool.submit(fn, *args)
         except RuntimeError as exc:  # e.g. Ctrl-C while a new worker thread starts
             raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
-        self._submitted.add(future)
+        self._submitted.append(future)
+        if len(self._submitted) > 4 * self.depth + 64:
+            # A finished future's lock is no worker's concern any more.
+            self._submitted = [f for f in self._submitted if not f.done()]
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         return Call(future)
@@ -192,8 +195,9 @@ class ThreadEngine:
         """Withdraw queued calls and wait for running ones, at most ``retry.SETTLE`` seconds (a
         read still blocked then is left to its thread, which holds its buffer); an interrupt
         meanwhile is raised once they are over."""
-        for future in list(self._submitted):
+        for future in self._submitted:
             unwedge(future)
+        self._submitted = []
         self.pool.shutdown(wait=False, cancel_futures=True)
         running, interrupted = settle([Call(future) for future in list(self._running)])
         if running:
