@@ -639,6 +639,13 @@ class Child:
             self.fail(f"expected {word!r}, got {line!r}")
         return line.split()
 
+    def line(self, seconds: float) -> str | None:
+        """The child's next line within ``seconds``, or None (nothing is killed)."""
+        with self.seen:
+            if not self.seen.wait_for(lambda: self.lines, seconds):
+                return None
+            return self.lines.pop(0)
+
     def fail(self, why: str) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGUSR1)  # every thread's stack to stderr
@@ -667,7 +674,19 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             if twice:
                 time.sleep(rng.uniform(0, 0.02))
                 child.process.send_signal(kind)
-            caught = child.expect("caught", HANG)[-1]
+            first = child.line(HANG)
+            if first is None:
+                # Python drops an exception raised inside a finalizer, and ``weakref.finalize``
+                # runs Python code of its own before the function it guards (which passes an
+                # interrupt on, ``retry.guarded``): a signal landing there is lost, as for any
+                # program (docs/safety.md, "What is not promised"). Counted, bounded below;
+                # the user's second Ctrl-C must then work.
+                leaks.append(f"signal {trial}: {kind.name} lost")
+                child.process.send_signal(kind)
+                first = child.line(HANG)
+            if first is None or not first.startswith("caught"):
+                child.fail(f"expected 'caught', got {first!r}")
+            caught = first.split()[-1]
             took = time.monotonic() - sent
             want = "KeyboardInterrupt" if kind == signal.SIGINT else "SystemExit"
             if caught != want:
@@ -689,9 +708,9 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             child.process.kill()
             child.process.wait()
     assert code == (-signal.SIGINT if kind == signal.SIGINT else 143), code
-    # A hang, a lost interrupt, wrong bytes, a thread left or a buffer kept fail at once above.
-    # A descriptor or mapping left by an interrupt inside the few bytecodes Python cannot make
-    # atomic is a leak, not a danger to memory: bounded here to 1 in 50 signals (at least 1).
+    # A hang, wrong bytes, a thread left or a buffer kept fail at once above. An interrupt lost
+    # inside a finalizer, or a descriptor or mapping left by one inside the few bytecodes Python
+    # cannot make atomic, is not a danger to memory: bounded here to 1 in 50 signals (at least 1).
     assert len(leaks) <= max(1, trials // 50), leaks
     return report
 
