@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+from operator import attrgetter
 from typing import Any
 
 from ..errors import FormatError
@@ -42,6 +43,8 @@ def _careful_integers(raw: bytes) -> bool:
     outside i64/u64) or ``-0``. A header without one parses its integers with plain ``int``, in
     C. Two scans in C: a regular expression took ~0.1 ms per KB of header."""
     return b"-0" in raw or _NINETEEN_DIGITS in raw.translate(_DIGITS)
+#: Tensors in file order: by start, then end, then name.
+_FILE_ORDER = attrgetter("start", "end", "name")
 #: Names the format defines whose elements are smaller than a byte: torch has no faithful type.
 SUBBYTE_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"}) - set(DTYPES)
 
@@ -88,9 +91,28 @@ def parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
     check_header_length(len(raw), file_size, path)
     data_start = 8 + len(raw)
     obj = _decode_json(raw, path)
-    metadata = _parse_metadata(obj.pop("__metadata__", None), path)
-    tensors = [_parse_entry(name, entry, data_start, path) for name, entry in obj.items()]
-    tensors.sort(key=lambda t: (t.start, t.end, t.name))
+    meta = obj.pop("__metadata__", None)
+    # One pass: entries well-formed with exactly their three keys nest three deep and hold only
+    # ASCII strings, so the nesting walk (needed only where there are brackets enough to nest
+    # ``MAX_JSON_DEPTH`` deep) visits the rest alone; a surrogate escape anywhere: all of it.
+    texts = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+    tensors: list[TensorInfo] = []
+    rest: list[tuple[str, Any]] = []
+    for name, entry in obj.items():
+        info = _well_formed(name, entry, data_start)
+        if info is not None and not texts and (not deep or len(entry) == 3):
+            tensors.append(info)
+        else:
+            rest.append((name, entry))
+    if texts:
+        obj["__metadata__"] = meta
+        _check_json_values([(obj, 1)], True, path)
+    elif deep:
+        _check_json_values([(entry, 2) for _, entry in rest] + [(meta, 2)], False, path)
+    metadata = _parse_metadata(meta, path)
+    tensors.extend(_parse_entry(name, entry, data_start, path) for name, entry in rest)
+    tensors.sort(key=_FILE_ORDER)
     _check_tiling(tensors, data_start, file_size - data_start, path)
     return Header(path=path, file_size=file_size, data_start=data_start,
                   tensors=tuple(tensors), metadata=metadata)
@@ -142,7 +164,6 @@ def _decode_json(raw: bytes, path: str) -> dict[str, Any]:
         raise FormatError("header JSON is nested too deeply", path=path) from None
     if not isinstance(obj, dict):
         raise FormatError(f"header is {_json_kind(obj)}, not a JSON object", path=path)
-    _check_json_values(obj, raw, path)
     return obj
 
 
@@ -150,16 +171,18 @@ def _reject_constant(name: str, path: str) -> None:
     raise FormatError(f"header contains the non-standard JSON constant {name}", path=path)
 
 
-def _check_json_values(obj: dict[str, Any], raw: bytes, path: str) -> None:
+def _check_json_values(roots: list[tuple[Any, int]], texts: bool, path: str) -> None:
     """Refuse what the reference parser refuses anywhere in the header, ignored fields included:
-    nesting deeper than ``MAX_JSON_DEPTH`` and strings with an unpaired ``\\uD800``-style escape
-    (not text, so not encodable as UTF-8). Only containers are visited: this runs on every load."""
-    texts = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
-    if not texts and raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return  # no string to check, and too few brackets to nest that deep
-    stack: list[tuple[Any, int]] = [(obj, 1)]
+    nesting deeper than ``MAX_JSON_DEPTH`` and (``texts``) strings with an unpaired
+    ``\\uD800``-style escape (not text, so not encodable as UTF-8). ``roots``: (value, its depth)
+    to walk; only containers are visited."""
+    stack = list(roots)
     while stack:
         value, depth = stack.pop()
+        if not isinstance(value, (dict, list)):
+            if texts and isinstance(value, str):
+                _check_text(value, path)
+            continue
         if depth > MAX_JSON_DEPTH:
             raise FormatError(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep",
                               path=path)
