@@ -233,10 +233,31 @@ def test_a_cold_file_keeps_no_residency_map(written: Path, tmp_path: Path) -> No
             strategy.close()
 
 
+def test_cachestat_counts_the_pages_mincore_shows(
+        half_evicted: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's count (``cachestat``, Linux 6.5) is the number of pages mincore shows, for
+    the file and for a range of it; without it, the residency probes sample with mincore."""
+    path, resident = half_evicted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        counted = weightlift.probes.cached_pages(fd)
+        if counted is None:
+            pytest.skip("this kernel has no cachestat (Linux < 6.5): the probes sample instead")
+        half = len(resident) // 2
+        assert counted == int(resident.sum())
+        assert weightlift.probes.cached_pages(fd, 0, half * PAGE) == int(resident[:half].sum())
+        assert weightlift.probes.sampled_resident_bytes(fd) == int(resident.sum()) * PAGE
+        monkeypatch.setattr(weightlift.probes, "_cachestat_works", False)
+        assert weightlift.probes.cached_pages(fd) is None
+    finally:
+        os.close(fd)
+
+
 def test_sampled_residency_estimates_a_half_evicted_file(
-        half_evicted: tuple[Path, np.ndarray]) -> None:
+        half_evicted: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
     path, resident = half_evicted
     exact = int(resident.sum()) * PAGE
+    monkeypatch.setattr(weightlift.probes, "_cachestat_works", False)  # the mincore sample
     fd = os.open(path, os.O_RDONLY)
     try:
         estimate = weightlift.probes.sampled_resident_bytes(fd, samples=256)
@@ -257,6 +278,9 @@ class FlakyMincore:
         self.refused = self.passed = 0
         self.streak = 0
         real = weightlift.probes.mincore
+        # The kernel's count (cachestat) would answer before any mincore: these probes' mincore
+        # path is the one under test.
+        monkeypatch.setattr(weightlift.probes, "_cachestat_works", False)
 
         def mincore(address: int, length: int, vector: int) -> None:
             if self.times is None or self.streak < self.times:
@@ -277,6 +301,7 @@ def test_residency_probes_ask_again_after_a_transient_mincore_error(
     """EAGAIN (the kernel short of memory for a moment) and EINTR are asked again, as a read
     is (io/retry.py): the answer is the one a calm kernel gives, not "cold"."""
     path, resident = half_evicted
+    monkeypatch.setattr(weightlift.probes, "_cachestat_works", False)  # the mincore sample
     fd = os.open(path, os.O_RDONLY)
     try:
         calm = weightlift.probes.sampled_resident_bytes(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import itertools
 import os
@@ -77,9 +78,46 @@ def resident_pages(fd: int) -> np.ndarray:
     return (vec & 1).astype(bool)
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+#: ``cachestat(2)``'s number, the same on every architecture (Linux 6.5).
+_SYS_CACHESTAT = 451
+_LIBC.syscall.restype = ctypes.c_long
+#: False once the kernel said it has no ``cachestat`` (before 6.5): not asked again.
+_cachestat_works = True
+
+
+def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int | None:
+    """Pages of ``[offset, offset + length)`` of the open file ``fd`` (``length`` 0: to its
+    end) in the page cache, counted by the kernel in one ``cachestat(2)`` call: exact, and
+    cheaper than any mincore sample here (8 MiB: 7 µs, 64 MiB: 17-40 µs, 3 GB: 0.25 ms, against
+    ~5 µs per mincore call). None where the kernel cannot say (before Linux 6.5, or refused
+    for this file): the caller samples with mincore.
+
+        cached_pages(fd) * PAGE_SIZE >= os.fstat(fd).st_size   # wholly cached
+    """
+    global _cachestat_works
+    if not _cachestat_works:
+        return None
+    span, stat = _CachestatRange(offset, length), _Cachestat()
+    if _LIBC.syscall(_SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(span), ctypes.byref(stat),
+                     ctypes.c_uint(0)) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            _cachestat_works = False
+        return None
+    return int(stat.cache)
+
+
 def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> int:
-    """Page-cache residency of ``fd`` estimated from ``samples`` pages in evenly spaced windows
-    of ``window`` consecutive pages.
+    """Page-cache residency of ``fd``: counted by ``cachestat`` where the kernel has it, else
+    estimated from ``samples`` pages in evenly spaced windows of ``window`` consecutive pages.
 
     A decision needs the fraction, not every page: mincore over a whole file costs ~5 ms per GB,
     half a second for a 100 GB checkpoint, where this costs a few hundred microseconds at any
@@ -87,6 +125,9 @@ def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> in
     as much as 16 scattered ones for a sixteenth of the calls.
     """
     size = os.fstat(fd).st_size
+    counted = cached_pages(fd)
+    if counted is not None:
+        return min(counted * PAGE_SIZE, size)
     pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
     if pages <= samples:
         return min(int(np.count_nonzero(resident_pages(fd))) * PAGE_SIZE, size)
