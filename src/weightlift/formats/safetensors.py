@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import threading
 from operator import attrgetter
 from typing import Any
 
@@ -86,8 +87,45 @@ def check_header_length(header_len: int, file_size: int, path: str) -> None:
         raise FormatError(f"header length {header_len} is too small for a JSON object", path=path)
 
 
+#: Headers validated before (``parse_header`` is a pure function of the bytes and the file's
+#: size): (raw, file_size) → (tensors, metadata), the most recently used last, at most
+#: ``MEMO_BYTES`` of header bytes held. Loading the same file again, or files of one shape
+#: (LoRA adapters of one configuration), validates its header once per process: a header of
+#: 200 tensors costs ~1 ms of Python to decode and check, a lookup ~2 µs.
+_MEMO: dict[tuple[bytes, int], tuple[tuple[TensorInfo, ...], dict[str, str] | None]] = {}
+MEMO_BYTES = 8 << 20
+_memo_held = 0
+_MEMO_LOCK = threading.Lock()
+
+
 def parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
-    """Validate header bytes ``raw`` of a file of ``file_size`` bytes; pure, no I/O."""
+    """Validate header bytes ``raw`` of a file of ``file_size`` bytes; pure, no I/O. A header
+    seen before (the same bytes, a file of the same size) is not validated again."""
+    global _memo_held
+    key = (raw, file_size)
+    with _MEMO_LOCK:
+        known = _MEMO.pop(key, None)
+        if known is not None:
+            _MEMO[key] = known  # the most recently used last
+    if known is None:
+        header = _parse_header(raw, file_size=file_size, path=path)
+        if len(raw) <= MEMO_BYTES // 4:
+            kept = dict(header.metadata) if header.metadata is not None else None
+            with _MEMO_LOCK:
+                while _MEMO and _memo_held + len(raw) > MEMO_BYTES:
+                    oldest = next(iter(_MEMO))
+                    del _MEMO[oldest]
+                    _memo_held -= len(oldest[0])
+                if key not in _MEMO:
+                    _MEMO[key] = (header.tensors, kept)
+                    _memo_held += len(raw)
+        return header
+    tensors, metadata = known
+    return Header(path=path, file_size=file_size, data_start=8 + len(raw), tensors=tensors,
+                  metadata=dict(metadata) if metadata is not None else None)
+
+
+def _parse_header(raw: bytes, *, file_size: int, path: str) -> Header:
     check_header_length(len(raw), file_size, path)
     data_start = 8 + len(raw)
     obj = _decode_json(raw, path)
