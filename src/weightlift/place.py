@@ -10,7 +10,7 @@ whole blocks, and only packed bytes travel to a device, where the kernels run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -35,6 +35,42 @@ def as_tensor(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     if info.nbytes == 0:
         return torch.empty(info.torch_shape, dtype=info.dtype.torch)
     return typed_view(raw, info.dtype.torch).view(info.torch_shape)
+
+
+def as_tensors(raw: torch.Tensor, start: int, entries: Sequence[Entry]) -> list[torch.Tensor]:
+    """``as_tensor`` of each of ``entries`` (adjacent, in file order) over ``raw``, the bytes
+    from file offset ``start``, in bulk: each run of one dtype is one typed view cut with one
+    ``split`` (two torch calls per tensor, a shape view and its share of the split, instead
+    of a slice, a dtype view and a shape view: ~5 against ~3 µs a tensor here)."""
+    out: list[torch.Tensor] = []
+    count = len(entries)
+    i = 0
+    while i < count:
+        info = entries[i].info
+        dtype = info.dtype
+        j = i + 1
+        if info.nbytes and dtype.pack == 1:
+            while (j < count and entries[j].info.dtype is dtype and entries[j].info.nbytes
+                   and entries[j].info.start == entries[j - 1].info.end):
+                j += 1
+        lo = info.start - start
+        if j - i == 1:
+            out.append(as_tensor(raw[lo:lo + info.nbytes], info))
+            i = j
+            continue
+        try:
+            typed = raw[lo:entries[j - 1].info.end - start].view(dtype.torch)
+        except RuntimeError:  # an offset the dtype cannot be viewed at: one by one (copies)
+            out.extend(as_tensor(raw[e.info.start - start:e.info.end - start], e.info)
+                       for e in entries[i:j])
+            i = j
+            continue
+        size = dtype.itemsize
+        pieces = typed.split([e.info.nbytes // size for e in entries[i:j]])
+        out.extend(piece if len(e.info.shape) == 1 else piece.view(e.info.shape)
+                   for e, piece in zip(entries[i:j], pieces))
+        i = j
+    return out
 
 
 def typed_view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

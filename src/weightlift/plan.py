@@ -72,10 +72,10 @@ class Chunk:
 Kind = Callable[[Entry], object]
 
 
-def _runs(entries: Sequence[Entry], limit: int, kind: Kind | None = None
-          ) -> Iterator[list[Entry]]:
-    """Group entries (in file order) into runs of adjacent small tensors of one ``kind``; large
-    ones stand alone."""
+def _runs(entries: Sequence[Entry], limit: int, kind: Kind | None = None,
+          small: int = SMALL_TENSOR) -> Iterator[list[Entry]]:
+    """Group entries (in file order) into runs of adjacent tensors smaller than ``small`` of one
+    ``kind``; larger ones stand alone."""
     run: list[Entry] = []
     run_bytes = 0
     for entry in entries:
@@ -83,7 +83,7 @@ def _runs(entries: Sequence[Entry], limit: int, kind: Kind | None = None
         adjacent = bool(run) and run[-1].shard == entry.shard and run[-1].info.end == entry.info.start
         if adjacent and kind is not None:
             adjacent = kind(run[-1]) == kind(entry)
-        if size >= SMALL_TENSOR:
+        if size >= small:
             if run:
                 yield run
                 run, run_bytes = [], 0
@@ -111,12 +111,21 @@ def split_range(start: int, end: int, step: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip(cuts[:-1], cuts[1:]))
 
 
+#: ``plan_blocks(..., whole=True)``: no limit to a block.
+WHOLE = 1 << 62
+
+
 def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 << 20,
-                kind: Kind | None = None) -> list[Block]:
+                kind: Kind | None = None, whole: bool = False) -> list[Block]:
     """Blocks for a load into fresh host buffers; ``read_size`` must be a multiple of 4096.
-    Small tensors share a block with neighbours of their ``kind`` only."""
+    Small tensors share a block with neighbours of their ``kind`` only. ``whole``: every run of
+    adjacent tensors is one block, whatever their sizes (zero-copy views of a mapped file: a
+    block costs no memory, only its per-block work); reads are still cut at ``read_size``."""
     blocks = []
-    for run in _runs(list(entries), group_limit, kind):
+    small = SMALL_TENSOR
+    if whole:
+        group_limit = small = WHOLE
+    for run in _runs(list(entries), group_limit, kind, small):
         start, end = run[0].info.start, run[-1].info.end
         blocks.append(Block(run[0].shard, start, end, tuple(run),
                             split_range(start, end, read_size)))

@@ -36,10 +36,10 @@ import torch
 
 from .io import retry
 from .io.base import PAGE, Strategy, aligned_window
-from .io.engine import Engine, Pending, ThreadEngine, settle
+from .io.engine import Engine, InlineEngine, Pending, ThreadEngine, settle
 from .io.pool import BufferPool
 from .io.window import Window
-from .place import Sink, as_tensor
+from .place import Sink, as_tensor, as_tensors
 from .plan import Block, Chunk, Kind, plan_blocks, plan_chunks
 from .sources.descriptors import POOL
 from .sources.records import Entry, Layout
@@ -146,7 +146,10 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
         # Within a small window, smaller reads keep as many in flight as a large one would.
         read_size = min(read_size, window // (2 * engine.depth)) // ALIGN * ALIGN
         read_size = max(MIN_SLOT, read_size)
-    blocks = deque(plan_blocks(entries, read_size, kind=_kind(strategy)))
+    # A load that keeps zero-copy views of mapped files, run inline (the small path, auto's
+    # cached mmap): one block per run of adjacent tensors, its views made in bulk.
+    whole = strategy.zero_copy and window is None and isinstance(engine, InlineEngine)
+    blocks = deque(plan_blocks(entries, read_size, kind=_kind(strategy), whole=whole))
     if window is not None and blocks:
         # Tensors the consumer drops give their memory back to the next blocks. The pool keeps
         # idle mappings only while everything it handed out and holds stays within the window
@@ -195,11 +198,18 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             strategy.consumed(block.shard, block.start, block.end)
             if progress is not None:
                 progress(block.nbytes)
-            for index, entry in enumerate(block.entries):
-                if held and index == len(block.entries) - 1:
+            if whole:
+                views = as_tensors(buf, block.start, block.entries)
+                if held:
                     verifier.finish()  # type: ignore[union-attr] # nothing of a bad file comes out
-                lo, hi = entry.info.start - block.start, entry.info.end - block.start
-                yield entry, as_tensor(buf[lo:hi], entry.info)
+                yield from zip(block.entries, views)
+                del views
+            else:
+                for index, entry in enumerate(block.entries):
+                    if held and index == len(block.entries) - 1:
+                        verifier.finish()  # type: ignore[union-attr] # nothing of a bad file
+                    lo, hi = entry.info.start - block.start, entry.info.end - block.start
+                    yield entry, as_tensor(buf[lo:hi], entry.info)
             del buf  # the consumer's tensors alone decide when this memory is reused (unmapped)
     finally:
         interrupted = _wind_down(strategy, pins, [(token, buf, futures)
