@@ -246,7 +246,9 @@ def test_cachestat_counts_the_pages_mincore_shows(
         half = len(resident) // 2
         assert counted == int(resident.sum())
         assert weightlift.probes.cached_pages(fd, 0, half * PAGE) == int(resident[:half].sum())
-        assert weightlift.probes.sampled_resident_bytes(fd) == int(resident.sum()) * PAGE
+        # Beyond 16 MiB, runs of the file are counted: an estimate, as mincore's sample.
+        sampled = weightlift.probes.sampled_resident_bytes(fd)
+        assert abs(sampled - int(resident.sum()) * PAGE) <= 0.1 * path.stat().st_size
         monkeypatch.setattr(weightlift.probes, "_cachestat_works", False)
         assert weightlift.probes.cached_pages(fd) is None
     finally:

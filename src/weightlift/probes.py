@@ -115,9 +115,37 @@ def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int | None:
     return int(stat.cache)
 
 
+#: Up to this many pages a file's cached pages are counted whole by ``cachestat``; beyond,
+#: in ``CACHESTAT_RUNS`` evenly spaced runs of ``CACHESTAT_RUN`` pages. Its cost is per page
+#: cache entry: ~17 ns a 4 KiB page (a 64 MiB file read back from disk: 0.29 ms), far less
+#: where the file sits in large folios, plus ~2 µs a call.
+CACHESTAT_WHOLE = 4096
+CACHESTAT_RUNS = 32
+CACHESTAT_RUN = 32
+
+
+def cached_sample(fd: int, size: int) -> tuple[int, int] | None:
+    """(pages cached, pages asked about) of the open file ``fd`` of ``size`` bytes, from
+    ``cachestat``: every page up to ``CACHESTAT_WHOLE`` pages, else evenly spaced runs (~0.1 ms
+    at any size). None where the kernel cannot say."""
+    pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    if pages <= CACHESTAT_WHOLE:
+        counted = cached_pages(fd)
+        return None if counted is None else (min(counted, pages), pages)
+    hits = 0
+    for i in range(CACHESTAT_RUNS):
+        page = i * (pages - CACHESTAT_RUN) // (CACHESTAT_RUNS - 1)
+        counted = cached_pages(fd, page * PAGE_SIZE, CACHESTAT_RUN * PAGE_SIZE)
+        if counted is None:
+            return None
+        hits += counted
+    return hits, CACHESTAT_RUNS * CACHESTAT_RUN
+
+
 def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> int:
-    """Page-cache residency of ``fd``: counted by ``cachestat`` where the kernel has it, else
-    estimated from ``samples`` pages in evenly spaced windows of ``window`` consecutive pages.
+    """Page-cache residency of ``fd``: counted by ``cachestat`` where the kernel has it
+    (``cached_sample``), else estimated from ``samples`` pages in evenly spaced windows of
+    ``window`` consecutive pages (mincore).
 
     A decision needs the fraction, not every page: mincore over a whole file costs ~5 ms per GB,
     half a second for a 100 GB checkpoint, where this costs a few hundred microseconds at any
@@ -125,9 +153,10 @@ def sampled_resident_bytes(fd: int, samples: int = 1024, window: int = 16) -> in
     as much as 16 scattered ones for a sixteenth of the calls.
     """
     size = os.fstat(fd).st_size
-    counted = cached_pages(fd)
+    counted = cached_sample(fd, size)
     if counted is not None:
-        return min(counted * PAGE_SIZE, size)
+        hits, asked = counted
+        return size if hits >= asked else size * hits // max(1, asked)
     pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
     if pages <= samples:
         return min(int(np.count_nonzero(resident_pages(fd))) * PAGE_SIZE, size)

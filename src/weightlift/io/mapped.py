@@ -65,15 +65,16 @@ class Mapping:
     def wholly_cached(self, fd: int | None = None, samples: int = 1024, window: int = 16
                       ) -> bool:
         """Whether every page of the file is in the page cache: counted by ``cachestat`` on
-        ``fd`` (the mapped file's descriptor) where the kernel has it, else every page of a file
+        ``fd`` (the mapped file's descriptor, ``probes.cached_sample``: every page up to 16 MiB,
+        else 32 runs of 32) where the kernel has it, else every page of a file
         up to ``samples`` pages (4 MiB), or every page of ``samples // window`` evenly spaced
         runs of ``window`` pages (as ``probes.sampled_resident_bytes``; 64 mincore calls, ~0.3
         ms here). mincore on this mapping: no second one to make."""
         pages = -(-self.size // PAGE)
         if fd is not None:
-            counted = probes.cached_pages(fd)
+            counted = probes.cached_sample(fd, self.size)
             if counted is not None:
-                return counted >= pages
+                return counted[0] >= counted[1]
         if pages <= samples:
             spans = [(0, pages)]
         else:
