@@ -160,6 +160,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
     pins: Pins = {}
     ahead = 0       # bytes read ahead into buffers but not yet handed out
     reads = 0       # reads submitted but not yet collected
+    submitted = 0   # blocks submitted
+    ready = False   # the first block needs no read: hand it out before submitting more
     try:
         while blocks or pending:
             # Keep the engine busy, within the window, allocating buffers just in time. Every
@@ -170,18 +172,24 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
             # every tensor viewing them: what is mapped stays within the window.
             while blocks and (not pending or (reads < engine.ahead and (
                     window is None or _held(strategy, ahead) + _footprint(strategy, blocks[0])
-                    <= window) and _room(strategy, blocks[0].shard))):
+                    <= window) and _room(strategy, blocks[0].shard) and not ready)):
                 block = blocks.popleft()
                 futures: list[Pending] = []
                 token = _pin(strategy, block.shard, pins)
                 # Pending (so cancelled and unpinned on failure) from before its first read.
                 pending.append((block, _NOTHING, futures, token, False))
-                buf, mapped = _submit_block(block, strategy, engine, reuse, futures)
+                buf, mapped = _submit_block(block, strategy, engine, reuse, futures,
+                                            first=not submitted)
+                # The first block of a stream wholly in the page cache is handed out at once,
+                # before any read ahead is submitted (and threads are started for it).
+                ready = not submitted and mapped and not futures
+                submitted += 1
                 pending[-1] = (block, buf, futures, token, mapped)
                 if not mapped:
                     ahead += block.nbytes
                 reads += len(futures)
             block, buf, futures, token, mapped = pending[0]  # pending (cancelled on failure)
+            ready = False
             for future in futures:
                 future.result()
             pending.popleft()
@@ -253,9 +261,11 @@ def _verify(verifier: Verifier | None, shard: int, start: int, data: torch.Tenso
 
 
 def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: BufferPool | None,
-                  futures: list[Pending]) -> tuple[torch.Tensor, bool]:
+                  futures: list[Pending], first: bool = False) -> tuple[torch.Tensor, bool]:
     """Submit ``block``'s reads, appending each to ``futures`` as it goes; its buffer, and
-    whether that is a window of the file (mapped, not read)."""
+    whether that is a window of the file (mapped, not read). ``first``: the load's first block,
+    which is not populated where every page of it was cached (its consumer's first touch maps
+    them, as auto's mmap leaves the first tensor of a stream: ``MmapStrategy.lazy_until``)."""
     if strategy.zero_copy:
         buf = strategy.view(block.shard, block.start, block.end)
         for lo, hi in block.reads:
@@ -263,6 +273,8 @@ def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: Buffe
         return buf, False
     window = strategy.window(block.shard, block.start, block.end)
     if window is not None:
+        if first and strategy.fully_cached(block.shard, block.start, block.end):
+            return window.view(block.start, block.end), True
         for lo, hi in block.reads:
             futures.append(engine.call(window.populate, lo, hi))
         return window.view(block.start, block.end), True

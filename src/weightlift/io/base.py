@@ -101,6 +101,11 @@ class Strategy(ABC):
         load started and this strategy maps such ranges); plans group tensors by it."""
         return False
 
+    def fully_cached(self, shard: int, start: int, end: int) -> bool:
+        """Whether every page of ``[start, end)`` was in the page cache when the load began
+        (this strategy's residency map says so): a window of it is read without I/O."""
+        return False
+
     def window(self, shard: int, start: int, end: int) -> Window | None:
         """A window mapped over ``[start, end)`` for the read loop to hand out views of, when
         this strategy maps ranges that are in the page cache; None: ``read`` them. The loop
