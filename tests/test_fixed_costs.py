@@ -83,3 +83,72 @@ def test_the_cgroup_limit_is_measured_again_after_its_ttl(
     clock[0] += probes.LIMIT_TTL
     probes.cgroup_memory_limit()
     assert len(measured) == 2
+
+
+def test_views_made_in_bulk_are_those_made_one_by_one() -> None:
+    """``as_tensors`` (one typed view and one split per run of a dtype) gives each tensor
+    ``as_tensor`` gives, over the same bytes: mixed dtypes, a scalar, an empty tensor, and an
+    odd offset a dtype cannot be viewed at (copied, as ``as_tensor`` copies it)."""
+    from weightlift.formats.records import DTYPES, TensorInfo
+    from weightlift.place import as_tensor, as_tensors
+    from weightlift.sources.records import Entry
+
+    layout = [("a", "BF16", (3, 4)), ("b", "BF16", (5,)), ("c", "BF16", ()),
+              ("d", "F32", (2, 2)), ("e", "F32", (0, 3)), ("f", "F32", (4,)),
+              ("g", "U8", (3,)), ("h", "F16", (2, 3)), ("i", "F16", (7,))]
+    raw = torch.arange(512, dtype=torch.int16).view(torch.uint8)
+    base, at, entries = 8, 8, []
+    for name, dtype, shape in layout:
+        nbytes = DTYPES[dtype].itemsize * int(torch.tensor(shape).prod()) if shape else 2
+        entries.append(Entry(0, TensorInfo(name, DTYPES[dtype], shape, at, at + nbytes)))
+        at += nbytes
+    bulk = as_tensors(raw[base:], base, entries)
+    assert len(bulk) == len(entries)
+    for entry, tensor in zip(entries, bulk):
+        lo, hi = entry.info.start, entry.info.end
+        one = as_tensor(raw[lo:hi], entry.info)
+        assert tensor.dtype == one.dtype and tensor.shape == one.shape, entry.name
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8),
+                           one.reshape(-1).view(torch.uint8)), entry.name
+    # Zero-copy where the offset allows it: the first run shares the caller's bytes.
+    assert bulk[0].untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+
+
+def test_a_header_is_validated_once_and_its_copies_are_the_callers(tmp_path: Path) -> None:
+    """A header seen before (same bytes, same file size) is not validated again, gives equal
+    records under the new path, and a metadata dict the caller changes is not the next one's;
+    a refused header is refused every time."""
+    from weightlift.errors import FormatError
+    from weightlift.formats import safetensors as fmt
+
+    raw = (b'{"__metadata__":{"k":"v"},"w":{"dtype":"F32","shape":[2],'
+           b'"data_offsets":[0,8]}}')
+    calls: list[int] = []
+    real = fmt._parse_header
+
+    def counted(raw: bytes, *, file_size: int, path: str) -> object:
+        calls.append(file_size)
+        return real(raw, file_size=file_size, path=path)
+
+    size = 8 + len(raw) + 8
+    fmt._MEMO.clear()
+    try:
+        original = fmt._parse_header
+        fmt._parse_header = counted  # type: ignore[assignment]
+        first = fmt.parse_header(raw, file_size=size, path="a.safetensors")
+        first.metadata["k"] = "changed"  # type: ignore[index]
+        again = fmt.parse_header(raw, file_size=size, path="b.safetensors")
+        assert calls == [size]
+        assert again.path == "b.safetensors" and again.tensors == first.tensors
+        assert again.metadata == {"k": "v"}
+        with pytest.raises(FormatError, match="belong to no tensor"):  # the same, 4 bytes longer
+            fmt.parse_header(raw, file_size=size + 4, path="c.safetensors")
+        assert len(calls) == 2
+        bad = raw.replace(b"[0,8]", b"[0,9]")
+        for _ in range(2):
+            with pytest.raises(FormatError, match="hold 9 bytes"):
+                fmt.parse_header(bad, file_size=size + 1, path="d.safetensors")
+        assert len(calls) == 4
+    finally:
+        fmt._parse_header = original  # type: ignore[assignment]
+        fmt._MEMO.clear()

@@ -100,10 +100,10 @@ def _runs(entries: Sequence[Entry], limit: int, kind: Kind | None = None,
 
 def split_range(start: int, end: int, step: int) -> tuple[tuple[int, int], ...]:
     """Cut ``[start, end)`` at the multiples of ``step`` inside it (at least one range)."""
-    if end <= start:
+    edge = (start // step + 1) * step
+    if end <= start or edge >= end:  # nothing to cut (most tensors): one range
         return ((start, end),)
     cuts = [start]
-    edge = (start // step + 1) * step
     while edge < end:
         cuts.append(edge)
         edge += step
