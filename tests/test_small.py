@@ -219,3 +219,34 @@ def test_a_cold_small_file_is_read_ahead_whole_with_its_header(
     weightlift.sources.resolve(small_file, read_ahead=size - 1).close()  # larger than allowed
     weightlift.sources.resolve(small_file).close()  # not asked for (e.g. open())
     assert advised == []
+
+
+def test_get_tensor_maps_the_files_once_and_covers_each_tensor_when_asked(
+        small_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``open(...).get_tensor`` on the small path maps the files at its first call and keeps
+    them until ``close``; each call maps in that tensor's pages unless every one is cached *now*
+    (a file evicted after the first call is populated again, not left to a first touch)."""
+    # Copies: safetensors' own tensors would keep the file's pages mapped (then not evictable).
+    reference = {name: tensor.clone() for name, tensor in load_file(small_file).items()}
+    names = list(reference)
+    pagecache.warm(small_file, 0, small_file.stat().st_size)
+    calls = Calls(monkeypatch)
+    with weightlift.open(small_file) as ckpt:
+        first = ckpt.get_tensor(names[0])
+        reader = ckpt._mapped
+        assert isinstance(reader, MmapStrategy)
+        assert calls.populated == []  # cached: a view, nothing populated
+        pagecache.evict(small_file)
+        second = ckpt.get_tensor(names[1])
+        assert ckpt._mapped is reader  # mapped once
+        nbytes = reference[names[1]].numel() * reference[names[1]].element_size()
+        assert nbytes <= sum(calls.populated) <= nbytes + 2 * pagecache.PAGE
+        with pytest.raises(weightlift.CheckpointError, match="no tensor named"):
+            ckpt.get_tensor("missing")
+        # Named strategies and other devices take a load's path, as before.
+        named = ckpt.get_tensor(names[2], strategy="stream")
+    assert ckpt._mapped is None
+    assert_same({name: tensor for name, tensor in zip(names, (first, second, named))},
+                {name: reference[name] for name in names[:3]})
+    with pytest.raises(weightlift.WeightliftError):
+        ckpt.get_tensor(names[0])  # closed

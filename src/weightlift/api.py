@@ -22,7 +22,8 @@ from .io import NAMES, Strategy, Unavailable, make_strategy
 from .io.auto import Choice, choose, gather, small
 from .io.engine import ENGINES, Engine, InlineEngine, make_engine
 from .io.mapped import MmapStrategy
-from .place import dequantizing, make_sink, parse_device, release_pinned_cache, ring_budget
+from .place import (as_tensor, dequantizing, make_sink, parse_device, release_pinned_cache,
+                    ring_budget)
 from .read import read_tensors
 from .remote import StorageOptions, as_remote
 from .report import SAMPLED_FROM, LoadReport, Monitor
@@ -31,6 +32,7 @@ from .sources.records import Entry, Layout, iter_entries
 from .verify import Verify, check_verify, make_verifier
 
 Device = str | torch.device
+_CPU_DEVICE = torch.device("cpu")
 DType = torch.dtype | str | None
 ProgressCallback = Callable[[int, int], None]
 ReportCallback = Callable[[LoadReport], None]
@@ -117,6 +119,9 @@ class Checkpoint:
         self.layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
         self._choices: dict[tuple[str, bool, bool], Choice] = {}
         self._pinned = False
+        #: The small path's mapped files for ``get_tensor`` (None: not asked yet; False: the
+        #: checkpoint does not take that path).
+        self._mapped: MmapStrategy | bool | None = None
         if verify:  # checked above: None, False, or something to check
             try:  # one streamed pass, bounded by the budget, before any tensor is handed out
                 for _ in run_load(self.layout, keys=None, device="cpu", strategy="auto",
@@ -158,6 +163,11 @@ class Checkpoint:
 
     def get_tensor(self, name: str, *, device: Device = "cpu", strategy: str = "auto",
                    dtype: DType = None, engine: str = "auto") -> torch.Tensor:
+        if strategy == "auto" and engine == "auto" and dtype is None and (
+                device == "cpu" or parse_device(device) == _CPU_DEVICE):
+            tensor = self._mapped_tensor(name)
+            if tensor is not None:
+                return tensor
         # Reading tensor by tensor, keep torch's pinned blocks cached between calls (one
         # allocation, not one per tensor); ``close()`` gives them back.
         self._pinned = self._pinned or torch.device(device).type == "cuda"
@@ -167,6 +177,33 @@ class Checkpoint:
             return tensor
         raise AssertionError("unreachable: a selected tensor is always yielded")
 
+    def _mapped_tensor(self, name: str) -> torch.Tensor | None:
+        """``name`` as the small-file path loads it (``io/auto.small``: files within the
+        budget, mapped), without a load's set-up per tensor: the files are mapped once, at the
+        first call, and kept until ``close``; each call checks the file is unchanged, maps in
+        the tensor's pages unless every one is cached (counted then, not at the first call: a
+        page read by its first touch could fail with SIGBUS) and returns a zero-copy view.
+        None where the checkpoint does not take that path."""
+        if self._mapped is None:
+            if small(self.layout.shards, device="cpu", copying=False, budget=None) is None:
+                self._mapped = False
+            else:
+                reader = MmapStrategy(skip_cached=True, known_cached=True)  # ``cover`` counts
+                try:
+                    reader.prepare(self.layout.shards)
+                except BaseException:
+                    reader.close()
+                    raise
+                self._mapped = reader
+        if self._mapped is False:
+            return None
+        reader = self._mapped
+        entry = next(iter_entries(self.layout, [name]))
+        info = entry.info
+        reader.cover(entry.shard, info.start, info.end)
+        self.layout.shards[entry.shard].check_unchanged()
+        return as_tensor(reader.view(entry.shard, info.start, info.end), info)
+
     def __contains__(self, name: object) -> bool:
         return name in self.layout.entries
 
@@ -174,6 +211,9 @@ class Checkpoint:
         return len(self.layout.entries)
 
     def close(self) -> None:
+        if isinstance(self._mapped, MmapStrategy):
+            self._mapped.close()  # tensors handed out keep their mapping alive
+        self._mapped = None
         self.layout.close()
         if self._pinned:
             self._pinned = False

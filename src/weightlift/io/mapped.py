@@ -150,6 +150,25 @@ class MmapStrategy(Strategy):
             except OSError:
                 pass  # the populates read it, as fast as read-ahead allows
 
+    def cover(self, shard: int, start: int, end: int) -> None:
+        """Make ``[start, end)`` of ``shard`` safe to read through the mapping now: nothing
+        where ``cachestat`` counts every page of it cached, else read ahead at once
+        (``POSIX_FADV_WILLNEED``) and mapped in (``MADV_POPULATE_READ``: an unreadable page is a
+        ``ReadError``). For a mapping kept across calls (``Checkpoint.get_tensor``), where what
+        ``prepare`` found cached may since have been evicted. Raises ``ReadError``."""
+        lo = start // PAGE * PAGE
+        if end <= lo:
+            return
+        with self.shards[shard].opened(PLAIN) as fd:
+            counted = probes.cached_pages(fd, lo, end - lo)
+            if counted is not None and counted >= -(-(end - lo) // PAGE):
+                return
+            try:
+                os.posix_fadvise(fd, lo, end - lo, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # advice only
+        self._populate(shard, lo, end)
+
     def kinds(self, shard: int) -> tuple[str, ...]:
         return ()  # pages are faulted in through the mapping
 
