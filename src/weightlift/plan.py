@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .dequant import packed_type
 from .sources.records import Entry
@@ -25,9 +26,10 @@ from .sources.records import Entry
 SMALL_TENSOR = 1 << 20
 
 
-@dataclass(frozen=True)
-class Block:
-    """One host allocation: the file range ``[start, end)`` of ``shard`` and the tensors in it."""
+class Block(NamedTuple):
+    """One host allocation: the file range ``[start, end)`` of ``shard`` and the tensors in it.
+    (A named tuple: made once per tensor of a stream before its first tensor is handed out, at
+    a fifth of a frozen dataclass's cost.)"""
 
     shard: int
     start: int
@@ -103,12 +105,8 @@ def split_range(start: int, end: int, step: int) -> tuple[tuple[int, int], ...]:
     edge = (start // step + 1) * step
     if end <= start or edge >= end:  # nothing to cut (most tensors): one range
         return ((start, end),)
-    cuts = [start]
-    while edge < end:
-        cuts.append(edge)
-        edge += step
-    cuts.append(end)
-    return tuple(zip(cuts[:-1], cuts[1:]))
+    cuts = [start, *range(edge, end, step), end]
+    return tuple(zip(cuts, cuts[1:]))
 
 
 #: ``plan_blocks(..., whole=True)``: no limit to a block.
