@@ -180,7 +180,8 @@ class Checkpoint:
     def _mapped_tensor(self, name: str) -> torch.Tensor | None:
         """``name`` as the small-file path loads it (``io/auto.small``: files within the
         budget, mapped), without a load's set-up per tensor: the files are mapped once, at the
-        first call, and kept until ``close``; each call checks the file is unchanged, maps in
+        first call, and kept until ``close``; each call checks the file is unchanged (before and
+        after), maps in
         the tensor's pages unless every one is cached (counted then, not at the first call: a
         page read by its first touch could fail with SIGBUS) and returns a zero-copy view.
         None where the checkpoint does not take that path."""
@@ -200,8 +201,10 @@ class Checkpoint:
         reader = self._mapped
         entry = next(iter_entries(self.layout, [name]))
         info = entry.info
+        shard = self.layout.shards[entry.shard]
+        shard.check_unchanged()  # e.g. edited since it was opened: said before any page is read
         reader.cover(entry.shard, info.start, info.end)
-        self.layout.shards[entry.shard].check_unchanged()
+        shard.check_unchanged()
         return as_tensor(reader.view(entry.shard, info.start, info.end), info)
 
     def __contains__(self, name: object) -> bool:
