@@ -6,7 +6,9 @@ newer one), made by ``.ci/run`` and found here as ``tests/remote_servers.py`` fi
 make it (and fail under CI). ``tests/vllm_runs.py`` runs in that venv: the models are written by
 its transformers, every engine of this module starts in one process (one vLLM import), and each
 job saves every tensor the model holds after the loader ran; the tests compare
-``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit.
+``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit. The two
+tensor-parallel engines start one after the other in one more process; the two ``vllm serve``
+processes start with the module and come up while the engines run (``servers_start_first``).
 """
 
 from __future__ import annotations
