@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from weightlift.bench import synthetic
+from weightlift.cli import main
 from weightlift.units import format_bytes
 
 SIZE = 4_000_000
@@ -33,6 +35,14 @@ def piped(args: list[str], columns: str | None) -> str:
                           stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
+    """``weightlift ARGS --json``'s document, run in this process: JSON is the same piped or
+    not and at any width, so only the tables need a process of their own."""
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def tables(out: str) -> list[list[dict[str, str]]]:
@@ -79,8 +89,9 @@ def test_bench_numbers_are_whole_and_match_the_json(checkpoint: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("columns", WIDTHS)
-def test_info_tables_match_the_json(llama_dir: Path, columns: str | None) -> None:
-    info = json.loads(piped(["info", str(llama_dir), "--tensors", "--json"], columns))
+def test_info_tables_match_the_json(llama_dir: Path, columns: str | None,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    info = as_json(["info", str(llama_dir), "--tensors"], capsys)
     out = piped(["info", str(llama_dir), "--tensors"], columns)
     assert "…" not in out
     dtypes, files, *_, tensors = tables(out)  # a metadata table between, when there is one
@@ -93,8 +104,9 @@ def test_info_tables_match_the_json(llama_dir: Path, columns: str | None) -> Non
 
 
 @pytest.mark.parametrize("columns", WIDTHS)
-def test_load_and_doctor_tables_match_the_json(minilm_path: Path, columns: str | None) -> None:
-    loaded = json.loads(piped(["load", str(minilm_path), "--json"], columns))
+def test_load_and_doctor_tables_match_the_json(minilm_path: Path, columns: str | None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = as_json(["load", str(minilm_path)], capsys)
     out = piped(["load", str(minilm_path), "-q", "-v"], columns)
     assert "…" not in out
     [rows] = tables(out)
@@ -104,7 +116,7 @@ def test_load_and_doctor_tables_match_the_json(minilm_path: Path, columns: str |
     assert float(values["seconds"]) > 0 and float(values["throughput"].split()[0]) > 0
     assert values["why"]  # the reason, whole
 
-    found = json.loads(piped(["doctor", str(minilm_path), "--json"], columns))["source"]
+    found = as_json(["doctor", str(minilm_path)], capsys)["source"]
     out = piped(["doctor", str(minilm_path)], columns)
     assert "…" not in out
     [rows] = tables(out)

@@ -61,13 +61,23 @@ def test_odd_byte_offsets(tmp_path: Path, strategy: str) -> None:
             torch.isnan(want).any() and torch.equal(converted[name].nan_to_num(), want.nan_to_num()))
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_twenty_thousand_tiny_tensors(tmp_path: Path, strategy: str) -> None:
+@pytest.fixture(scope="module")
+def twenty_thousand(tmp_path_factory: pytest.TempPathFactory
+                    ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """20,000 tensors of 0 to 6 elements, written once for every strategy, and safetensors'
+    load of them."""
     gen = torch.Generator().manual_seed(3)
     tensors = {f"layer.{i}.w": random_tensor((i % 7,), torch.float16, gen) for i in range(20_000)}
-    path = tmp_path / "tiny.safetensors"
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     save_file(tensors, path)
-    assert_same(weightlift.load(path, strategy=strategy), load_file(path))
+    return path, load_file(path)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_twenty_thousand_tiny_tensors(twenty_thousand: tuple[Path, dict[str, torch.Tensor]],
+                                      strategy: str) -> None:
+    path, reference = twenty_thousand
+    assert_same(weightlift.load(path, strategy=strategy), reference)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

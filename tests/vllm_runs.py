@@ -5,15 +5,17 @@
     python tests/vllm_runs.py tp MODEL MOE OUT    weightlift's loader on 2 gloo ranks of vLLM's
                                                   tensor-parallel group, then with one rank's
                                                   consumer failing, then experts per rank
-    python tests/vllm_runs.py engine-tp MODEL OUT [ep]
-                                                  an engine with tensor_parallel_size=2 (and
-                                                  expert parallelism)
+    python tests/vllm_runs.py engine-tp MODEL OUT MOE OUT-EP
+                                                  an engine with tensor_parallel_size=2 over
+                                                  MODEL, then one with expert parallelism too
+                                                  over MOE, one after the other
 
 ``load`` captures every tensor the model holds right after the loader has put the weights in
 (before vLLM's CPU backend repacks them into its kernels' layouts, which empties some
 parameters) and again after that processing, and saves both per job, or the job's error.
 Starting engines one after the other in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) costs
-~2 s each, where a fresh process costs ~15.
+~2 s each, where a fresh process costs ~15; ``engine-tp`` keeps its engine cores in-process too,
+so only the tensor-parallel workers (spawned: vLLM's CPU backend asks for it) import vLLM again.
 """
 
 from __future__ import annotations
@@ -233,19 +235,30 @@ def run_tp(model: str, moe: str, out: Path) -> None:
                        start_method="spawn")
 
 
-def run_engine_tp(model: str, out: Path, expert_parallel: bool = False) -> None:
-    """A real engine with tensor_parallel_size=2 (two worker processes) over the cold
-    checkpoint, with expert parallelism if asked. Each worker runs ``worker_hooks`` (this
-    module is their ``__mp_main__``): see there."""
+def run_engine_tp(runs: list[tuple[str, Path, bool]]) -> None:
+    """Real engines with tensor_parallel_size=2 (two worker processes each), one after the
+    other in this process, each over its cold checkpoint, with expert parallelism where asked.
+    Each engine's workers run ``worker_hooks`` (this module is their ``__mp_main__``) and save
+    into that run's OUT: see there."""
     from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    os.environ["WEIGHTLIFT_TEST_TP_OUT"] = str(out)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker
-    evict(model)
-    LLM(model=model, load_format="weightlift", model_loader_extra_config=TP_OPTIONS,
-        tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
-        enable_ep_weight_filter=expert_parallel, dtype="bfloat16",
-        max_model_len=128, max_num_seqs=2, enforce_eager=True, skip_tokenizer_init=True, seed=0)
+    # The workers have saved what the test reads by the time the engine is up; vLLM's shutdown
+    # waits 5 s by default for them to exit on their own before it stops them.
+    os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
+    for model, out, expert_parallel in runs:
+        os.environ["WEIGHTLIFT_TEST_TP_OUT"] = str(out)  # read by the workers spawned next
+        evict(model)
+        llm = LLM(model=model, load_format="weightlift", model_loader_extra_config=TP_OPTIONS,
+                  tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+                  enable_ep_weight_filter=expert_parallel, dtype="bfloat16",
+                  max_model_len=128, max_num_seqs=2, enforce_eager=True,
+                  skip_tokenizer_init=True, seed=0)
+        llm.llm_engine.engine_core.shutdown()  # its workers, before the next engine's start
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
 
 def worker_hooks() -> None:
@@ -297,7 +310,8 @@ def main(argv: list[str]) -> None:
     elif command == "tp":
         run_tp(args[0], args[1], Path(args[2]))
     elif command == "engine-tp":
-        run_engine_tp(args[0], Path(args[1]), expert_parallel=args[2:] == ["ep"])
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        run_engine_tp([(args[0], Path(args[1]), False), (args[2], Path(args[3]), True)])
     else:
         raise SystemExit(f"unknown command {command!r}")
 
