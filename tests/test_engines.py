@@ -498,3 +498,24 @@ def test_doctor_says_whether_io_uring_works(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(uring, "setup", refuse)
     assert os.strerror(errno.ENOSYS) in collect()["system"]["io_uring_refused"]
+
+
+def test_a_deferred_step_runs_once_in_the_thread_that_waits_for_it() -> None:
+    ran: list[int] = []
+    step = engine_module.Deferred(lambda n: ran.append(n), 7)
+    assert not ran and not step.done()
+    step.result()
+    step.result()
+    assert ran == [7] and step.done() and not step.cancel()
+    withdrawn = engine_module.Deferred(lambda: ran.append(0))
+    assert withdrawn.cancel() and withdrawn.done()
+    withdrawn.result()
+    assert ran == [7]  # a withdrawn step never runs
+
+    def fails() -> None:
+        raise ReadError("read of 8 bytes at offset 0 failed", path="model.safetensors")
+
+    failing = engine_module.Deferred(fails)
+    for _ in range(2):  # raised to every waiter, run once
+        with pytest.raises(ReadError, match="model.safetensors"):
+            failing.result()

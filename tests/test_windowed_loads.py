@@ -23,6 +23,7 @@ from conftest import assert_same, random_tensor
 from test_gpu_logic import RecordingSink
 from test_window import mapped_bytes
 from weightlift.io import auto, make_strategy
+from weightlift.io.window import Window
 from weightlift.read import read_tensors
 from weightlift.sources import resolve
 from weightlift.sources.records import iter_entries
@@ -247,3 +248,35 @@ def test_residency_is_what_the_tests_set_up(checkpoint: tuple[Path, str]) -> Non
     pages = pagecache.pages(path)
     expected = {"cold": 0.0, "warm": 1.0}.get(state, 0.5)
     assert abs(float(np.mean(pages)) - expected) < 0.1
+
+
+def test_a_warm_stream_runs_in_the_consumers_thread(warm: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of cached pages are neither populated nor handed to worker threads: the
+    consumer's copy maps their pages (as ``safetensors`` does), and a load that read nothing
+    started no thread. Windows with pages to read populate them when handed out."""
+    path = warm
+    reference = reference_of(path, "warm")
+    populated: list[bool] = []
+    populate = Window.populate
+
+    def recorded(self: Window, *args: int) -> None:
+        populated.append(self.cached)
+        populate(self, *args)
+
+    monkeypatch.setattr(Window, "populate", recorded)
+    before = set(threading.enumerate())  # e.g. a read another test left blocked for good
+    threads: set[str] = set()
+    reports: list[weightlift.LoadReport] = []
+    out = {}
+    for name, tensor in weightlift.stream(path, strategy="direct", max_host_memory=BUDGET,
+                                          on_report=reports.append):
+        threads.update(t.name for t in set(threading.enumerate()) - before)
+        out[name] = tensor.clone()
+        del tensor
+    assert_same(out, reference)
+    report = reports[0]
+    assert report.bytes_mapped > 0, report.to_dict()
+    assert not any(populated), "a window of cached pages was populated"
+    if report.bytes_read == 0:  # every range mapped (no page was evicted meanwhile)
+        assert not threads, threads

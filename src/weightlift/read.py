@@ -36,7 +36,7 @@ import torch
 
 from .io import retry
 from .io.base import PAGE, Strategy, aligned_window
-from .io.engine import Engine, InlineEngine, Pending, ThreadEngine, settle
+from .io.engine import Deferred, Done, Engine, InlineEngine, Pending, ThreadEngine, settle
 from .io.pool import BufferPool
 from .io.window import Window
 from .place import Sink, as_tensor, as_tensors
@@ -187,7 +187,10 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                 pending[-1] = (block, buf, futures, token, mapped)
                 if not mapped:
                     ahead += block.nbytes
-                reads += len(futures)
+                    # A window's step runs when it is handed out (``_populating``): only reads
+                    # the engine carries count against its depth, so windows are mapped (and
+                    # uncached pages asked for) as far ahead as the window allows.
+                    reads += len(futures)
             block, buf, futures, token, mapped = pending[0]  # pending (cancelled on failure)
             ready = False
             for future in futures:
@@ -202,7 +205,7 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                 strategy.viewed += block.nbytes
             if not mapped:
                 ahead -= block.nbytes
-            reads -= len(futures)
+                reads -= len(futures)
             strategy.consumed(block.shard, block.start, block.end)
             if progress is not None:
                 progress(block.nbytes)
@@ -276,7 +279,7 @@ def _submit_block(block: Block, strategy: Strategy, engine: Engine, reuse: Buffe
         if first and strategy.fully_cached(block.shard, block.start, block.end):
             return window.view(block.start, block.end), True
         for lo, hi in block.reads:
-            futures.append(engine.call(window.populate, lo, hi))
+            futures.append(_populating(window, lo, hi))
         return window.view(block.start, block.end), True
     buf = strategy.alloc(block.nbytes, block.start, reuse.take if reuse is not None else None)
     for lo, hi in block.reads:
@@ -447,10 +450,34 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
 def _submit_chunk(chunk: Chunk, slot: torch.Tensor | None, window: Window | None,
                   strategy: Strategy, engine: Engine) -> tuple[torch.Tensor, Pending]:
     if window is not None:
-        src = window.view(chunk.start, chunk.end)
-        return src, engine.call(window.populate, chunk.start, chunk.end)
+        return window.view(chunk.start, chunk.end), _populating(window, chunk.start, chunk.end)
     if slot is None:
         src = strategy.view(chunk.shard, chunk.start, chunk.end)
         return src, engine.call(strategy.populate, chunk.shard, chunk.start, chunk.end)
     src = aligned_window(slot, chunk.nbytes, chunk.start, ALIGN)
     return src, engine.read(strategy, chunk.shard, chunk.start, src)
+
+
+def _populating(window: Window, start: int, end: int) -> Pending:
+    """What makes ``[start, end)`` of ``window`` ready for the consumer; nothing runs on a
+    worker thread.
+
+    A window whose pages were all cached is not populated: a page in memory cannot fail to read,
+    and the consumer's copy maps the pages as it goes (the kernel maps 16 around each fault) at
+    the cost of the populate it saves (~25 ms/GB here), as ``auto``'s mapped loads do
+    (docs/safety.md). Handing that page-table work to worker threads cost more than it saved in
+    hand-offs and wake-ups, most of all on a core shared with the consumer (vLLM pins its worker
+    to one): a warm 2 GB stream took 0.8 s against 0.5 s for one thread mapping and copying.
+    Other windows have pages to read: their reads are asked of the disk now
+    (``MADV_WILLNEED``), to run while the consumer copies what comes before, and the populate
+    that waits for them (and turns an I/O error into a ``ReadError``) runs when the consumer is
+    handed the window, in its thread.
+    """
+    if window.cached:
+        return _READY
+    window.willneed(start, end)
+    return Deferred(window.populate, start, end)
+
+
+#: A step with nothing left to do.
+_READY = Done()

@@ -108,8 +108,9 @@ class Strategy(ABC):
 
     def window(self, shard: int, start: int, end: int) -> Window | None:
         """A window mapped over ``[start, end)`` for the read loop to hand out views of, when
-        this strategy maps ranges that are in the page cache; None: ``read`` them. The loop
-        populates it (``Window.populate``) from the engine's threads and drops it once consumed."""
+        this strategy maps ranges that are in the page cache; None: ``read`` them. The loop hands it
+        out in the consumer's thread (populated there only if some of its pages were not cached:
+        ``read._populating``) and drops it once consumed."""
         return None
 
     def mapped_peak(self) -> int:

@@ -259,6 +259,44 @@ class Done:
         return True
 
 
+class Deferred:
+    """A step run by whoever first waits for it (``result()``), in that thread; ``cancel()``
+    before that withdraws it. For work too small to hand to a worker thread: populating a
+    window of cached pages is page-table work (~25 ms/GB here), less than the hand-offs and
+    wake-ups of a thread doing it, which on a busy or pinned core cost a scheduler slice each.
+
+        pending = Deferred(window.populate, start, end)
+        pending.result()   # runs it now (once); its error raised here
+    """
+
+    __slots__ = ("fn", "args", "outcome")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.outcome: Done | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self.outcome is None:
+            fn, args = self.fn, self.args
+            self.fn, self.args = _nothing, ()
+            self.outcome = _done(fn, *args)
+        return self.outcome.result()
+
+    def cancel(self) -> bool:
+        if self.outcome is not None:
+            return False
+        self.outcome = Done()  # withdrawn: never runs
+        self.fn, self.args = _nothing, ()
+        return True
+
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
 def _done(fn: Callable[..., Any], *args: Any) -> Done:
     """``fn(*args)`` run now (its error raised by ``result()``, as a worker's would be); an
     interrupt propagates at once."""

@@ -117,6 +117,9 @@ class CachedRanges:
         #: Set: (mostly) cached ranges are mapped (``window``) rather than copied.
         self.windows = windows
         self.resident: list[np.ndarray | None] = []
+        #: Per shard: every page counted cached (``warm_map``'s shortcut, or mincore found all):
+        #: no range of it needs a look at its map.
+        self.whole: list[bool] = []
         try:
             for shard in shards:
                 with shard.opened(PLAIN) as fd:
@@ -128,6 +131,7 @@ class CachedRanges:
                     except OpenRefused:
                         pages = None  # read it all with O_DIRECT, as if cold
                 self.resident.append(pages)
+                self.whole.append(pages is not None and bool(pages.all()))
         except BaseException:
             self.close()
             raise
@@ -162,14 +166,29 @@ class CachedRanges:
 
     def mappable(self, shard: int, start: int, end: int) -> bool:
         """Whether windows are on and ``[start, end)`` was (mostly) cached when the load started."""
-        return self.windows is not None and mostly_cached(start, end, self.resident[shard])
+        if self.windows is None:
+            return False
+        if self.whole[shard]:
+            return end <= self.resident[shard].size * PAGE  # type: ignore[union-attr]
+        return mostly_cached(start, end, self.resident[shard])
+
+    def all_cached(self, shard: int, start: int, end: int) -> bool:
+        """Whether every page of ``[start, end)`` was cached when the load started."""
+        pages = self.resident[shard]
+        if pages is None or end <= start:
+            return pages is not None
+        first, last = start // PAGE, (end - 1) // PAGE + 1
+        return self.whole[shard] or (last <= pages.size and bool(pages[first:last].all()))
 
     def window(self, shard: int, start: int, end: int) -> Window | None:
         """A mapped window of ``[start, end)`` if it is ``mappable``; None: read it
-        (``split``/``read``)."""
+        (``split``/``read``). ``Window.cached`` says whether all its pages were cached."""
         if self.windows is None or not self.mappable(shard, start, end):
             return None
-        return map_cached(self.windows, self.shards[shard], start, end)
+        window = map_cached(self.windows, self.shards[shard], start, end)
+        if window is not None:
+            window.cached = self.all_cached(shard, start, end)
+        return window
 
     def read(self, shard: int, start: int, dest: memoryview) -> None:
         """Copy ``[start, start + len(dest))`` (a cached run) out of the page cache, through a
@@ -184,6 +203,7 @@ class CachedRanges:
         for shard in self.shards:
             shard.release(RANDOM)
         self.resident = []
+        self.whole = []
 
 
 #: A file estimated at least this much cached counts as wholly cached for windows: no

@@ -10,7 +10,8 @@ its read-ahead waits for windows the consumer still holds (``live``).
     windows = Windows()
     with shard.opened(PLAIN) as fd:
         window = windows.map(fd, start, end, path=shard.path)   # the descriptor may close after
-    window.populate()                   # MADV_POPULATE_READ: cached pages mapped, none read twice
+    window.populate()                   # MADV_POPULATE_READ: pages mapped, missing ones read
+                                        # (a read loop skips it where ``window.cached``)
     tensor = window.view(start, end)    # uint8, zero-copy, writable (copy-on-write: the file is
     del window                          # never changed); unmapped once ``tensor`` is dropped too
 
@@ -103,6 +104,9 @@ class Window:
     def __init__(self, fd: int, start: int, end: int, *, path: str,
                  on_unmap: Callable[[int], None] | None = None) -> None:
         self.start, self.end, self.path = start, end, path
+        #: Every page was in the page cache when the load looked (``populate`` then only maps
+        #: them: page-table work, no read); False: some may have to be read.
+        self.cached = False
         self.offset = start // PAGE * PAGE
         self.size = max(PAGE, -(-end // PAGE) * PAGE - self.offset)
         self.address = map_file(fd, self.offset, self.size)
@@ -128,21 +132,26 @@ class Window:
         """Map the pages of ``[start, end)`` (default: the whole window) ahead of use: a
         consumer then copies without a page fault per page. Raises ``ReadError`` for a page
         that cannot be read."""
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        lo = max(start // PAGE * PAGE, self.offset)
-        hi = min(-(-end // PAGE) * PAGE, self.offset + self.size)
+        lo, hi = self._pages(start, end)
         address = self.address + lo - self.offset
         if not fault_in(address, hi - lo, offset=lo, path=self.path):
             touch(address, hi - lo)
 
-    def willneed(self) -> None:
-        """Ask the kernel to start reading the window's uncached pages (``MADV_WILLNEED``),
-        without waiting; advice only."""
+    def willneed(self, start: int | None = None, end: int | None = None) -> None:
+        """Ask the kernel to start reading the uncached pages of ``[start, end)`` (default: the
+        whole window) with ``MADV_WILLNEED``, without waiting; advice only."""
+        lo, hi = self._pages(start, end)
         try:
-            base.madvise(self.address, self.size, mmap.MADV_WILLNEED)
+            base.madvise(self.address + lo - self.offset, hi - lo, mmap.MADV_WILLNEED)
         except OSError:
             pass
+
+    def _pages(self, start: int | None, end: int | None) -> tuple[int, int]:
+        """The file offsets of the pages around ``[start, end)``, within the window."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        return (max(start // PAGE * PAGE, self.offset),
+                min(-(-end // PAGE) * PAGE, self.offset + self.size))
 
 
 def _unmap(address: int, size: int, on_unmap: Callable[[int], None] | None) -> None:
