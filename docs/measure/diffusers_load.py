@@ -230,6 +230,8 @@ def table(path: Path) -> None:
                 continue
 
             def median(key: str, scale: float = 1e9) -> str:
+                if any(key not in r for r in runs):
+                    return "-"  # a results file from before the script measured it
                 return f"{statistics.median(r[key] for r in runs) / scale:.2f}"
 
             beyond = statistics.median(held(r) - r["model_bytes"] for r in runs)
