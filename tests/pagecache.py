@@ -138,3 +138,21 @@ def evict_every_other(path: Path, step: int) -> np.ndarray:
                                  f"bytes cached ({int(now.sum())} of {now.size} pages cached, "
                                  f"{int(expected.sum())} expected)")
         time.sleep(0.05)
+
+
+def file_mappings(path: Path) -> list[tuple[int, int, int, int]]:
+    """This process's mappings of ``path`` now, from ``/proc/self/smaps``: ``(start, end, rss,
+    anonymous)`` each, in bytes (``anonymous``: pages copied on write, no longer the file's)."""
+    inode, found, current = os.stat(path).st_ino, [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header line
+                current = None
+                if len(fields) >= 6 and int(fields[4]) == inode and fields[5] == str(path):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    current = [lo, hi, 0, 0]
+                    found.append(current)
+            elif current is not None and fields[0] in ("Rss:", "Anonymous:"):
+                current[2 if fields[0] == "Rss:" else 3] = int(fields[1]) * 1024
+    return [(lo, hi, rss, anonymous) for lo, hi, rss, anonymous in found]

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers", reason="diffusers pipelines n
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+import pagecache  # noqa: E402
 import weightlift  # noqa: E402
 from weightlift.diffusers import from_pretrained, load_model, load_single_file  # noqa: E402
 
@@ -203,6 +204,24 @@ def test_single_model_equals_diffusers(sd_dir: Path) -> None:
         reference = model_class.from_pretrained(sd_dir, subfolder=folder)
         ours = load_model(model_class, sd_dir, subfolder=folder, strategy="direct")
         assert_same_tensors(ours, reference)
+
+
+def test_mmap_parameters_are_views_of_the_populated_files(flux_dir: Path) -> None:
+    """``strategy="mmap"`` with no dtype to convert: every parameter is a view of its shard's
+    mapping, populated during the load, none copied into anonymous memory (the memory diffusers'
+    default load leaves its parameters in)."""
+    model = load_model(diffusers.FluxTransformer2DModel, flux_dir, subfolder="transformer",
+                       strategy="mmap")
+    shards = sorted((flux_dir / "transformer").glob("*.safetensors"))
+    maps = [found for shard in shards for found in pagecache.file_mappings(shard)]
+    assert len(maps) == len(shards) and all(anonymous == 0 for *_, anonymous in maps)
+    parameters = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        start, end = parameter.data_ptr(), parameter.data_ptr() + parameter.nbytes
+        assert any(lo <= start and end <= hi for lo, hi, _, _ in maps), name
+    assert sum(rss for _, _, rss, _ in maps) >= sum(p.nbytes for p in parameters.values())
+    assert_same_tensors(model, diffusers.FluxTransformer2DModel.from_pretrained(
+        flux_dir, subfolder="transformer"))
 
 
 def test_sharded_variant_index_and_its_legacy_name(sd_dir: Path, tmp_path: Path) -> None:

@@ -173,6 +173,26 @@ def test_auto_on_a_cold_checkpoint_reads_around_the_cache(checkpoint: Path,
     assert_same(state, load_file(checkpoint))
 
 
+def test_named_mmap_hands_out_views_of_the_one_populated_mapping(checkpoint: Path,
+                                                                  tmp_path: Path) -> None:
+    """A cold ``strategy="mmap"`` CPU load: every tensor is a view of one private mapping of the
+    file, populated during the load (its pages mapped, so the first use faults none in), and no
+    page of it copied to anonymous memory: the same memory safetensors' ``load_file`` maps."""
+    copy = tmp_path / "model.safetensors"  # a fresh copy, so that it can be evicted
+    shutil.copyfile(checkpoint, copy)
+    pagecache.evict(copy)
+    state = weightlift.load(copy, strategy="mmap")
+    (lo, hi, rss, anonymous), = pagecache.file_mappings(copy)
+    assert hi - lo >= copy.stat().st_size
+    starts = [tensor.data_ptr() for tensor in state.values()]
+    ends = [tensor.data_ptr() + tensor.nbytes for tensor in state.values()]
+    assert lo <= min(starts) and max(ends) <= hi
+    data = (max(ends) - min(starts)) // probes.PAGE_SIZE * probes.PAGE_SIZE
+    assert rss >= data - probes.PAGE_SIZE, (rss, data)  # populated, not left to first use
+    assert anonymous == 0
+    assert_same(state, load_file(copy))
+
+
 def test_report_measures_the_load(checkpoint: Path) -> None:
     reports: list[weightlift.LoadReport] = []
     progress: list[tuple[int, int]] = []

@@ -4,6 +4,7 @@
 
     PYTHONPATH=src python docs/measure/diffusers_load.py /work/scratch/diffusers/flux 3
     PYTHONPATH=src python docs/measure/diffusers_load.py DIR 5 warm diffusers,weightlift-mmap
+    PYTHONPATH=src python docs/measure/diffusers_load.py DIR 3 cold,warm safetensors,weightlift.load-mmap
 
 makes (once) a Flux-style ``FluxTransformer2DModel`` of ~2 GB (hidden size 3072 as FLUX.1, two
 double and two single blocks) with random bf16 weights, saved by ``save_pretrained``; then, per
@@ -30,6 +31,9 @@ import time
 from pathlib import Path
 
 LOADERS = ("diffusers", "diffusers-nommap", "weightlift", "weightlift-512MB", "weightlift-mmap")
+#: Not run unless named: the same file as a state dict, no model (what diffusers' default and
+#: ``strategy="mmap"`` do underneath).
+STATE_DICTS = ("safetensors", "weightlift.load-mmap")
 CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
               pooled_projection_dim=768, guidance_embeds=True)
@@ -70,7 +74,9 @@ def status() -> dict[str, int]:
 def child(loader: str, directory: Path) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
 
+    import weightlift
     from weightlift import probes
     from weightlift.bench.child import touch
     from weightlift.diffusers import load_model
@@ -91,6 +97,8 @@ def child(loader: str, directory: Path) -> None:
                                                max_host_memory="512MB"),
         "weightlift-mmap": lambda: load_model(FluxTransformer2DModel, directory,
                                               torch_dtype=torch.bfloat16, strategy="mmap"),
+        "safetensors": lambda: load_file(file),
+        "weightlift.load-mmap": lambda: weightlift.load(file, strategy="mmap"),
     }
     start = status()
     cache_start = probes.resident_bytes(file)
@@ -124,11 +132,14 @@ def child(loader: str, directory: Path) -> None:
     stop.set()
     if thread.is_alive():
         thread.join()
-    tensors = [*model.parameters(), *model.buffers()]
+    tensors = (list(model.values()) if isinstance(model, dict)
+               else [*model.parameters(), *model.buffers()])
     faults = resource.getrusage(resource.RUSAGE_SELF)
+    touching = time.perf_counter()
     for tensor in tensors:
         touch(tensor.data)
     usable = time.perf_counter() - began
+    touched = time.perf_counter() - touching
     after = resource.getrusage(resource.RUSAGE_SELF)
     again = time.perf_counter()
     for tensor in tensors:  # a second pass: what touching costs once every page is in memory
@@ -141,6 +152,8 @@ def child(loader: str, directory: Path) -> None:
                       "peak_file": peaks["file"], "peak_total": peaks["total"],
                       "cache_left": probes.resident_bytes(file) - cache_start,
                       "cache_start": cache_start,
+                      "touch": touched, "touch_cpu": after.ru_utime + after.ru_stime
+                      - faults.ru_utime - faults.ru_stime,
                       "touch_again": again, "touch_faults": [after.ru_minflt - faults.ru_minflt,
                                        after.ru_majflt - faults.ru_majflt]}))
 
@@ -182,7 +195,9 @@ def parent(directory: Path, repetitions: int, caches: list[str], loaders: list[s
                       f"(load {result['load']:5.2f}) anon {result['peak_anon'] / 1e9:5.2f} GB "
                       f"file {result['peak_file'] / 1e9:5.2f} GB "
                       f"beyond model {(held(result) - result['model_bytes']) / 1e9:5.2f} "
-                      f"GB cache left {result['cache_left'] / 1e9:5.2f} GB", flush=True)
+                      f"GB cache left {result['cache_left'] / 1e9:5.2f} GB; first read "
+                      f"{result['touch']:5.2f} s ({result['touch_cpu']:5.2f} s CPU, faults "
+                      f"{result['touch_faults']})", flush=True)
     load_after = open("/proc/loadavg").read().split()[:3]
     (directory / f"results-{'-'.join(caches)}-{len(loaders)}.json").write_text(json.dumps(
         {"file_bytes": size, "loadavg_before": load_before, "loadavg_after": load_after,
@@ -204,21 +219,24 @@ def table(path: Path) -> None:
     print(f"\nfile {saved['file_bytes'] / 1e9:.2f} GB; load average before "
           f"{' '.join(saved['loadavg_before'])}, after {' '.join(saved['loadavg_after'])}; "
           f"medians of {repetitions}:\n")
-    print("| loader | cache | to usable (s) | of which load (s) | peak anon RSS (GB) | "
-          "peak file-backed RSS (GB) | held beyond the model (GB) | page cache left (GB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| loader | cache | to usable (s) | of which load (s) | first read (s) | its CPU (s) | "
+          "peak anon RSS (GB) | peak file-backed RSS (GB) | held beyond the model (GB) | "
+          "page cache left (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for cache in ("cold", "warm"):
-        for loader in LOADERS:
+        for loader in (*LOADERS, *STATE_DICTS):
             runs = [r for r in results if r["loader"] == loader and r["cache"] == cache]
             if not runs:
                 continue
 
             def median(key: str, scale: float = 1e9) -> str:
+                if any(key not in r for r in runs):
+                    return "-"  # a results file from before the script measured it
                 return f"{statistics.median(r[key] for r in runs) / scale:.2f}"
 
             beyond = statistics.median(held(r) - r["model_bytes"] for r in runs)
             print(f"| {loader} | {cache} | {median('usable', 1)} | {median('load', 1)} | "
-                  f"{median('peak_anon')} | {median('peak_file')} | {beyond / 1e9:.2f} | "
+                  f"{median('touch', 1)} | {median('touch_cpu', 1)} | {median('peak_anon')} | {median('peak_file')} | {beyond / 1e9:.2f} | "
                   f"{median('cache_left')} |")
 
 
