@@ -18,7 +18,9 @@ Two kinds of test:
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import os
 import random
 import signal
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,15 +37,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import weightlift
-from conftest import assert_same, bytes_of
+from conftest import assert_same
 from test_faults import make_tensors, no_leaks
 from weightlift import read as read_module
 from weightlift.errors import ReadError
 from weightlift.io import STRATEGIES, retry, uring
 from weightlift.io import base as io_base
 from weightlift.io import engine as engine_module
-from weightlift.io import pool as pool_module
+from weightlift.io.mapped import Mapping
 from weightlift.io.pool import BufferPool
+from weightlift.io.window import Windows
 from weightlift.sources import records
 from weightlift.sources.descriptors import POOL
 
@@ -560,19 +563,87 @@ def test_a_shard_closed_while_its_open_waits_for_a_descriptor_keeps_none(
     assert not POOL.has_open(shard)
 
 
-def test_an_interrupt_inside_a_finalizer_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Ctrl-C whose handler runs while a stream buffer is unmapped by its finalizer (Python
-    would print and drop it there) reaches the main thread right after."""
-    pool = BufferPool(limit=0)  # every buffer is unmapped when its tensors die
+#: libc's ``kill`` typed to take a third argument it ignores: a weak reference's callback (it
+#: is called with the reference) made of C alone, so a signal is sent from inside the
+#: deallocation of a view's memory without any Python code running there.
+_KILL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.py_object)(
+    ("kill", ctypes.CDLL(None)))
 
-    def interrupted(mapping: object) -> None:
-        raise KeyboardInterrupt  # as a handler run at the end of a long munmap would
 
-    monkeypatch.setattr(pool_module, "_unmap", interrupted)
-    buf = pool.take(4 << 20)
-    with pytest.raises(KeyboardInterrupt):
-        del buf  # the finalizer runs here
-        time.sleep(HANG)
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # as vLLM's worker processes do on SIGTERM
+
+
+def _last_views(kind: str, path: Path) -> tuple[torch.Tensor, object, Callable[[], bool]]:
+    """A tensor that is the last view of some memory weightlift maps (a window of ``path``, the
+    ``mmap`` strategy's whole-file mapping, a stream buffer from the pool), an object whose death
+    the tensor's death brings about, and whether that memory is still mapped."""
+    if kind == "pool":
+        pool = BufferPool(limit=0)  # closed below: its buffer is unmapped with its last view
+        tensor = pool.take(4 << 20)
+        handle = pool._out[-1][0]()
+        pool.close()
+        address = tensor.data_ptr()
+        return tensor, handle, lambda: _mapped_at(address)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if kind == "window":
+            window = Windows().map(fd, 5000, 300_000, path=str(path))
+            tensor, memory = window.view(5000, 300_000), window.memory
+        else:
+            mapping = Mapping(fd, path.stat().st_size)
+            tensor, memory = torch.frombuffer(mapping.memory, dtype=torch.uint8), mapping.memory
+    finally:
+        os.close(fd)
+    address = ctypes.addressof(memory)
+    return tensor, memory, lambda: _mapped_at(address)
+
+
+def _mapped_at(address: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("kind", ["window", "mapping", "pool"])
+def test_an_interrupt_while_the_last_view_dies_reaches_the_caller(
+        ckpt: Path, kind: str) -> None:
+    """SIGTERM (its handler raising ``SystemExit``, as vLLM's workers do) arrives while the last
+    tensor viewing a window, a mapped file or a stream buffer is freed, sent from C inside that
+    deallocation: the handler runs in the caller's code right after ``del``, where the exception
+    reaches it, never inside a finalizer (where Python prints and drops it; found by the
+    real-signal test). No Python function runs while the memory is let go."""
+    tensor, dying, mapped = _last_views(kind, ckpt)
+    assert mapped()
+    calls: list[str] = []
+    # Sent before anything else of the deallocation (callbacks run newest first).
+    fire = weakref.ref(dying, functools.partial(_KILL, os.getpid(), signal.SIGTERM))
+    del dying
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    caught = False
+    try:
+        try:
+            sys.setprofile(lambda frame, event, arg: calls.append(
+                f"{frame.f_code.co_filename}:{frame.f_code.co_name}") if event == "call" else None)
+            del tensor
+            sys.setprofile(None)
+        except SystemExit:
+            caught = True
+        sys.setprofile(None)
+        try:
+            time.sleep(0.2)  # (on code that sends a dropped interrupt again: it arrives here)
+        except SystemExit:
+            pass
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGTERM, previous)
+    assert fire() is None
+    assert caught, "the SIGTERM handler's SystemExit did not reach the code that dropped the view"
+    assert not calls, f"Python code ran while the last view died: {calls}"
+    assert not mapped(), "the memory is still mapped after its last view died"
 
 
 # ---------------------------------------------------------------------------------------------
