@@ -19,6 +19,7 @@ Two kinds of test:
 from __future__ import annotations
 
 import ctypes
+import dis
 import errno
 import functools
 import gc
@@ -32,16 +33,16 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import weightlift
 from conftest import assert_same
+from safetensors.torch import load_file, save_file
 from test_faults import make_tensors, no_leaks
 from test_window import mapped_bytes
+
+import weightlift
 from weightlift import read as read_module
 from weightlift.errors import ReadError
 from weightlift.io import STRATEGIES, retry, uring
@@ -655,25 +656,45 @@ MAPPING_CODE = {window_module.map_file.__code__, window_module.Window.__init__._
                 window_module.Windows.map.__code__, Mapping.__init__.__code__}
 
 
-def _stream_interrupted_at(path: Path, strategy: str, line: int) -> int:
-    """Stream ``path``, raising KeyboardInterrupt at the ``line``-th line run in the code that
-    maps files (``MAPPING_CODE``), as a signal's handler would; the lines run there."""
+def _after_calls(code: CodeType) -> set[int]:
+    """Offsets of the instructions that follow a call in ``code``: where CPython runs a signal's
+    Python handler (after a call returns; also at a function's start and a loop's jump back)."""
+    offsets, previous = set(), None
+    for instruction in dis.get_instructions(code):
+        if previous is not None and previous.opname.startswith("CALL"):
+            offsets.add(instruction.offset)
+        previous = instruction
+    return offsets
+
+
+def _stream_interrupted_at(path: Path, strategy: str, point: int,
+                           code: set[CodeType] = MAPPING_CODE) -> int:
+    """Stream ``path``, raising KeyboardInterrupt at the ``point``-th place in ``code`` (by
+    default, the code that maps files) where a signal's handler could raise it: right after a
+    call returned. How many such places the stream ran through."""
+    places = {each: _after_calls(each) for each in code}
     count = [0]
 
     def local(frame: FrameType, event: str, arg: object) -> object:
-        if event == "line":
+        if event == "opcode" and frame.f_lasti in places[frame.f_code]:
             count[0] += 1
-            if count[0] == line:
+            if count[0] == point:
                 raise KeyboardInterrupt
         return local
 
-    sys.settrace(lambda frame, event, arg: local if frame.f_code in MAPPING_CODE else None)
+    def calls(frame: FrameType, event: str, arg: object) -> object:
+        if frame.f_code not in places:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(calls)
     try:
         for _ in weightlift.stream(path, strategy=strategy, engine="threads",
                                    max_host_memory="4MiB"):
             pass
     except KeyboardInterrupt:
-        assert count[0] == line
+        assert count[0] == point
     finally:
         sys.settrace(None)
     return count[0]
@@ -682,12 +703,12 @@ def _stream_interrupted_at(path: Path, strategy: str, line: int) -> int:
 @pytest.mark.parametrize("strategy", ["stream", "direct", "mmap"])
 def test_an_interrupt_while_a_file_is_mapped_leaves_no_mapping(
         ckpt: Path, strategy: str) -> None:
-    """KeyboardInterrupt at each line of mapping a window of a cached file in a stream (``stream``
+    """KeyboardInterrupt at each place a signal's handler can raise it while mapping a window of a cached file in a stream (``stream``
     and ``direct``), or the whole file (``mmap``): once the interrupt is handled and dropped,
     nothing of the checkpoint is mapped. The real-signal test found mappings left after an
     interrupt in ``stream()``: one landing between ``mmap`` and the finalizer that was to unmap
     it left the mapping for the rest of the process."""
-    lines = _stream_interrupted_at(ckpt, strategy, 0)  # a whole stream: how many lines run
+    lines = _stream_interrupted_at(ckpt, strategy, 0)  # a whole stream: how many places
     gc.collect()
     assert lines > 0, "nothing was mapped: the test checks nothing"
     assert mapped_bytes(ckpt) == 0
@@ -699,6 +720,20 @@ def test_an_interrupt_while_a_file_is_mapped_leaves_no_mapping(
             assert mapped_bytes(ckpt) == 0, f"a mapping was left by an interrupt at line {line}"
     assert_same(dict(weightlift.stream(ckpt, strategy=strategy, engine="threads",
                                        max_host_memory="4MiB")), load_file(ckpt))
+
+
+def test_an_interrupt_inside_the_descriptor_pool_leaves_it_usable(ckpt: Path) -> None:
+    """KeyboardInterrupt at each place a signal's handler can raise it while pinning and unpinning a descriptor (``Pool.pin``,
+    ``unpin``, ``release``, ``_close``) during a stream: the caller gets the interrupt — before,
+    a pin cut short between its bookkeeping steps made the next one raise ``KeyError`` — no
+    descriptor is left open, and the next load is exact."""
+    code = {POOL.pin.__code__, POOL.unpin.__code__, POOL.release.__code__, POOL._close.__code__}
+    lines = _stream_interrupted_at(ckpt, "stream", 0, code)
+    assert lines > 0
+    with no_leaks():
+        for line in range(1, min(lines, 60) + 1):
+            _stream_interrupted_at(ckpt, "stream", line, code)
+    assert_same(weightlift.load(ckpt, strategy="stream", engine="threads"), load_file(ckpt))
 
 
 # ---------------------------------------------------------------------------------------------
