@@ -836,13 +836,15 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
                 time.sleep(rng.uniform(0, 0.02))
                 child.process.send_signal(kind)
             first = child.line(HANG)
+            lost = ""
             if first is None:
-                # Python drops an exception raised inside a finalizer, and ``weakref.finalize``
-                # runs Python code of its own before the function it guards (which passes an
-                # interrupt on, ``retry.guarded``): a signal landing there is lost, as for any
-                # program (docs/safety.md, "What is not promised"). Counted, bounded below;
-                # the user's second Ctrl-C must then work.
+                # Python drops an exception raised inside a finalizer or a weak reference's
+                # callback (weightlift's unmapping runs none; the standard library's
+                # ``ThreadPoolExecutor`` has one): a signal whose handler runs there is lost, as
+                # for any program (docs/safety.md, "What is not promised"). Counted, bounded
+                # below; the user's second Ctrl-C must then work.
                 leaks.append(f"signal {trial}: {kind.name} lost")
+                lost = " (lost, sent again)"
                 child.process.send_signal(kind)
                 first = child.line(HANG)
             if first is None or not first.startswith("caught"):
@@ -856,12 +858,16 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             if left != "clean":
                 leaks.append(f"signal {trial}: {left}")
             report.append(f"{engine} {strategy} {mode} {kind.name}{' twice' if twice else ''}: "
-                          f"caught after {took:.3f} s, second load exact, "
+                          f"caught after {took:.3f} s{lost}, second load exact, "
                           f"{'nothing left' if left == 'clean' else 'left ' + left}")
             if SIGNAL_LOG:  # as it goes: a failed run still shows how far it came
                 with open(SIGNAL_LOG, "a") as log:
                     log.write(f"{trial} {report[-1]}\n")
         code = child.process.wait(HANG)
+        if leaks and SIGNAL_LOG:  # where Python dropped an interrupt ("Exception ignored in")
+            assert child.process.stderr is not None
+            with open(SIGNAL_LOG, "a") as log:
+                log.write(f"# the child's stderr:\n{child.process.stderr.read()[-20000:]}\n")
     except subprocess.TimeoutExpired:
         child.fail("the child did not exit after its last trial")
     finally:
