@@ -16,7 +16,7 @@ free mappings rather than keep them, so reuse never raises the memory a load hol
 
     pool = BufferPool(limit=512 << 20)
     buf = pool.take(8 << 20)    # fresh the first time
-    del buf                     # every view gone: back on the free list
+    del buf                     # every view gone: the next take finds it free
     buf = pool.take(8 << 20)    # the same memory again, no page faults
     pool.close()
 """
