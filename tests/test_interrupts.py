@@ -651,6 +651,25 @@ def test_an_interrupt_while_the_last_view_dies_reaches_the_caller(
     assert not mapped(), "the memory is still mapped after its last view died"
 
 
+def test_a_closed_thread_engine_is_freed_without_python_code() -> None:
+    """Freeing a closed thread engine runs no Python code: its worker threads were taken out of
+    the standard library's weak registries, whose callbacks (Python, run where a thread object
+    dies) are where the real-signal test lost a SIGINT."""
+    engine = engine_module.ThreadEngine(2)
+    for _ in range(4):
+        engine.call(time.sleep, 0.01).result()
+    engine.close()
+    gc.collect()
+    calls: list[str] = []
+    sys.setprofile(lambda frame, event, arg: calls.append(
+        f"{frame.f_code.co_filename}:{frame.f_code.co_name}") if event == "call" else None)
+    try:
+        del engine
+    finally:
+        sys.setprofile(None)
+    assert not calls, f"Python code ran while a closed engine was freed: {calls}"
+
+
 #: The code that maps part of a file (a window) or a whole file (the ``mmap`` strategy).
 MAPPING_CODE = {window_module.map_file.__code__, window_module.Window.__init__.__code__,
                 window_module.Windows.map.__code__, Mapping.__init__.__code__}
