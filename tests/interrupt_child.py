@@ -132,9 +132,8 @@ def main(argv: list[str]) -> None:
         # dropped, or what they map would count as left behind.
         caught.__traceback__ = caught.__context__ = caught.__cause__ = None
         gc.collect()
-        # A descriptor or a mapping can outlive an interrupt that lands within the few bytecodes
-        # around an open or a close and its bookkeeping, or inside ``weakref.finalize``'s own
-        # call before it runs our function: Python offers no atomic section (docs/safety.md,
+        # A descriptor could still outlive an interrupt that lands right after ``os.open``
+        # returned, before its number is stored: Python offers no atomic section (docs/safety.md,
         # "What is not promised"). Counted and told to the parent, which bounds how often.
         leaked = []
         global PINNED

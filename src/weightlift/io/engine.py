@@ -15,11 +15,13 @@ the thread pool otherwise; ``make_engine`` says which it took and, when it fell 
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as WaitTimeout
+from concurrent.futures import thread as executor_threads
 from typing import Any, Protocol
 
 import torch
@@ -79,6 +81,21 @@ def interrupt_of(exc: BaseException) -> BaseException:
                                                                                 Exception):
         return context
     return exc
+
+
+def forget_threads(pool: ThreadPoolExecutor) -> None:
+    """Take the joined worker threads of ``pool`` out of the standard library's weak registries
+    (``threading._dangling``, ``concurrent.futures.thread._threads_queues``), whose callbacks
+    are Python code run wherever a thread object dies: an interrupt whose handler ran there
+    would be printed and dropped (found by the real-signal test: a lost SIGINT on the thread
+    engine). Taken out here, in ordinary code, nothing runs when the engine is freed."""
+    queues = getattr(executor_threads, "_threads_queues", None)
+    dangling = getattr(threading, "_dangling", None)
+    for thread in list(getattr(pool, "_threads", ())):
+        if queues is not None:
+            queues.pop(thread, None)
+        if dangling is not None:
+            dangling.discard(thread)
 
 
 def unwedge(future: Future[Any]) -> None:
@@ -208,6 +225,7 @@ class ThreadEngine:
             for _ in range(100):  # the workers are idle: joining them is quick
                 try:
                     self.pool.shutdown(wait=True)
+                    forget_threads(self.pool)
                     break
                 except BaseException as exc:
                     interrupted = interrupted or interrupt_of(exc)

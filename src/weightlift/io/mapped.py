@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,9 +18,8 @@ import torch
 
 from .. import probes
 from ..errors import ReadError
-from ..probes import LIBC
 from ..sources.records import PLAIN, Shard
-from . import base, retry
+from . import base
 from .base import PAGE, Strategy
 from .window import MADV_POPULATE_READ, fault_in, map_file, touch
 
@@ -36,14 +34,13 @@ class Mapping:
 
     Python's ``mmap`` keeps a duplicate descriptor for the mapping's lifetime, so every live
     zero-copy tensor would keep its file open. Here the memory is unmapped when the last tensor
-    viewing it (and this object) is gone, and the descriptor is the shard's, closed with it.
+    viewing it (and this object) is gone (from C, with no Python code: ``window.map_file``), and
+    the descriptor is the shard's, closed with it.
     """
 
     def __init__(self, fd: int, size: int) -> None:
-        addr = map_file(fd, 0, size)
-        self.addr, self.size = addr, size
-        self.memory = (ctypes.c_ubyte * size).from_address(addr)
-        weakref.finalize(self.memory, retry.guarded, LIBC.munmap, addr, size)
+        _, self.memory = map_file(fd, 0, size)
+        self.addr, self.size = ctypes.addressof(self.memory), size
 
     def madvise(self, advice: int, start: int, length: int) -> None:
         base.madvise(self.addr + start, length, advice)

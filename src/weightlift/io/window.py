@@ -17,6 +17,11 @@ its read-ahead waits for windows the consumer still holds (``live``).
 
 The mapping is private (copy-on-write), like ``io/mapped.py``'s whole-file ``Mapping``, and holds
 no descriptor: the shard's descriptor can be closed while tensors still view the window.
+
+Unmapping runs no Python code (``map_file``): the mapping is owned by an ``mmap.mmap``, whose C
+deallocator unmaps it when the last view dies. A signal whose Python handler raises (Ctrl-C, a
+SIGTERM handler raising ``SystemExit``) then runs in the code that dropped the view, and reaches
+it, instead of inside a finalizer where Python prints and drops it.
 """
 
 from __future__ import annotations
@@ -38,20 +43,31 @@ from . import base, retry
 from .base import PAGE
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 #: After a signal stopped ``MADV_POPULATE_READ``, the rest is asked for in steps this large.
 STEP = 1 << 20
 
 
-def map_file(fd: int, offset: int, length: int) -> int:
-    """``mmap`` ``length`` bytes of ``fd`` from ``offset`` (page-aligned) private and writable;
-    the address. Raises OSError."""
-    addr = LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd,
-                     offset)
+def map_file(fd: int, offset: int, length: int) -> tuple[mmap.mmap, ctypes.Array]:
+    """``mmap`` ``length`` bytes of ``fd`` from ``offset`` (page-aligned) private and writable:
+    (``owner``, ``memory``), ``memory`` a ``ctypes`` array over the mapping that tensors view
+    (``torch.frombuffer``). Raises OSError.
+
+    The mapping is made over an anonymous ``mmap.mmap`` of the same size (``MAP_FIXED``), which
+    owns the address range: ``memory`` keeps it alive, and when the last view is gone its C
+    deallocator unmaps it, with no Python code in between. Nothing can leak either: an
+    interrupt raised right after any step here drops an object that unmaps what it holds. A
+    signal's handler therefore never runs inside a finalizer (where Python prints and drops the
+    exception it raises) but in the code that dropped the view, which it reaches."""
+    owner = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = (ctypes.c_ubyte * length).from_buffer(owner)
+    addr = LIBC.mmap(ctypes.addressof(memory), length, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | MAP_FIXED, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-    return int(addr)
+    return owner, memory
 
 
 def fault_in(address: int, length: int, *, offset: int, path: str) -> bool:
@@ -97,8 +113,10 @@ def touch(address: int, length: int) -> None:
 class Window:
     """``[start, end)`` of a file, mapped from the page boundaries around it; no descriptor held.
 
-    Unmapped when this object and every tensor from ``view`` are gone (``weakref.finalize`` on
-    the memory the tensors keep alive through the buffer protocol), then ``on_unmap(size)``.
+    Unmapped when this object and every tensor from ``view`` are gone (``map_file``: from C,
+    when the memory the tensors keep alive through the buffer protocol dies). ``on_unmap(size)``,
+    if given, is called after that from a finalizer: Python code, where an interrupt is sent
+    again (``retry.guarded``) unless it lands in ``weakref.finalize``'s own call.
     """
 
     def __init__(self, fd: int, start: int, end: int, *, path: str,
@@ -109,15 +127,18 @@ class Window:
         self.cached = False
         self.offset = start // PAGE * PAGE
         self.size = max(PAGE, -(-end // PAGE) * PAGE - self.offset)
-        self.address = map_file(fd, self.offset, self.size)
+        owner, memory = map_file(fd, self.offset, self.size)
         #: What tensors keep alive: ``view`` exports it, and its death unmaps the window.
-        self.memory = (ctypes.c_ubyte * self.size).from_address(self.address)
-        self._finalizer = weakref.finalize(self.memory, retry.guarded, _unmap, self.address,
-                                           self.size, on_unmap)
+        self.memory = memory
+        self.address = ctypes.addressof(memory)
+        #: Dead once the window is unmapped.
+        self.ref = weakref.ref(owner)
+        if on_unmap is not None:  # on the owner: called once it has unmapped
+            weakref.finalize(owner, retry.guarded, on_unmap, self.size)
 
     @property
     def mapped(self) -> bool:
-        return self._finalizer.alive
+        return self.ref() is not None
 
     def view(self, start: int, end: int) -> torch.Tensor:
         """A zero-copy uint8 tensor of the file's bytes ``[start, end)`` (inside the window)."""
@@ -154,12 +175,6 @@ class Window:
                 min(-(-end // PAGE) * PAGE, self.offset + self.size))
 
 
-def _unmap(address: int, size: int, on_unmap: Callable[[int], None] | None) -> None:
-    LIBC.munmap(address, size)
-    if on_unmap is not None:
-        on_unmap(size)
-
-
 class Windows:
     """The windows of one load: how many bytes are mapped now (``live``), at most (``peak``)
     and in all (``total``). Thread-safe: windows are unmapped on whichever thread drops the
@@ -172,30 +187,39 @@ class Windows:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.live = 0
+        #: (weak reference to a window's owner, its size) of windows that may still be mapped.
+        self._mapped: list[tuple[weakref.ref, int]] = []
         self.peak = 0
         self.total = 0
         #: Bytes of the file handed out as views (``count``), for the load's report.
         self.viewed = 0
 
+    @property
+    def live(self) -> int:
+        """Bytes mapped now: windows whose memory a tensor (or the window) still holds. Asked
+        of the weak references rather than counted by a callback, which would be Python code
+        running where the last view dies."""
+        with self._lock:
+            return self._prune()
+
+    def _prune(self) -> int:
+        self._mapped = [(ref, size) for ref, size in self._mapped if ref() is not None]
+        return sum(size for _, size in self._mapped)
+
     def map(self, fd: int, start: int, end: int, *, path: str) -> Window:
         """A window of ``[start, end)`` of the open file ``fd``; raises ``ReadError``."""
         try:
-            window = Window(fd, start, end, path=path, on_unmap=self._unmapped)
+            window = Window(fd, start, end, path=path)
         except (OSError, ValueError) as exc:
             raise ReadError(f"cannot map bytes [{start}, {end}) of the file: {exc}",
                             path=path) from exc
         with self._lock:
-            self.live += window.size
+            self._mapped.append((window.ref, window.size))
             self.total += window.size
-            self.peak = max(self.peak, self.live)
+            self.peak = max(self.peak, self._prune())
         return window
 
     def count(self, nbytes: int) -> None:
         """``nbytes`` of the checkpoint were handed out as views of a window."""
         with self._lock:
             self.viewed += nbytes
-
-    def _unmapped(self, size: int) -> None:
-        with self._lock:
-            self.live -= size

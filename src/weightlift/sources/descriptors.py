@@ -178,9 +178,12 @@ class Pool:
         self._open: dict[tuple[int, str], _Held] = {}
         #: id(owner) → kinds it has open, so closing a shard looks only at its own.
         self._kinds: dict[int, set[str]] = {}
-        #: Unpinned descriptors, least recently used first.
+        #: Unpinned descriptors, least recently used first. Only these are ever closed to make
+        #: room; every other open one counts as pinned. An interrupt inside ``pin`` or ``unpin``
+        #: (Python has no atomic section) can leave one unpinned but not here: it stays open,
+        #: counted pinned, until its shard closes or it is pinned and unpinned again — never
+        #: the reverse, a pinned descriptor here, which could be closed under a read.
         self._idle: OrderedDict[tuple[int, str], _Held] = OrderedDict()
-        self._pinned = 0
         self.capacity = capacity
         #: Descriptors opened since the process started (re-opens included).
         self.opens = 0
@@ -216,12 +219,7 @@ class Pool:
                     self._kinds.setdefault(key[0], set()).add(kind)
                 else:
                     os.close(fd)
-                    if held.pins == 0:
-                        del self._idle[key]
-            elif held.pins == 0:
-                del self._idle[key]
-            if held.pins == 0:
-                self._pinned += 1
+            self._idle.pop(key, None)  # before the pin: never pinned and idle
             if token is None:
                 held.count += 1
             else:
@@ -283,7 +281,6 @@ class Pool:
                 held.count -= 1
             if held.pins:
                 return
-            self._pinned -= 1
             self._idle[key] = held
             self._freed.notify_all()
             if held.released:
@@ -300,7 +297,7 @@ class Pool:
 
     def room(self, wanted: int) -> bool:
         """Whether ``wanted`` more descriptors can be pinned within ``capacity``."""
-        return self._pinned + wanted <= self._limit()
+        return len(self._open) - len(self._idle) + wanted <= self._limit()
 
     def is_pinned(self, owner: object, kind: str) -> bool:
         held = self._open.get((id(owner), kind))
@@ -328,7 +325,7 @@ class Pool:
 
     def _close(self, key: tuple[int, str]) -> None:
         held = self._open.pop(key)
-        del self._idle[key]
+        self._idle.pop(key, None)
         kinds = self._kinds[key[0]]
         kinds.discard(key[1])
         if not kinds:

@@ -109,12 +109,24 @@ class Shard:
 
     @contextmanager
     def opened(self, kind: str = PLAIN) -> Iterator[int]:
-        """``with shard.opened() as fd``: the descriptor pinned for the block."""
-        fd = self.pin(kind)
+        """``with shard.opened() as fd``: the descriptor pinned for the block.
+
+        The pin carries a token recorded before pinning, so an interrupt anywhere in ``pin`` or
+        ``unpin`` (a signal's handler raising) leaves no pin behind: the unpin is asked again
+        until it is through, and the interrupt raised after that."""
+        token = object()
         try:
-            yield fd
+            yield self.pin(kind, token)
         finally:
-            self.unpin(kind)
+            interrupted: BaseException | None = None
+            while True:
+                try:
+                    self.unpin(kind, token)  # once pinned, once unpinned: asking again is safe
+                    break
+                except (KeyboardInterrupt, SystemExit) as exc:  # raised once unpinned
+                    interrupted = interrupted or exc
+            if interrupted is not None:
+                raise interrupted
 
     def _open(self, kind: str) -> int:
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | KINDS[kind]
