@@ -310,9 +310,12 @@ def test_a_reopened_shard_is_checked_against_its_stamp(tmp_path: Path, small_poo
 def test_a_pinned_descriptor_is_never_closed_to_make_room(tmp_path: Path,
                                                           small_pool: Pool) -> None:
     ckpt = write_checkpoint(tmp_path / "ckpt", shards=10)
+    # Descriptors the process's pool holds already: a read an earlier test left in flight for
+    # good keeps its descriptor pinned (tests/test_interrupts.py, the kept read), by design.
+    before = small_pool.held
     with resolve(ckpt) as layout:
         fds = [shard.pin(PLAIN) for shard in layout.shards]  # more pins than the bound
-        assert small_pool.held == 10
+        assert small_pool.held == before + 10
         for shard, fd in zip(layout.shards, fds):
             assert os.fstat(fd).st_ino == shard.stamp.inode, "a pinned descriptor was reused"
             assert shard.descriptor(PLAIN) == fd
