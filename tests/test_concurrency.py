@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import weightlift
 from conftest import assert_same, random_tensor
+from pagecache import evict
 from test_faults import make_tensors, no_leaks, open_fds
 from weightlift.io import STRATEGIES
 
@@ -98,6 +99,9 @@ def reader_threads() -> list[str]:
 def test_keyboard_interrupt_from_progress_cleans_up(checkpoints: dict[str, Path], strategy: str,
                                                     how: str) -> None:
     source = checkpoints["mixed"]
+    # Cold, so that every strategy has reads on the engine's threads (a cached checkpoint is
+    # handed out from windows in the consumer's own thread, with no read in flight to interrupt).
+    evict(source)
     calls = 0
 
     def interrupt(done: int, total: int) -> None:
