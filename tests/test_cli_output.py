@@ -1,6 +1,11 @@
 """The CLI's tables piped to a file, as benchmark logs and CI keep them: one row per line, every
 number whole (never ``0.…``), and the same numbers the JSON output holds, whether ``$COLUMNS`` is
-unset or 80."""
+unset or 80.
+
+The commands run in this process with stdout captured (not a terminal, as a pipe is): one
+``python -m weightlift`` piped to a real pipe shows that its output is the same, byte for byte.
+The two widths of ``bench`` render one measured session (the runs are child processes either
+way; what differs between the widths is only how the tables are printed)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from typing import Any
 import pytest
 
 from weightlift.bench import synthetic
-from weightlift.cli import main
+from weightlift.bench.runner import Session
+from weightlift.cli import bench, main
 from weightlift.units import format_bytes
 
 SIZE = 4_000_000
@@ -26,8 +32,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic.synthetic_checkpoint(SIZE, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def piped(args: list[str], columns: str | None) -> str:
-    """``weightlift ARGS`` with stdout a pipe, ``$COLUMNS`` as given (unset: None)."""
+def in_a_pipe(args: list[str], columns: str | None) -> str:
+    """``python -m weightlift ARGS`` with stdout a pipe, ``$COLUMNS`` as given (unset: None)."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     if columns is not None:
         env["COLUMNS"] = columns
@@ -35,6 +41,20 @@ def piped(args: list[str], columns: str | None) -> str:
                           stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def piped(args: list[str], columns: str | None, capsys: pytest.CaptureFixture[str],
+          monkeypatch: pytest.MonkeyPatch) -> str:
+    """``weightlift ARGS``'s stdout, not a terminal, ``$COLUMNS`` as given (unset: None), run in
+    this process (``in_a_pipe`` in a process of its own: the same text)."""
+    monkeypatch.delenv("LINES", raising=False)
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    capsys.readouterr()
+    assert main(args) == 0
+    return capsys.readouterr().out
 
 
 def as_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
@@ -64,12 +84,28 @@ def tables(out: str) -> list[list[dict[str, str]]]:
     return found
 
 
+#: The session ``bench`` measured in this module: both widths print it.
+MEASURED: list[Session] = []
+
+
 @pytest.mark.parametrize("columns", WIDTHS)
 def test_bench_numbers_are_whole_and_match_the_json(checkpoint: Path, tmp_path: Path,
-                                                    columns: str | None) -> None:
+                                                    columns: str | None,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    measure = bench.measure
+
+    def once(*args: Any, **kwargs: Any) -> Session:
+        if not MEASURED:
+            MEASURED.append(measure(*args, **kwargs))
+        return MEASURED[0]
+
+    monkeypatch.setattr(bench, "measure", once)
     data_file = tmp_path / "bench.json"
+    # --no-verify: the verify pass prints no row (test_bench checks it through the CLI).
     out = piped(["bench", str(checkpoint), "--strategies", "auto,mmap", "--scenario", "device",
-                 "--cache", "cold", "--reps", "1", "--json", str(data_file)], columns)
+                 "--cache", "cold", "--reps", "1", "--no-verify", "--json", str(data_file)],
+                columns, capsys, monkeypatch)
     assert "…" not in out
     data = json.loads(data_file.read_text())
     runs = {run["loader"]: run for run in data["runs"]}
@@ -90,9 +126,12 @@ def test_bench_numbers_are_whole_and_match_the_json(checkpoint: Path, tmp_path: 
 
 @pytest.mark.parametrize("columns", WIDTHS)
 def test_info_tables_match_the_json(llama_dir: Path, columns: str | None,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                    capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     info = as_json(["info", str(llama_dir), "--tensors"], capsys)
-    out = piped(["info", str(llama_dir), "--tensors"], columns)
+    out = piped(["info", str(llama_dir), "--tensors"], columns, capsys, monkeypatch)
+    if columns is not None:  # what a real pipe receives is the same text
+        assert in_a_pipe(["info", str(llama_dir), "--tensors"], columns) == out
     assert "…" not in out
     dtypes, files, *_, tensors = tables(out)  # a metadata table between, when there is one
     assert {row["dtype"]: (int(row["tensors"]), row["bytes"]) for row in dtypes} == \
@@ -105,9 +144,10 @@ def test_info_tables_match_the_json(llama_dir: Path, columns: str | None,
 
 @pytest.mark.parametrize("columns", WIDTHS)
 def test_load_and_doctor_tables_match_the_json(minilm_path: Path, columns: str | None,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = as_json(["load", str(minilm_path)], capsys)
-    out = piped(["load", str(minilm_path), "-q", "-v"], columns)
+    out = piped(["load", str(minilm_path), "-q", "-v"], columns, capsys, monkeypatch)
     assert "…" not in out
     [rows] = tables(out)
     values = {row["0"]: row["1"] for row in rows}
@@ -117,7 +157,7 @@ def test_load_and_doctor_tables_match_the_json(minilm_path: Path, columns: str |
     assert values["why"]  # the reason, whole
 
     found = as_json(["doctor", str(minilm_path)], capsys)["source"]
-    out = piped(["doctor", str(minilm_path)], columns)
+    out = piped(["doctor", str(minilm_path)], columns, capsys, monkeypatch)
     assert "…" not in out
     [rows] = tables(out)
     checks = {row["check"]: row for row in rows}

@@ -114,7 +114,9 @@ CHILD = textwrap.dedent('''
             return [(n, checkpoint.get_tensor(n, strategy=strategy, engine=engine))
                     for n in names], reports
 
-    replace = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+    # Per mode, in order: a shard to replace by another file of the same bytes, or none.
+    replacing = json.loads(sys.argv[3]) if len(sys.argv) > 3 else []
+    replace = None
 
     def hook(done, total):  # replaces one shard, once, after the first block was read
         global replace
@@ -127,6 +129,7 @@ CHILD = textwrap.dedent('''
     before, opens = fds(), POOL.opens
     for mode, strategy, engine in modes:
         key = f"{mode}-{strategy}-{engine}"
+        replace = replacing.pop(0) if replacing else None
         try:
             tensors, reports = run(mode, strategy, engine, hook)
             out[key] = {"tensors": encoded(tensors),
@@ -142,14 +145,15 @@ CHILD = textwrap.dedent('''
 
 
 def in_child(ckpt: Path, modes: list[tuple[str, str, str]], soft: int, hard: int,
-             replace: tuple[Path, Path] | None = None) -> dict[str, Any]:
-    """Run ``CHILD`` with ``RLIMIT_NOFILE`` set to ``(soft, hard)``; its JSON output."""
+             replace: list[tuple[Path, Path]] | None = None) -> dict[str, Any]:
+    """Run ``CHILD`` with ``RLIMIT_NOFILE`` set to ``(soft, hard)``; its JSON output. The n-th
+    pair of ``replace`` (other, target) replaces target by other during the n-th load."""
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     args = [sys.executable, "-c", CHILD, str(ckpt), json.dumps(modes)]
     if replace is not None:
-        args.append(json.dumps([str(p) for p in replace]))
+        args.append(json.dumps([[str(p) for p in pair] for pair in replace]))
     env = {**os.environ, "PYTHONPATH": SRC}
     done = subprocess.run(args, capture_output=True, text=True, env=env, preexec_fn=limit,
                           timeout=300)
@@ -246,14 +250,30 @@ def test_a_limit_too_low_for_any_load_names_it_and_how_to_raise_it(ckpt: Path) -
     assert "Too many open files" not in message
 
 
-@pytest.mark.parametrize("strategy", ["direct", "stream", "mmap"])
-def test_a_shard_replaced_before_it_is_reopened_fails_the_load(tmp_path: Path,
-                                                               strategy: str) -> None:
-    ckpt = write_checkpoint(tmp_path / "ckpt", shards=60)
+REPLACED = ["direct", "stream", "mmap"]
+
+
+@pytest.fixture(scope="module")
+def replaced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One load per strategy in one child under ``ulimit -n 32``, each replacing the same
+    shard by a file of the same bytes after its first block (each load resolves the checkpoint
+    anew, so each sees the file the one before it left, and its own replacement)."""
+    directory = tmp_path_factory.mktemp("replaced")
+    ckpt = write_checkpoint(directory / "ckpt", shards=60)
     target = sorted(ckpt.glob("*.safetensors"))[40]  # closed at resolve, re-opened to read
-    other = tmp_path / "other.safetensors"
-    save_file(load_file(str(target)), str(other), metadata={"format": "pt"})  # same bytes
-    result = in_child(ckpt, [("load", strategy, "threads")], 32, 32, replace=(other, target))
+    pairs = []
+    for strategy in REPLACED:
+        other = directory / f"other-{strategy}.safetensors"
+        save_file(load_file(str(target)), str(other), metadata={"format": "pt"})  # same bytes
+        pairs.append((other, target))
+    modes = [("load", strategy, "threads") for strategy in REPLACED]
+    return target, in_child(ckpt, modes, 32, 32, replace=pairs)
+
+
+@pytest.mark.parametrize("strategy", REPLACED)
+def test_a_shard_replaced_before_it_is_reopened_fails_the_load(
+        replaced: tuple[Path, dict[str, Any]], strategy: str) -> None:
+    target, result = replaced
     error = result[f"load-{strategy}-threads"]
     assert error.get("error") == "ReadError", error
     assert error["path"] == str(target)
