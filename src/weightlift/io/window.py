@@ -49,6 +49,10 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 STEP = 1 << 20
 
 
+#: The size of a page-table entry that maps a huge page or large folio (x86-64, arm64 4K).
+PMD = 2 << 20
+
+
 def map_file(fd: int, offset: int, length: int) -> tuple[mmap.mmap, ctypes.Array]:
     """``mmap`` ``length`` bytes of ``fd`` from ``offset`` (page-aligned) private and writable:
     (``owner``, ``memory``), ``memory`` a ``ctypes`` array over the mapping that tensors view
@@ -60,9 +64,15 @@ def map_file(fd: int, offset: int, length: int) -> tuple[mmap.mmap, ctypes.Array
     interrupt raised right after any step here drops an object that unmaps what it holds. A
     signal's handler therefore never runs inside a finalizer (where Python prints and drops the
     exception it raises) but in the code that dropped the view, which it reaches."""
-    owner = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory = (ctypes.c_ubyte * length).from_buffer(owner)
-    addr = LIBC.mmap(ctypes.addressof(memory), length, mmap.PROT_READ | mmap.PROT_WRITE,
+    # Placed where its address and the file offset agree modulo 2 MiB, as the kernel places a
+    # file mapping it chooses the address of: the page cache's large folios are then mapped 2 MiB
+    # per fault (PMD) instead of 16 pages (a warm 2 GB pass: ~1,500 faults instead of ~31,000).
+    slack = PMD if length >= PMD else 0
+    owner = mmap.mmap(-1, length + slack, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_ubyte.from_buffer(owner))
+    skip = (offset - start) % PMD if slack else 0
+    memory = (ctypes.c_ubyte * length).from_buffer(owner, skip)
+    addr = LIBC.mmap(start + skip, length, mmap.PROT_READ | mmap.PROT_WRITE,
                      mmap.MAP_PRIVATE | MAP_FIXED, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         code = ctypes.get_errno()
