@@ -13,7 +13,7 @@ import torch
 
 from weightlift.errors import ReadError
 from weightlift.io import base as io_base
-from weightlift.io.window import PAGE, Windows
+from weightlift.io.window import PAGE, PMD, Windows
 
 SIZE = 64 * PAGE + 123
 
@@ -157,3 +157,21 @@ def test_a_kernel_without_populate_read_has_its_pages_touched(
     window.populate()
     window.willneed()  # advice only: a refusal is ignored
     assert bytes(window.view(PAGE + 1, 20 * PAGE).numpy()) == data[PAGE + 1:20 * PAGE]
+
+
+@pytest.mark.parametrize("offset", [0, 3 * PAGE, PMD + 5 * PAGE])
+def test_a_large_mapping_agrees_with_its_file_offset_modulo_2_mib(tmp_path: Path,
+                                                                  offset: int) -> None:
+    """As the kernel places the file mappings it chooses the address of: the page cache's large
+    folios can then be mapped 2 MiB per fault. Bytes still the file's; unmapped with the view."""
+    data = os.urandom(2 * PMD + 3 * PMD // 2)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+    window = open_window(Windows(), path, offset, len(data))
+    view = window.view(offset, len(data))
+    assert (window.address - window.offset) % PMD == 0
+    assert bytes(view.numpy()) == data[offset:]
+    assert mapped_bytes(path) == -(-(len(data) - offset + offset % PAGE) // PAGE) * PAGE
+    del window, view
+    gc.collect()
+    assert mapped_bytes(path) == 0
