@@ -365,8 +365,16 @@ def run_load(source: Source | Layout, *, keys: list[str] | None, device: Device,
         if on_report is not None:
             on_report(report)
     finally:
-        if owned:
-            layout.close()
+        # Here, not only in ``Layout.close``: an interrupt as that call starts would skip it.
+        interrupted: BaseException | None = None
+        while owned:
+            try:
+                layout.close()  # closing again is safe
+                break
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
 
 def _decide(strategy: str, layout: Layout, total: int, device: str, copying: bool,

@@ -124,19 +124,25 @@ def pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_regular(path: str, error: type[WeightliftError] = FormatError) -> int:
+def open_regular(path: str, error: type[WeightliftError] = FormatError,
+                 opened: list[int] | None = None) -> int:
     """Open ``path`` read-only, refusing anything but a regular file with ``error``.
 
     A FIFO would block ``open`` until some writer came along, and a directory or a device has no
     safetensors bytes, so the open does not wait and the type is checked on the descriptor.
+    ``opened``: the caller's list the descriptor is appended to as ``open`` returns (by C code:
+    a signal's handler raising right after ``open`` cannot lose it), for it to close on an
+    interrupt before it stored the number; a refused file's is taken out again, and closed.
     """
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    opened = [] if opened is None else opened
     try:
-        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+        opened.extend(map(os.open, (path,), (flags | getattr(os, "O_NONBLOCK", 0),)))
     except FileNotFoundError:
         raise MissingFileError("file not found", path=path) from None
     except OSError as exc:
         raise error(f"cannot open: {exc.strerror}", path=path) from exc
+    fd = opened[-1]
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -145,10 +151,10 @@ def open_regular(path: str, error: type[WeightliftError] = FormatError) -> int:
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
     except OSError as exc:
-        os.close(fd)
+        os.close(opened.pop())
         raise error(f"cannot inspect: {exc.strerror}", path=path) from exc
     except BaseException:
-        os.close(fd)
+        os.close(opened.pop())
         raise
     return fd
 

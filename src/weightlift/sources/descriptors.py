@@ -210,13 +210,15 @@ class Pool:
         key = (id(owner), kind)
         with self._lock:
             held = self._open.get(key)
+            if held is not None and held.fd < 0:  # a close an interrupt cut short: finish it
+                self._close(key)
+                held = None
             if held is None:
                 self._shrink(self._limit() - 1)
                 fd = self._opening(lambda: opener(kind))
                 held = self._open.get(key)  # _opening may have waited: another thread opened it
                 if held is None:
-                    held = self._open[key] = _Held(owner, fd)
-                    self._kinds.setdefault(key[0], set()).add(kind)
+                    held = self._keep(key, owner, fd)
                 else:
                     os.close(fd)
             self._idle.pop(key, None)  # before the pin: never pinned and idle
@@ -233,8 +235,24 @@ class Pool:
             if key in self._open:
                 raise AssertionError(f"{kind} descriptor adopted twice")
             self._shrink(self._limit() - 1)
-            self._open[key] = self._idle[key] = _Held(owner, fd)
-            self._kinds.setdefault(key[0], set()).add(kind)
+            self._keep(key, owner, fd, idle=True)
+
+    def _keep(self, key: tuple[int, str], owner: object, fd: int, idle: bool = False) -> _Held:
+        """Under the lock: list ``fd`` as ``owner``'s. Its three records are written with no
+        call between them (after a call is where a signal's handler can raise): an interrupt
+        leaves either all or none, so ``holds(fd)`` tells the opener whether to close it."""
+        held = _Held(owner, fd)
+        kinds = self._kinds.setdefault(key[0], set())
+        kinds |= {key[1]}
+        self._open[key] = held
+        if idle:
+            self._idle[key] = held
+        return held
+
+    def holds(self, fd: int) -> bool:
+        """Whether ``fd`` is one of the pool's descriptors."""
+        with self._lock:
+            return any(held.fd == fd for held in self._open.values())
 
     def opening(self, opener: Callable[[], int]) -> int:
         """``opener()`` (a caller's own open), retried after closing an idle descriptor when it
@@ -324,13 +342,21 @@ class Pool:
             self._close(next(iter(self._idle)))
 
     def _close(self, key: tuple[int, str]) -> None:
-        held = self._open.pop(key)
-        self._idle.pop(key, None)
+        # A signal's handler can raise only after a call returns: the descriptor is marked
+        # closed before ``os.close`` and forgotten after it with no call, so an interrupt there
+        # leaves it listed as closed, and closing it again (``Layout.close`` does) forgets it
+        # without closing a number the kernel may have given to another file since.
+        held = self._open[key]
+        fd, held.fd = held.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        del self._open[key]
+        if key in self._idle:
+            del self._idle[key]
         kinds = self._kinds[key[0]]
-        kinds.discard(key[1])
+        kinds -= {key[1]}
         if not kinds:
             del self._kinds[key[0]]
-        os.close(held.fd)
 
 
 @dataclass(eq=False)

@@ -182,21 +182,29 @@ def _open_local(paths: Sequence[Path], root: str, opener: Callable[[Path], Shard
 
 def _open_shard(path: Path, read_ahead: int = 0) -> Shard:
     spath = os.fspath(path)
+    # The descriptor as ``open`` returns it (``open_regular``): an interrupt anywhere before the
+    # pool holds it (a signal's handler raising) finds it here and closes it.
+    opened: list[int] = []
     try:
-        fd = POOL.opening(lambda: _open_regular(spath))
-    except OSError as exc:
-        if not is_limit(exc) or isinstance(exc, MissingFileError):
-            raise
-        # EMFILE/ENFILE, and no idle descriptor was left to close
-        raise limit_error(CheckpointError, spath, exc) from exc
-    try:
+        try:
+            POOL.opening(lambda: _open_regular(spath, opened))
+        except OSError as exc:
+            if not is_limit(exc) or isinstance(exc, MissingFileError):
+                raise
+            # EMFILE/ENFILE, and no idle descriptor was left to close
+            raise limit_error(CheckpointError, spath, exc) from exc
+        fd = opened[0]
         stamp = FileStamp.of(fd)  # before the header: a change after it is then detected
         cold = bool(read_ahead) and stamp.size <= read_ahead and read_ahead_if_cold(fd, stamp.size)
         shard = Shard(spath, read_any_header(spath, fd), stamp, read_ahead=cold)
+        POOL.adopt(shard, PLAIN, fd)
     except BaseException:
-        os.close(fd)
+        if opened:
+            if POOL.holds(opened[0]):
+                shard.close()  # adopted, but never handed to the layout that would close it
+            else:
+                os.close(opened[0])
         raise
-    POOL.adopt(shard, PLAIN, fd)
     return shard
 
 
@@ -223,10 +231,10 @@ def read_ahead_if_cold(fd: int, size: int) -> bool:
     return True
 
 
-def _open_regular(path: str) -> int:
+def _open_regular(path: str, opened: list[int] | None = None) -> int:
     """``open_regular``, letting an open refused for want of descriptors through as OSError."""
     try:
-        return open_regular(path, CheckpointError)
+        return open_regular(path, CheckpointError, opened)
     except CheckpointError as exc:
         cause = exc.__cause__
         if isinstance(cause, OSError) and is_limit(cause):

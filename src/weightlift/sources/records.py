@@ -231,8 +231,19 @@ class Layout:
         return "gguf" if self.shards and is_gguf(self.shards[0].header) else "safetensors"
 
     def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
+        """Close every shard's descriptors. An interrupt (a signal's handler raising) while they
+        close is raised once all are closed: closing again is safe, and a shard skipped would
+        keep its descriptor open for the rest of the process."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                for shard in self.shards:
+                    shard.close()
+                break
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> "Layout":
         return self
