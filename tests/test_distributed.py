@@ -633,11 +633,17 @@ def _stream_once(rank: int, world: int, target: str, files: list[str],
             for path in files:
                 evict(Path(path))
         dist.barrier()
+    from test_window import steady_sampler
+
     peaks = dict.fromkeys(files, 0)
     stop = threading.Event()
+    sampling = steady_sampler(lambda: mapped_bytes(files))
+    steady = sampling.__enter__()
 
-    def sample_once() -> None:
-        for path, size in mapped_bytes(files).items():
+    def sample_once(until_steady: bool = False) -> None:
+        while (sizes := steady()) is None and until_steady:
+            time.sleep(0.0005)  # a read-ahead is mapping a window: read once it has
+        for path, size in (sizes or {}).items():
             peaks[path] = max(peaks[path], size)
 
     def sample() -> None:
@@ -656,7 +662,7 @@ def _stream_once(rank: int, world: int, target: str, files: list[str],
                 **options)):
             if fails and i == 3:
                 raise ValueError("the consumer failed on purpose")
-            sample_once()  # each tensor's window is mapped now: seen on a busy machine
+            sample_once(until_steady=True)  # each tensor's window is mapped now: seen on a busy machine
             result["state"][key] = tensor.clone()
             del tensor
     except Exception as exc:
@@ -667,6 +673,7 @@ def _stream_once(rank: int, world: int, target: str, files: list[str],
     result["calls"] = dict(calls)
     stop.set()
     sampler.join()
+    sampling.__exit__(None, None, None)
     result["mapped_peak"] = peaks
     if cold:
         dist.barrier()

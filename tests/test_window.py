@@ -3,9 +3,12 @@ mapping gone once every view is dropped, checked against ``/proc/self/maps``."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,49 @@ def mapped_bytes(path: Path) -> int:
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
                 total += hi - lo
     return total
+
+
+@contextlib.contextmanager
+def steady_sampler(measure: Callable[[], object]) -> Iterator[Callable[[], object | None]]:
+    """A ``sample()`` for a thread that samples ``/proc/self/maps`` while a load runs: it returns
+    ``measure()``, or None where a mapping was made while it read.
+
+    The kernel hands ``/proc/self/maps`` out a page at a time, each page from the mappings of that
+    moment: a window unmapped after its line was read and another mapped after the read went past
+    its address are then both counted, though never mapped at once (CI once saw a 16 MiB budget
+    "exceeded" by a 520 KiB window). Every mapping weightlift makes goes through
+    ``window.map_file``, counted here on entry and exit; a read that no ``map_file`` call overlapped
+    can only undercount, which an upper bound may ignore."""
+    import weightlift.io.mapped as mapped_module
+    import weightlift.io.window as window_module
+
+    lock = threading.Lock()
+    ticks = {"started": 0, "finished": 0}
+    original = window_module.map_file
+
+    def counted(*args: object) -> object:
+        with lock:
+            ticks["started"] += 1
+        try:
+            return original(*args)
+        finally:
+            with lock:
+                ticks["finished"] += 1
+
+    def sample() -> object | None:
+        with lock:
+            before = dict(ticks)
+        if before["started"] != before["finished"]:
+            return None
+        value = measure()
+        with lock:
+            return value if ticks["started"] == before["started"] else None
+
+    window_module.map_file = mapped_module.map_file = counted  # type: ignore[assignment]
+    try:
+        yield sample
+    finally:
+        window_module.map_file = mapped_module.map_file = original
 
 
 def open_window(windows: Windows, path: Path, start: int, end: int):  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ import pagecache
 import weightlift
 from conftest import assert_same, random_tensor
 from test_gpu_logic import RecordingSink
-from test_window import mapped_bytes
+from test_window import mapped_bytes, steady_sampler
 from weightlift.io import auto, make_strategy
 from weightlift.io.window import Window
 from weightlift.read import read_tensors
@@ -188,23 +188,25 @@ def test_a_warm_stream_never_maps_more_than_the_budget(warm: Path) -> None:
     reference = reference_of(path, "warm")
     seen: list[int] = []
     done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            seen.append(mapped_bytes(path))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     between: list[int] = []
     out = {}
-    try:
-        for name, tensor in weightlift.stream(path, max_host_memory=BUDGET):
-            between.append(mapped_bytes(path))  # held: this tensor's window and read-ahead
-            out[name] = tensor.clone()
-            del tensor
-    finally:
-        done.set()
-        sampler.join()
+    with steady_sampler(lambda: mapped_bytes(path)) as steady:
+
+        def sample() -> None:
+            while not done.is_set():
+                if (value := steady()) is not None:
+                    seen.append(value)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            for name, tensor in weightlift.stream(path, max_host_memory=BUDGET):
+                between.append(mapped_bytes(path))  # held: this tensor's window and read-ahead
+                out[name] = tensor.clone()
+                del tensor
+        finally:
+            done.set()
+            sampler.join()
     assert_same(out, reference)
     assert max(between) > 0, "no window was mapped: nothing to check"
     assert max(between) <= BUDGET and max(seen) <= BUDGET, (max(between), max(seen))
