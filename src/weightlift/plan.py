@@ -35,11 +35,19 @@ class Block(NamedTuple):
     start: int
     end: int
     entries: tuple[Entry, ...]
-    reads: tuple[tuple[int, int], ...]
+    #: Reads are cut at the multiples of this (``reads``).
+    step: int
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def reads(self) -> tuple[tuple[int, int], ...]:
+        """The block's reads: ``[start, end)`` cut at the multiples of ``step``. Cut when the
+        block is submitted, not planned: a stream plans every block before its first tensor,
+        and a 2 GB checkpoint's cuts (~8,000 at 256 KiB) took ~0.5 ms of that."""
+        return split_range(self.start, self.end, self.step)
 
 
 @dataclass(frozen=True)
@@ -125,8 +133,7 @@ def plan_blocks(entries: Iterable[Entry], read_size: int, group_limit: int = 16 
         group_limit = small = WHOLE
     for run in _runs(list(entries), group_limit, kind, small):
         start, end = run[0].info.start, run[-1].info.end
-        blocks.append(Block(run[0].shard, start, end, tuple(run),
-                            split_range(start, end, read_size)))
+        blocks.append(Block(run[0].shard, start, end, tuple(run), read_size))
     return blocks
 
 
