@@ -548,12 +548,15 @@ def expert_filter(rank: int, world: int) -> Any:
 
 
 STREAMS: dict[str, dict[str, Any]] = {
-    "ep_page_cache": dict(share="page_cache"),
+    # Every page cached first: the ranks hand out windows with no agreement between them.
+    "ep_page_cache": dict(share="page_cache", warm=True),
     # Small batches: many rounds of exchange over one resolved checkpoint.
     "ep_exchange": dict(share="exchange", strategy="stream", batch=256 << 10),
     "ep_two_hosts": dict(hosts=True),                      # auto → exchange between "hosts"
     "ep_two_hosts_page_cache": dict(hosts=True, share="page_cache"),
-    "consumer_fails_page_cache": dict(share="page_cache", consumer_fails=True),
+    "consumer_fails_page_cache": dict(share="page_cache", consumer_fails=True, warm=True),
+    # Cached but for the last file's last page: in rank 1's share of the last window only.
+    "tail_uncached_page_cache": dict(share="page_cache", warm="tail"),
     "consumer_fails_exchange": dict(share="exchange", strategy="stream", consumer_fails=True),
     "open_fails": dict(share="page_cache", open_fails=True),
     # Last: the files evicted first; mappings sampled, storage reads and page cache measured.
@@ -580,9 +583,11 @@ def read_bytes() -> int:
 
 def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
                    scenarios: list[str]) -> None:
+    import weightlift.distributed.shared as sharing
     import weightlift.distributed.stream as streaming
+    from weightlift.distributed.sync import Peers
 
-    calls = {"resolve": 0, "strategy": 0}
+    calls = {"resolve": 0, "strategy": 0, "agreements": 0, "windows": 0}
 
     def counted(name: str, function: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -592,6 +597,8 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
 
     streaming.resolve = counted("resolve", streaming.resolve)
     streaming._strategy = counted("strategy", streaming._strategy)
+    Peers.post = counted("agreements", Peers.post)  # type: ignore[method-assign]
+    sharing.map_window = counted("windows", sharing.map_window)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -601,12 +608,15 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
         for name in scenarios:
             options = dict(STREAMS[name])
             cold = options.pop("cold", False)
+            warm = options.pop("warm", False)
             fails = options.pop("consumer_fails", False) and rank == 1
             target = source
             if options.pop("open_fails", False) and rank == 1:
                 target = os.path.join(source, "missing.safetensors")
             if options.pop("hosts", False):
                 options["host"] = f"host{rank}"
+            if warm:
+                _cache(rank, files, tail=warm == "tail")
             tries = COLD_TRIES if cold else 1
             for attempt in range(tries):
                 result = _stream_once(rank, world, target, files, options, cold, fails, calls)
@@ -620,6 +630,24 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
         dist.destroy_process_group()
 
 
+def _cache(rank: int, files: list[str], tail: bool) -> None:
+    """Rank 0 brings every page of ``files`` into the page cache (``tail``: all but the last
+    file's last page, which it evicts) and waits until mincore shows it; then both go on."""
+    from pagecache import PAGE, evict, pages, wait_for, warm
+
+    if rank == 0:
+        for path in map(Path, files):
+            size = path.stat().st_size
+            if tail and path == Path(files[-1]):
+                evict(path)
+                warm(path, 0, (size - 1) // PAGE * PAGE)
+                wait_for(path, lambda now: now[:-1].all() and not now[-1], "all but the last page")
+            else:
+                warm(path, 0, size)
+        assert all(pages(Path(p)).all() for p in files[:-1])
+    dist.barrier()
+
+
 def _stream_once(rank: int, world: int, target: str, files: list[str],
                  options: dict[str, Any], cold: bool, fails: bool, calls: dict[str, int]
                  ) -> dict[str, Any]:
@@ -627,7 +655,7 @@ def _stream_once(rank: int, world: int, target: str, files: list[str],
     from pagecache import evict, settled_bytes
 
     result: dict[str, Any] = {"state": {}}
-    calls.update(resolve=0, strategy=0)
+    calls.update(resolve=0, strategy=0, agreements=0, windows=0)
     if cold:
         if rank == 0:
             for path in files:
@@ -702,7 +730,8 @@ def streamed(out_dir: Path, scenario: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("scenario", ["ep_page_cache", "ep_exchange", "ep_two_hosts",
-                                      "ep_two_hosts_page_cache", "cold_page_cache"])
+                                      "ep_two_hosts_page_cache", "cold_page_cache",
+                                      "tail_uncached_page_cache"])
 def test_ranks_wanting_different_experts_each_get_theirs_bit_exact(
         streams: Path, scenario: str) -> None:
     """Expert parallelism under TP: rank 0 wants experts 0 and 1, rank 1 expert 2 (and both the
@@ -723,11 +752,31 @@ def test_ranks_wanting_different_experts_each_get_theirs_bit_exact(
     assert shares == {expected}
 
 
+def test_ranks_sharing_a_cached_checkpoint_agree_only_at_the_start_and_end(
+        streams: Path) -> None:
+    """Every page cached: nothing is read or dropped, so the ranks map window after window with
+    no agreement between them (one after opening the checkpoint, one at the end), and no rank
+    maps more than the budget. One page missing, in one rank's share only: both ranks take the
+    path that agrees on every window (else their collectives would not line up)."""
+    for result in streamed(streams, "ep_page_cache"):
+        assert "error" not in result, result.get("trace")
+        assert result["calls"]["windows"] >= 4  # enough windows for agreements to show
+        assert result["calls"]["agreements"] == 2, result["calls"]
+        for path, peak in result["mapped_peak"].items():
+            assert 0 < peak <= MOE_BUDGET, (path, peak)
+        assert result["report"]["bytes_read"] == 0
+    for result in streamed(streams, "tail_uncached_page_cache"):
+        assert "error" not in result, result.get("trace")
+        assert result["calls"]["agreements"] >= result["calls"]["windows"] + 2, result["calls"]
+    for result in streamed(streams, "cold_page_cache"):
+        assert result["calls"]["agreements"] >= result["calls"]["windows"] + 2, result["calls"]
+
+
 def test_the_exchange_opens_the_checkpoint_once_for_all_its_batches(streams: Path) -> None:
     """Headers, strategy, O_DIRECT probe and residency once per load, not once per batch."""
     for result in streamed(streams, "ep_exchange"):
         assert result["report"]["bytes_read"] > 0
-        assert result["calls"] == {"resolve": 1, "strategy": 1}
+        assert (result["calls"]["resolve"], result["calls"]["strategy"]) == (1, 1)
     total = sum(t.numel() * t.element_size() for t in moe_tensors().values())
     assert total > 20 * (256 << 10)  # so the load ran in many batches
 

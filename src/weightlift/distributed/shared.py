@@ -17,6 +17,12 @@ tensors of one file, a quarter of the budget each, the same sequence on every ra
    drops (``POSIX_FADV_DONTNEED``) the pages it warmed: the load leaves the page cache as it
    found it (pages that were cached before stay).
 
+Where every page is cached already (a warm restart; each rank counts its share with
+``cachestat``, one ``all_reduce`` adds up), nothing is read or dropped and the ranks need not
+wait for each other: each maps window after window as its consumer goes, with no agreement
+between windows and no populate (a tensor-parallel rank's copies fault in only the pages of its
+part), and the one agreement is at the end (``_from_cache``).
+
 At any moment the page cache holds, for the load, the window being handed out, the next
 (warming) and the one before (waiting for every rank to pass it): three windows; a rank maps the
 window it hands out and, while its consumer still holds their tensors, one or two before it:
@@ -44,7 +50,7 @@ from ..io import base
 from ..io.base import PAGE
 from ..io.window import Window as FileWindow
 from ..place import as_tensor
-from ..probes import LIBC
+from ..probes import LIBC, cached_pages
 from ..sources.records import PLAIN, Entry, Layout, Shard
 from .sync import Peers
 
@@ -196,10 +202,12 @@ def _advise_all(fd: int, runs: Sequence[Run], advice: int) -> None:
 
 
 def map_window(shard: Shard, start: int, end: int,
-               unmapped: Callable[[], None] | None = None) -> torch.Tensor:
+               unmapped: Callable[[], None] | None = None, populate: bool = True
+               ) -> torch.Tensor:
     """Bytes ``[start, end)`` of the file as a uint8 tensor over a private ``io.window.Window``,
-    every page faulted in; unmapped (then ``unmapped()`` called) when the last tensor viewing it
-    is gone. Copy-on-write: a consumer that writes into a view changes only its own copy."""
+    every page faulted in (``populate``; else the consumer's first touch maps each page);
+    unmapped (then ``unmapped()`` called) when the last tensor viewing it is gone.
+    Copy-on-write: a consumer that writes into a view changes only its own copy."""
     if end == start:
         return torch.empty(0, dtype=torch.uint8)
     try:
@@ -209,6 +217,8 @@ def map_window(shard: Shard, start: int, end: int,
     except (OSError, ValueError) as exc:
         raise ReadError(f"cannot map bytes [{start}, {end}) of the file: {exc}",
                         path=shard.path) from exc
+    if not populate:
+        return window.view(start, end)
     # No read-ahead from faults here: every page was asked for by its warmer, and a fault on a
     # page an earlier buffered read marked (the header's) would read the next window's pages
     # ahead of their warmer, who would then take them for cached before the load.
@@ -227,6 +237,8 @@ class Shared:
 
     windows: int = 0
     bytes_read: int = 0
+    #: Every page was cached when the ranks looked: handed out with no agreement per window.
+    cached: bool = False
     #: Runs this rank warmed, by window index, until they are dropped.
     warmed: dict[int, list[Run]] = field(default_factory=dict)
 
@@ -258,6 +270,11 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
         # The consumer may hold the last tensors past the end (its loop variable): their pages
         # go once the last view is gone, if every rank got that far.
         return lambda: drop(shard, runs) if finished else None
+
+    if _all_cached(peers, shards, windows, me, count):
+        stats.cached = True
+        yield from _from_cache(peers, windows, shards, used)
+        return
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm")
     future: Future[list[Run]] | None = pool.submit(warm_share, 0) if windows else None
@@ -317,3 +334,67 @@ def _drop_window(stats: Shared, windows: Sequence[Window], shards: Sequence[Shar
     runs = stats.warmed.pop(k, None)
     if runs:
         drop(shards[windows[k].shard], runs)
+
+
+def _all_cached(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], me: int,
+                count: int) -> bool:
+    """Whether every page of every window is in the page cache: each rank counts its share of
+    each window (``cachestat``, else mincore) and one ``all_reduce`` adds up what is missing.
+    A rank that cannot tell counts its share as missing (the load proper meets the failure
+    again, and every rank hears of it)."""
+    missing = 0
+    try:
+        for window in windows:
+            start, end = window.share(me, count)
+            if end <= start:
+                continue
+            with shards[window.shard].opened(PLAIN) as fd:
+                pages = cached_pages(fd, start, end - start)
+                if pages is None:
+                    missing += sum(hi - lo for lo, hi in uncached(fd, start, end))
+                else:
+                    missing += (end - start) // PAGE - pages
+            if missing:
+                break
+    except (OSError, ReadError):
+        missing = 1
+    return peers.sum([missing])[0] == 0
+
+
+def _from_cache(peers: Peers, windows: Sequence[Window], shards: Sequence[Shard],
+                used: Sequence[int]) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """``shared`` where every page was cached when the ranks looked: no rank reads or drops
+    anything, so no rank waits for another between windows. The windows are mapped one after
+    another as the consumer goes (the budget bounds what is mapped, as before) and not
+    populated: each rank's copies map only the pages they touch (a tensor-parallel rank copies
+    its part of each tensor), 2 MiB per fault where the cache holds large folios. A failure is
+    posted at the one agreement at the end, or by the consumer's ``leave``: the others raise
+    there, after their own (cached, fast) share of the load.
+
+    A page evicted after the look is read again by the fault that needs it; an I/O error there
+    is then a SIGBUS, as for any mapping (``populate`` turns it into a ``ReadError`` on the
+    path that reads)."""
+    error: Exception | None = None
+    for window in windows:
+        try:
+            data = map_window(shards[window.shard], window.start, window.end, populate=False)
+            views = [(entry, as_tensor(data[entry.info.start - window.start:
+                                            entry.info.end - window.start], entry.info))
+                     for entry in window.entries]
+            del data
+        except Exception as exc:  # noqa: BLE001 - posted at the agreement below
+            error = exc
+            break
+        try:
+            while views:
+                yield views.pop(0)
+        except BaseException as exc:
+            peers.leave(exc)  # the others hear of it in their agreement below
+            raise
+    if error is None:
+        try:
+            for index in used:  # nothing handed out was read across a change
+                shards[index].check_unchanged()
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            error = exc
+    peers.agree(error)
