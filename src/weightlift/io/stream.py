@@ -99,7 +99,10 @@ class StreamStrategy(Strategy):
     def window(self, shard: int, start: int, end: int) -> Window | None:
         if self.windows is None or not self.mappable(shard, start, end):
             return None
-        return map_cached(self.windows, self.shards[shard], start, end)
+        window = map_cached(self.windows, self.shards[shard], start, end)
+        if window is not None:  # not populated: the consumer's copy maps the pages it touches
+            window.cached = self.fully_cached(shard, start, end)
+        return window
 
     def undescribable(self) -> str | None:
         if any(pages is not None for pages in self.mappable_pages):
