@@ -555,6 +555,7 @@ STREAMS: dict[str, dict[str, Any]] = {
     "ep_two_hosts": dict(hosts=True),                      # auto → exchange between "hosts"
     "ep_two_hosts_page_cache": dict(hosts=True, share="page_cache"),
     "consumer_fails_page_cache": dict(share="page_cache", consumer_fails=True, warm=True),
+    "consumer_fails_partly_cached": dict(share="page_cache", consumer_fails=True, warm="tail"),
     # Cached but for the last file's last page: in rank 1's share of the last window only.
     "tail_uncached_page_cache": dict(share="page_cache", warm="tail"),
     "consumer_fails_exchange": dict(share="exchange", strategy="stream", consumer_fails=True),
@@ -781,7 +782,8 @@ def test_the_exchange_opens_the_checkpoint_once_for_all_its_batches(streams: Pat
     assert total > 20 * (256 << 10)  # so the load ran in many batches
 
 
-@pytest.mark.parametrize("scenario", ["consumer_fails_page_cache", "consumer_fails_exchange"])
+@pytest.mark.parametrize("scenario", ["consumer_fails_page_cache", "consumer_fails_partly_cached",
+                                      "consumer_fails_exchange"])
 def test_a_consumer_raising_on_one_rank_fails_every_rank_promptly(streams: Path,
                                                                    scenario: str) -> None:
     failed, other = streamed(streams, scenario)[1], streamed(streams, scenario)[0]

@@ -303,29 +303,40 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
                 after = None
                 if k == len(windows) - 1 and stats.warmed.get(k):
                     after = drop_last(shards[window.shard], stats.warmed[k])
-                data = map_window(shards[window.shard], window.start, window.end, after)
-                views = [(entry, as_tensor(data[entry.info.start - window.start:
-                                                entry.info.end - window.start], entry.info))
-                         for entry in window.entries]
-                del data
+                views = _views(shards[window.shard], window, after)
             except Exception as exc:  # noqa: BLE001 - posted at the next agreement
                 error = exc
                 continue
-            try:
-                while views:
-                    yield views.pop(0)
-            except BaseException as exc:
-                # The consumer raised, or closed us: the others wait in the next agreement.
-                if future is not None:
-                    future.cancel()
-                peers.leave(exc)
-                raise
+            yield from _hand_out(peers, views, future)
         finished = True
         _drop_window(stats, windows, shards, len(windows) - 1)
     finally:
         pool.shutdown(wait=True)
         for k in list(stats.warmed):
             _drop_window(stats, windows, shards, k)  # a failed load leaves no page behind either
+
+
+def _hand_out(peers: Peers, views: list[tuple[Entry, torch.Tensor]],
+              warming: Future[list[Run]] | None = None) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Yield ``views`` (each let go of once handed out). If the consumer raises or closes us,
+    the others are waiting in the next agreement: post it there (``warming`` cancelled first)."""
+    try:
+        while views:
+            yield views.pop(0)
+    except BaseException as exc:
+        if warming is not None:
+            warming.cancel()
+        peers.leave(exc)
+        raise
+
+
+def _views(shard: Shard, window: Window, unmapped: Callable[[], None] | None = None,
+           populate: bool = True) -> list[tuple[Entry, torch.Tensor]]:
+    """The tensors of ``window`` as zero-copy views of one mapping of it (``map_window``)."""
+    data = map_window(shard, window.start, window.end, unmapped, populate)
+    return [(entry, as_tensor(data[entry.info.start - window.start:
+                                   entry.info.end - window.start], entry.info))
+            for entry in window.entries]
 
 
 def _drop_window(stats: Shared, windows: Sequence[Window], shards: Sequence[Shard], k: int
@@ -377,20 +388,11 @@ def _from_cache(peers: Peers, windows: Sequence[Window], shards: Sequence[Shard]
     error: Exception | None = None
     for window in windows:
         try:
-            data = map_window(shards[window.shard], window.start, window.end, populate=False)
-            views = [(entry, as_tensor(data[entry.info.start - window.start:
-                                            entry.info.end - window.start], entry.info))
-                     for entry in window.entries]
-            del data
+            views = _views(shards[window.shard], window, populate=False)
         except Exception as exc:  # noqa: BLE001 - posted at the agreement below
             error = exc
             break
-        try:
-            while views:
-                yield views.pop(0)
-        except BaseException as exc:
-            peers.leave(exc)  # the others hear of it in their agreement below
-            raise
+        yield from _hand_out(peers, views)
     if error is None:
         try:
             for index in used:  # nothing handed out was read across a change
