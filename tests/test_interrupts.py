@@ -671,6 +671,33 @@ def test_a_closed_thread_engine_is_freed_without_python_code() -> None:
     assert not calls, f"Python code ran while a closed engine was freed: {calls}"
 
 
+def test_closing_a_thread_engine_ends_when_an_interrupted_join_kept_a_workers_lock() -> None:
+    """CPython 3.11's ``Thread.join`` takes the thread's lock and gives it back; an interrupt
+    right after the take is handled (bpo-45274), but a second one landing in that handler keeps
+    the lock taken for good, and every later join of the thread waits forever: the real-signal
+    test once hung so in ``ThreadPoolExecutor.shutdown``, with no worker left. That state, made
+    here by taking the ended workers' locks, must not stop ``close`` from returning."""
+    engine = engine_module.ThreadEngine(2)
+    for _ in range(4):
+        engine.call(time.sleep, 0.01).result()
+    workers = list(engine.pool._threads)
+    if not all(hasattr(thread, "_tstate_lock") for thread in workers):
+        pytest.skip("this Python's Thread.join takes no lock of the thread (3.13+)")
+    engine.pool.shutdown(wait=False)
+    deadline = time.monotonic() + 30
+    while set(workers) & set(threading.enumerate()):
+        assert time.monotonic() < deadline, "the shut-down pool's idle workers never ended"
+        time.sleep(0.01)
+    for thread in workers:
+        lock = thread._tstate_lock
+        if lock is not None:
+            lock.acquire()  # what the doubly interrupted join kept
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (engine.close(), closed.set()), daemon=True)
+    closer.start()
+    assert closed.wait(30), "ThreadEngine.close waits forever for workers that have ended"
+
+
 #: The code that maps part of a file (a window) or a whole file (the ``mmap`` strategy).
 MAPPING_CODE = {window_module.map_file.__code__, window_module.Window.__init__.__code__,
                 window_module.Windows.map.__code__, Mapping.__init__.__code__}

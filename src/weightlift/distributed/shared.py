@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import ReadError
-from ..io import base
+from ..io import base, retry
 from ..io.base import PAGE
 from ..io.window import Window as FileWindow
 from ..place import as_tensor
@@ -311,9 +311,11 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
         finished = True
         _drop_window(stats, windows, shards, len(windows) - 1)
     finally:
-        pool.shutdown(wait=True)
+        interrupted = retry.stop_pool(pool)  # not shutdown(wait=True): see ``stop_pool``
         for k in list(stats.warmed):
             _drop_window(stats, windows, shards, k)  # a failed load leaves no page behind either
+        if interrupted is not None:
+            raise interrupted
 
 
 def _hand_out(peers: Peers, views: list[tuple[Entry, torch.Tensor]],

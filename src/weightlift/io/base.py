@@ -261,8 +261,10 @@ class Prefaulter:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            interrupted = retry.stop_pool(pool)  # not shutdown(wait=True): see ``stop_pool``
+            if interrupted is not None:
+                raise interrupted
 
 
 def aligned_buffer(nbytes: int, file_offset: int, align: int, pin: bool = False,

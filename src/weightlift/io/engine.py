@@ -15,18 +15,17 @@ the thread pool otherwise; ``make_engine`` says which it took and, when it fell 
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as WaitTimeout
-from concurrent.futures import thread as executor_threads
 from typing import Any, Protocol
 
 import torch
 
 from . import retry
+from .retry import interrupt_of
 from .base import Strategy
 from .uring import DEPTH, EngineUnavailable, UringEngine
 
@@ -69,33 +68,6 @@ class Engine(Protocol):
     def close(self) -> None:
         """Wait for (or withdraw) everything submitted; nothing runs after this returns."""
         ...
-
-
-def interrupt_of(exc: BaseException) -> BaseException:
-    """The interrupt behind ``exc``, else ``exc``. A Ctrl-C (or a SIGTERM handler's
-    ``SystemExit``) that lands while a ``threading.Condition`` takes its lock back after a wait
-    (``Future.result``, ``Thread.start``) surfaces in CPython as ``RuntimeError: release unlocked
-    lock``, with the interrupt as its context: the caller must see the interrupt."""
-    context = exc.__context__
-    if isinstance(exc, RuntimeError) and context is not None and not isinstance(context,
-                                                                                Exception):
-        return context
-    return exc
-
-
-def forget_threads(pool: ThreadPoolExecutor) -> None:
-    """Take the joined worker threads of ``pool`` out of the standard library's weak registries
-    (``threading._dangling``, ``concurrent.futures.thread._threads_queues``), whose callbacks
-    are Python code run wherever a thread object dies: an interrupt whose handler ran there
-    would be printed and dropped (found by the real-signal test: a lost SIGINT on the thread
-    engine). Taken out here, in ordinary code, nothing runs when the engine is freed."""
-    queues = getattr(executor_threads, "_threads_queues", None)
-    dangling = getattr(threading, "_dangling", None)
-    for thread in list(getattr(pool, "_threads", ())):
-        if queues is not None:
-            queues.pop(thread, None)
-        if dangling is not None:
-            dangling.discard(thread)
 
 
 def unwedge(future: Future[Any]) -> None:
@@ -215,20 +187,17 @@ class ThreadEngine:
         for future in self._submitted:
             unwedge(future)
         self._submitted = []
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        stopped = retry.shut_down(self.pool)  # before any wait: idle workers see it and end
         running, interrupted = settle([Call(future) for future in list(self._running)])
+        interrupted = stopped or interrupted
         if running:
             warnings.warn(f"{len(running)} read(s) still blocked in the kernel {retry.SETTLE:g} s "
                           "after the load stopped; their threads and buffers are left to them",
                           RuntimeWarning, stacklevel=2)
-        else:
-            for _ in range(100):  # the workers are idle: joining them is quick
-                try:
-                    self.pool.shutdown(wait=True)
-                    forget_threads(self.pool)
-                    break
-                except BaseException as exc:
-                    interrupted = interrupted or interrupt_of(exc)
+        else:  # the workers are idle: they end as soon as they see the pool shut down
+            late = retry.join_workers(self.pool, retry.SETTLE)
+            interrupted = interrupted or late
+            retry.forget_threads(self.pool)
         if interrupted is not None:
             raise interrupted
 

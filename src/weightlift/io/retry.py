@@ -1,4 +1,5 @@
-"""Answers from the kernel that mean "nothing was done, ask again", and how often to ask.
+"""Answers from the kernel that mean "nothing was done, ask again", and how often to ask; and
+how a load stops what it started when an interrupt lands (``SETTLE``, ``guarded``, ``stop_pool``).
 
 A read the kernel gave up on before reading anything is not an I/O error. Programs that use
 interval timers, profilers or child processes deliver signals all the time, and a busy machine
@@ -26,7 +27,10 @@ import errno
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import thread as executor_threads
 
 from ..errors import ReadError
 
@@ -152,3 +156,83 @@ def gave_up(code: int, kind: str, length: int, offset: int, attempts: int,
               else "")
     return (f"{what} failed: {os.strerror(code)} ({label}: {meaning}) {attempts} times in a row; "
             f"gave up after {attempts} attempts{advice}")
+
+
+def interrupt_of(exc: BaseException) -> BaseException:
+    """The interrupt behind ``exc``, else ``exc``. A Ctrl-C (or a SIGTERM handler's
+    ``SystemExit``) that lands while a ``threading.Condition`` takes its lock back after a wait
+    (``Future.result``, ``Thread.start``) surfaces in CPython as ``RuntimeError: release unlocked
+    lock``, with the interrupt as its context: the caller must see the interrupt."""
+    context = exc.__context__
+    if isinstance(exc, RuntimeError) and context is not None and not isinstance(context,
+                                                                                Exception):
+        return context
+    return exc
+
+
+def forget_threads(pool: ThreadPoolExecutor) -> None:
+    """Take the joined worker threads of ``pool`` out of the standard library's weak registries
+    (``threading._dangling``, ``concurrent.futures.thread._threads_queues``), whose callbacks
+    are Python code run wherever a thread object dies: an interrupt whose handler ran there
+    would be printed and dropped (found by the real-signal test: a lost SIGINT on the thread
+    engine). Taken out here, in ordinary code, nothing runs when the engine is freed."""
+    queues = getattr(executor_threads, "_threads_queues", None)
+    dangling = getattr(threading, "_dangling", None)
+    for thread in list(getattr(pool, "_threads", ())):
+        if queues is not None:
+            queues.pop(thread, None)
+        if dangling is not None:
+            dangling.discard(thread)
+
+
+def shut_down(pool: ThreadPoolExecutor) -> BaseException | None:
+    """``pool.shutdown(wait=False, cancel_futures=True)``, done even if an interrupt lands in it
+    (after the queue is drained, before the wake-up its idle workers wait for, they would wait
+    for good); the interrupt is returned. Asking again is harmless."""
+    interrupted: BaseException | None = None
+    for _ in range(100):
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+            return interrupted
+        except BaseException as exc:
+            interrupted = interrupted or interrupt_of(exc)
+    return interrupted
+
+
+#: How long one ``Thread.join`` in ``join_workers`` waits before it looks again.
+JOIN_STEP = 0.05
+
+
+def join_workers(pool: ThreadPoolExecutor, seconds: float) -> BaseException | None:
+    """Wait, at most ``seconds``, for the workers of ``pool`` (shut down, idle) to end; return
+    an interrupt that came meanwhile (the caller raises it once they have).
+
+    Not ``pool.shutdown(wait=True)`` alone: CPython 3.11's ``Thread.join`` takes the thread's
+    lock and gives it back; an interrupt raised right after the take is handled (bpo-45274), but
+    a second one (a second Ctrl-C) landing in that handler leaves the lock taken for good, and
+    every later join of that thread waits forever (the real-signal test, 25 % of its signals
+    sent twice, once hung so in ``ThreadPoolExecutor.shutdown`` with no worker left). So each
+    join is short, and a thread ``threading.enumerate()`` no longer lists, having run its last
+    Python code, counts as ended."""
+    interrupted: BaseException | None = None
+    deadline = time.monotonic() + seconds
+    for thread in list(getattr(pool, "_threads", ())):
+        while True:
+            try:
+                thread.join(JOIN_STEP)
+                if (not thread.is_alive() or thread not in threading.enumerate()
+                        or time.monotonic() > deadline):
+                    break
+            except BaseException as exc:
+                interrupted = interrupted or interrupt_of(exc)
+    return interrupted
+
+
+def stop_pool(pool: ThreadPoolExecutor, seconds: float = SETTLE) -> BaseException | None:
+    """Shut ``pool`` down, wait (at most ``seconds``) for its workers to finish what they run and
+    end, and take them out of the standard library's registries; an interrupt meanwhile is
+    returned once that is done (``shutdown(wait=True)``, safe against interrupts)."""
+    stopped = shut_down(pool)
+    late = join_workers(pool, seconds)
+    forget_threads(pool)
+    return stopped or late
