@@ -180,6 +180,17 @@ def measure(out: Path) -> None:
             result["before"] = status()
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+            if get_tensor_model_parallel_world_size() > 1:
+                # The ranks start the clock together: what comes before (the re-warm, the touch,
+                # the residency count) ends at a different moment on each, and a loader whose
+                # ranks wait for each other would count the gap as its own time.
+                import torch.distributed as dist
+
+                waited = time.perf_counter()
+                dist.barrier(group=get_tp_group().cpu_group)
+                result["barrier_wait"] = time.perf_counter() - waited
             started = time.perf_counter()
             original(self, module, model_config)
             result["seconds"] = time.perf_counter() - started
@@ -296,7 +307,9 @@ def main() -> None:
                       f"{result['peak_file'] / 2**20:6.0f} MiB  cached after "
                       f"{result['cached_after']:.0%} (before {result.get('cached_before', 0):.0%})  "
                       f"read from storage (host) {result['read_bytes_host'] / size:.2f}x  "
-                      f"load {' '.join(result['loadavg'])}", flush=True)
+                      f"load {' '.join(result['loadavg'])}"
+                      + (f"  ranks started {max(r.get('barrier_wait', 0) for r in result['ranks'])"
+                         f":.2f} s apart" if args.tp > 1 else ""), flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
     print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
           f"started {started}")

@@ -17,14 +17,16 @@ tensors of one file, a quarter of the budget each, the same sequence on every ra
    drops (``POSIX_FADV_DONTNEED``) the pages it warmed: the load leaves the page cache as it
    found it (pages that were cached before stay).
 
-Where every page is cached already (a warm restart; each rank counts its share with
-``cachestat``, one ``all_reduce`` adds up), nothing is read or dropped and the ranks need not
-wait for each other: each maps window after window as its consumer goes, with no agreement
-between windows and no populate (a tensor-parallel rank's copies fault in only the pages of its
-part), and the one agreement is at the end (``_from_cache``).
+Only windows with a page missing from the page cache go through those steps. Before the first,
+each rank counts the uncached pages of its share of every window (``cachestat``) and one
+``all_reduce`` adds the counts up (``_missing``), so every rank knows which windows those are.
+A window wholly cached needs nothing read or dropped, so no rank waits for another there: each
+maps it as its consumer comes to it and hands out views without populating them (a
+tensor-parallel rank's copies fault in only the pages of its part). A warm restart agrees once,
+at the end; a checkpoint with a few pages evicted agrees at the windows that hold them.
 
-At any moment the page cache holds, for the load, the window being handed out, the next
-(warming) and the one before (waiting for every rank to pass it): three windows; a rank maps the
+At any moment the page cache holds, of what the load read, the window being handed out, the next
+one to read (warming) and the one before (waiting for every rank to pass it): three windows; a rank maps the
 window it hands out and, while its consumer still holds their tensors, one or two before it:
 within the budget. A tensor larger than a window is a window of its own (mapped whole: the bound
 is then that tensor plus what the consumer holds). Only control messages go over the group.
@@ -271,39 +273,48 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
         # go once the last view is gone, if every rank got that far.
         return lambda: drop(shard, runs) if finished else None
 
-    if _all_cached(peers, shards, windows, me, count):
-        stats.cached = True
-        yield from _from_cache(peers, windows, shards, used)
-        return
-
+    # Windows some rank found a page of uncached: only they are warmed, agreed on and populated.
+    missing = _missing(peers, shards, windows, me, count)
+    stats.cached = not any(missing)
+    ahead = [k for k, uncached_k in enumerate(missing) if uncached_k]  # in order, warmed next
     pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm")
-    future: Future[list[Run]] | None = pool.submit(warm_share, 0) if windows else None
+    warming = ahead.pop(0) if ahead else None
+    future: Future[list[Run]] | None = pool.submit(warm_share, warming) \
+        if warming is not None else None
     try:
         error: Exception | None = None
         for k in range(len(windows) + 1):
-            try:
-                if future is not None:
-                    stats.warmed[k] = future.result()
-                    stats.bytes_read += sum(hi - lo for lo, hi in stats.warmed[k])
-                if k == len(windows):
-                    for index in used:  # nothing handed out was read across a change
-                        shards[index].check_unchanged()
-            except Exception as exc:  # noqa: BLE001 - agreed on below
-                error = error or exc
-            future = None
-            # Every share of window k is asked for; every rank is past window k - 1.
-            peers.agree(error)
-            _drop_window(stats, windows, shards, k - 2)
+            if k == len(windows) or missing[k]:
+                try:
+                    if future is not None and warming == k:
+                        stats.warmed[k] = future.result()
+                        stats.bytes_read += sum(hi - lo for lo, hi in stats.warmed[k])
+                        future = None
+                    if k == len(windows):
+                        for index in used:  # nothing handed out was read across a change
+                            shards[index].check_unchanged()
+                except Exception as exc:  # noqa: BLE001 - agreed on below
+                    error = error or exc
+                    future = None
+                # Every share of window k is asked for; every rank is past window k - 1.
+                peers.agree(error)
+                for j in [j for j in stats.warmed if j <= k - 2]:
+                    _drop_window(stats, windows, shards, j)
+            elif error is not None:
+                continue  # posted at the next agreement; nothing more is handed out
             if k == len(windows):
                 break
             window = windows[k]
             try:
-                if k + 1 < len(windows):
-                    future = pool.submit(warm_share, k + 1)
+                if missing[k] and ahead:
+                    warming = ahead.pop(0)
+                    future = pool.submit(warm_share, warming)
                 after = None
                 if k == len(windows) - 1 and stats.warmed.get(k):
                     after = drop_last(shards[window.shard], stats.warmed[k])
-                views = _views(shards[window.shard], window, after)
+                # A window of cached pages is not populated: each rank's copies map only the
+                # pages they touch (a tensor-parallel rank copies its part of each tensor).
+                views = _views(shards[window.shard], window, after, populate=missing[k])
             except Exception as exc:  # noqa: BLE001 - posted at the next agreement
                 error = exc
                 continue
@@ -349,56 +360,24 @@ def _drop_window(stats: Shared, windows: Sequence[Window], shards: Sequence[Shar
         drop(shards[windows[k].shard], runs)
 
 
-def _all_cached(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], me: int,
-                count: int) -> bool:
-    """Whether every page of every window is in the page cache: each rank counts its share of
-    each window (``cachestat``, else mincore) and one ``all_reduce`` adds up what is missing.
-    A rank that cannot tell counts its share as missing (the load proper meets the failure
-    again, and every rank hears of it)."""
-    missing = 0
+def _missing(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], me: int,
+             count: int) -> list[bool]:
+    """Per window: was some page of it not in the page cache? Each rank counts its share of
+    each window (``cachestat``, else mincore) and one ``all_reduce`` adds the counts up, so
+    every rank gets the same answer. A rank that cannot tell counts its shares as missing (the
+    load proper meets the failure again, and every rank hears of it)."""
+    counts = [0] * len(windows)
     try:
-        for window in windows:
+        for k, window in enumerate(windows):
             start, end = window.share(me, count)
             if end <= start:
                 continue
             with shards[window.shard].opened(PLAIN) as fd:
                 pages = cached_pages(fd, start, end - start)
                 if pages is None:
-                    missing += sum(hi - lo for lo, hi in uncached(fd, start, end))
+                    counts[k] = sum(hi - lo for lo, hi in uncached(fd, start, end)) // PAGE
                 else:
-                    missing += (end - start) // PAGE - pages
-            if missing:
-                break
+                    counts[k] = (end - start) // PAGE - pages
     except (OSError, ReadError):
-        missing = 1
-    return peers.sum([missing])[0] == 0
-
-
-def _from_cache(peers: Peers, windows: Sequence[Window], shards: Sequence[Shard],
-                used: Sequence[int]) -> Iterator[tuple[Entry, torch.Tensor]]:
-    """``shared`` where every page was cached when the ranks looked: no rank reads or drops
-    anything, so no rank waits for another between windows. The windows are mapped one after
-    another as the consumer goes (the budget bounds what is mapped, as before) and not
-    populated: each rank's copies map only the pages they touch (a tensor-parallel rank copies
-    its part of each tensor), 2 MiB per fault where the cache holds large folios. A failure is
-    posted at the one agreement at the end, or by the consumer's ``leave``: the others raise
-    there, after their own (cached, fast) share of the load.
-
-    A page evicted after the look is read again by the fault that needs it; an I/O error there
-    is then a SIGBUS, as for any mapping (``populate`` turns it into a ``ReadError`` on the
-    path that reads)."""
-    error: Exception | None = None
-    for window in windows:
-        try:
-            views = _views(shards[window.shard], window, populate=False)
-        except Exception as exc:  # noqa: BLE001 - posted at the agreement below
-            error = exc
-            break
-        yield from _hand_out(peers, views)
-    if error is None:
-        try:
-            for index in used:  # nothing handed out was read across a change
-                shards[index].check_unchanged()
-        except Exception as exc:  # noqa: BLE001 - agreed on below
-            error = exc
-    peers.agree(error)
+        counts = [1] * len(windows)
+    return [total > 0 for total in peers.sum(counts)] if windows else []
