@@ -152,3 +152,45 @@ def test_a_header_is_validated_once_and_its_copies_are_the_callers(tmp_path: Pat
     finally:
         fmt._parse_header = original  # type: ignore[assignment]
         fmt._MEMO.clear()
+
+
+def test_a_stream_estimates_each_files_residency_once_and_keeps_no_estimate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision's estimate of each file's page cache serves the strategy it prepares next:
+    one estimate a file per load, none left on the shards for a later load of an ``open()``
+    checkpoint; a warm file's map is the one read-only map of ones, not a fresh array."""
+    import numpy as np
+
+    import weightlift
+    from weightlift.io import residency
+
+    tensors = {f"t{i}": torch.full((1 << 20,), float(i)) for i in range(3)}  # 4 MiB each
+    for i, name in enumerate(tensors):
+        save_file({name: tensors[name]}, tmp_path / f"model-0000{i + 1}-of-00003.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {' + ", ".join(f'"t{i}": "model-0000{i + 1}-of-00003.safetensors"'
+                                       for i in range(3)) + "}}")
+    for path in tmp_path.glob("*.safetensors"):
+        path.read_bytes()  # cached (written just now as well)
+    calls: list[int] = []
+    real = probes.sampled_resident_bytes
+    monkeypatch.setattr(probes, "sampled_resident_bytes",
+                        lambda fd, *a: calls.append(fd) or real(fd, *a))
+    maps: list[np.ndarray] = []
+    real_map = residency.warm_map
+    monkeypatch.setattr(residency, "warm_map", lambda fd, e: maps.append(real_map(fd, e)) or maps[-1])
+    for _ in range(2):
+        calls.clear()
+        got = dict(weightlift.stream(tmp_path, strategy="auto", max_host_memory="8MiB"))
+        assert {k: torch.equal(v, tensors[k]) for k, v in got.items()} == dict.fromkeys(
+            tensors, True)
+        assert len(calls) == 3, calls
+    with weightlift.open(tmp_path) as checkpoint:
+        for name, tensor in tensors.items():
+            assert torch.equal(checkpoint.get_tensor(name, device="cpu",
+                                                     dtype=torch.float16), tensor.half())
+        assert all(shard.resident_hint is None for shard in checkpoint.layout.shards)
+        stale = checkpoint.layout.shards[0]
+        stale.resident_hint = (0.0, 0)  # a past load's, long ago: not taken
+        assert stale.hint() is None
+    assert all(shard_map is None or not shard_map.flags.writeable for shard_map in maps)

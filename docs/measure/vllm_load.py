@@ -240,6 +240,13 @@ def run_one(name: str, cache: str, model: Path, scratch: Path) -> dict:
             "read_bytes_host": sum(r.get("read_bytes", 0) for r in ranks)}
 
 
+def skew(result: dict) -> str:
+    """How far apart the ranks came to the load (the longest wait at the barrier before it)."""
+    if len(result["ranks"]) < 2:
+        return ""
+    return f"  ranks started {max(r.get('barrier_wait', 0) for r in result['ranks']):.2f} s apart"
+
+
 def summary(runs: list[dict], size: int) -> dict:
     seconds = [r["seconds"] for r in runs]
     return {"runs": len(runs), "seconds_median": statistics.median(seconds),
@@ -307,9 +314,7 @@ def main() -> None:
                       f"{result['peak_file'] / 2**20:6.0f} MiB  cached after "
                       f"{result['cached_after']:.0%} (before {result.get('cached_before', 0):.0%})  "
                       f"read from storage (host) {result['read_bytes_host'] / size:.2f}x  "
-                      f"load {' '.join(result['loadavg'])}"
-                      + (f"  ranks started {max(r.get('barrier_wait', 0) for r in result['ranks'])"
-                         f":.2f} s apart" if args.tp > 1 else ""), flush=True)
+                      f"load {' '.join(result['loadavg'])}{skew(result)}", flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
     print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
           f"started {started}")

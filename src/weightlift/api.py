@@ -456,7 +456,12 @@ def prepare_strategy(strategy: Strategy, layout: Layout, report: LoadReport) -> 
         raise CheckpointError(f"is in object storage and strategy {strategy.name!r} reads local "
                               "files: use strategy='auto' or 'remote'", path=layout.root)
     try:
-        strategy.prepare(layout.shards)
+        try:
+            strategy.prepare(layout.shards)
+        finally:
+            for shard in layout.shards:
+                if not shard.remote:
+                    shard.resident_hint = None  # the decision's estimate: for this load only
     except Unavailable as exc:
         message = f"{strategy.name} is unavailable ({exc}); falling back to stream"
         warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -7,6 +7,7 @@ rule is testable without the machine that would produce them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -128,7 +129,9 @@ def gather(shards: Sequence[Shard], *, total_bytes: int, device: str, copying: b
     for shard in shards:
         try:
             with shard.opened(PLAIN) as fd:
-                resident += probes.sampled_resident_bytes(fd)
+                estimate = probes.sampled_resident_bytes(fd)
+                shard.resident_hint = (time.monotonic(), estimate)
+                resident += estimate
         except OSError:
             pass  # unknown residency counts as cold
     file_bytes = sum(shard.header.file_size for shard in shards)

@@ -53,7 +53,7 @@ class StreamStrategy(Strategy):
             # limit) reads with the default read-ahead, as correctly.
             with shard.opened(PLAIN) as fd:
                 _fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self.cached_before.append(self._cached(fd))
+                self.cached_before.append(self._cached(fd, shard.hint()))
         if self.windows is not None:
             # As ``direct`` does: a file with a few pages cached (its header) is read as if cold.
             self.mappable_pages = [
@@ -84,12 +84,13 @@ class StreamStrategy(Strategy):
         first, last = start // PAGE, (end - 1) // PAGE + 1
         return last <= pages.size and bool(pages[first:last].all())
 
-    def _cached(self, fd: int) -> np.ndarray | None:
+    def _cached(self, fd: int, hint: int | None = None) -> np.ndarray | None:
         """The file's residency map, if this load needs one (to evict only what it read, or to
-        map the cached ranges); with windows, a nearly cached file counts as wholly cached."""
+        map the cached ranges); with windows, a nearly cached file counts as wholly cached.
+        ``hint``: the estimate the load's decision just took (``Shard.resident_hint``)."""
         if self.windows is not None:
             try:
-                estimate = probes.sampled_resident_bytes(fd)
+                estimate = probes.sampled_resident_bytes(fd) if hint is None else hint
             except OSError:
                 return cached_pages(fd) if self.evict else None
             if estimate >= CachedRanges.MIN_CACHED:

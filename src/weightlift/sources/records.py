@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class OpenRefused(ReadError):
     """The file could not be opened this way (e.g. the file system refuses O_DIRECT)."""
 
 
+#: How long the decision's residency estimate serves the strategy prepared after it.
+HINT_SECONDS = 0.05
+
+
 @dataclass
 class Shard:
     """One file (safetensors or GGUF) of a checkpoint: its validated header and the stamp of the
@@ -68,6 +73,18 @@ class Shard:
     #: Resolving found the file cold and asked the kernel for all of it (``local``'s
     #: ``read_ahead_if_cold``): its pages may still be arriving, which mincore counts as cached.
     read_ahead: bool = field(default=False, compare=False)
+    #: (when, bytes): the page-cache estimate (``probes.sampled_resident_bytes``) the load's
+    #: decision just took (``io.auto.gather``), for the strategy it prepares next (``hint``);
+    #: cleared once that is prepared (``api.prepare_strategy``).
+    resident_hint: tuple[float, int] | None = field(default=None, compare=False)
+
+    def hint(self) -> int | None:
+        """``resident_hint``'s bytes if taken within ``HINT_SECONDS``: never a past load's (one
+        that failed between its decision and its strategy's preparation)."""
+        taken = self.resident_hint
+        if taken is None or time.monotonic() - taken[0] > HINT_SECONDS:
+            return None
+        return taken[1]
 
     @property
     def identity(self) -> object:
