@@ -207,10 +207,15 @@ def _residency(mapping: int, offset: int, length: int, vector: int) -> None:
 
 
 def resident_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of ``path`` currently in the page cache."""
+    """Bytes of ``path`` currently in the page cache: counted by ``cachestat`` (one call, no
+    page-per-byte vector written: a 6 GB check no longer flushes the CPU's caches), else
+    mincore."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        counted = cached_pages(fd)
+        if counted is not None:
+            return min(counted * PAGE_SIZE, size)
         return min(int(np.count_nonzero(resident_pages(fd))) * PAGE_SIZE, size)
     finally:
         os.close(fd)
