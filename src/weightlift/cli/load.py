@@ -72,7 +72,7 @@ def print_report(report: LoadReport, *, verbose: bool = False) -> None:
         ("engine", report.engine),
         ("tensors", str(report.tensors)),
         ("bytes", format_bytes(report.bytes)),
-        ("seconds", f"{report.seconds:.3f}"),
+        ("seconds", f"{report.seconds:.4g}"),  # a warm small load: a fraction of a ms
         ("throughput", f"{report.gbps:.2f} GB/s"),
         ("first tensor after", f"{report.time_to_first_tensor or 0:.3f} s"),
         ("peak RSS", format_bytes(report.peak_rss)),

@@ -262,7 +262,9 @@ class Prefaulter:
     def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            interrupted = retry.stop_pool(pool)  # not shutdown(wait=True): see ``stop_pool``
+            # Every buffer asked for is faulted in before close returns (not shutdown(wait=True):
+            # see ``stop_pool``).
+            interrupted = retry.stop_pool(pool, cancel=False)
             if interrupted is not None:
                 raise interrupted
 

@@ -185,14 +185,14 @@ def forget_threads(pool: ThreadPoolExecutor) -> None:
             dangling.discard(thread)
 
 
-def shut_down(pool: ThreadPoolExecutor) -> BaseException | None:
-    """``pool.shutdown(wait=False, cancel_futures=True)``, done even if an interrupt lands in it
-    (after the queue is drained, before the wake-up its idle workers wait for, they would wait
-    for good); the interrupt is returned. Asking again is harmless."""
+def shut_down(pool: ThreadPoolExecutor, cancel: bool = True) -> BaseException | None:
+    """``pool.shutdown(wait=False, cancel_futures=cancel)``, done even if an interrupt lands in
+    it (after the queue is drained, before the wake-up its idle workers wait for, they would
+    wait for good); the interrupt is returned. Asking again is harmless."""
     interrupted: BaseException | None = None
     for _ in range(100):
         try:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=cancel)
             return interrupted
         except BaseException as exc:
             interrupted = interrupted or interrupt_of(exc)
@@ -228,11 +228,13 @@ def join_workers(pool: ThreadPoolExecutor, seconds: float) -> BaseException | No
     return interrupted
 
 
-def stop_pool(pool: ThreadPoolExecutor, seconds: float = SETTLE) -> BaseException | None:
-    """Shut ``pool`` down, wait (at most ``seconds``) for its workers to finish what they run and
-    end, and take them out of the standard library's registries; an interrupt meanwhile is
-    returned once that is done (``shutdown(wait=True)``, safe against interrupts)."""
-    stopped = shut_down(pool)
+def stop_pool(pool: ThreadPoolExecutor, seconds: float = SETTLE, cancel: bool = True
+              ) -> BaseException | None:
+    """Shut ``pool`` down (``cancel``: withdrawing what is queued), wait (at most ``seconds``)
+    for its workers to finish what they run and end, and take them out of the standard
+    library's registries; an interrupt meanwhile is returned once that is done
+    (``shutdown(wait=True)``, safe against interrupts)."""
+    stopped = shut_down(pool, cancel)
     late = join_workers(pool, seconds)
     forget_threads(pool)
     return stopped or late
