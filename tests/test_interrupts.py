@@ -956,14 +956,68 @@ class Child:
                 return None
             return self.lines.pop(0)
 
+    def answer(self, seconds: float) -> tuple[str | None, float]:
+        """The child's next line within ``seconds``, waiting longer (up to ``IO_STALL``) while a
+        thread of the child is in uninterruptible sleep (``D``: waiting on the disk, or on
+        memory the VM's host has yet to give back): no signal reaches a process until the
+        kernel lets it go, so that is the machine's wait, not a hang of the load's. Also how
+        long the child was seen so."""
+        line = self.line(seconds)
+        stalled = 0.0
+        while line is None and stalled < IO_STALL and in_uninterruptible_wait(self.process.pid):
+            line = self.line(1.0)
+            stalled += 1.0
+        return line, stalled
+
     def fail(self, why: str) -> None:
+        kernel = ""
         if self.process.poll() is None:
+            kernel = kernel_state(self.process.pid)  # before the dump's signal changes it
             self.process.send_signal(signal.SIGUSR1)  # every thread's stack to stderr
             time.sleep(1)
             self.process.kill()
         _, err = self.process.communicate(timeout=HANG)
         shown = err if len(err) < 12000 else f"{err[:6000]}\n[...]\n{err[-6000:]}"
-        raise AssertionError(f"{why}; the child's stderr:\n{shown}")
+        raise AssertionError(f"{why}; the child's threads in the kernel:\n{kernel}\n"
+                             f"the child's stderr:\n{shown}")
+
+
+#: Longest the test waits on a child whose thread the kernel holds in uninterruptible sleep.
+IO_STALL = 300.0
+
+
+def in_uninterruptible_wait(pid: int) -> bool:
+    """Is a thread of ``pid`` in state ``D`` (the kernel waits for I/O on its behalf)?"""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def kernel_state(pid: int) -> str:
+    """Each thread of ``pid``: its state, where it waits in the kernel, its pending and blocked
+    signals (``/proc``; the kernel stack where root may read it): what a hang was stuck in."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines()
+                          if ":" in line)
+            wchan = (task / "wchan").read_text().strip()
+            try:
+                stack = (task / "stack").read_text().strip().replace("\n", " | ")
+            except OSError:
+                stack = "(kernel stack not readable)"
+        except OSError:
+            continue  # the thread ended meanwhile
+        out.append(f"{task.name} {status.get('Name', '').strip()} "
+                   f"{status.get('State', '').strip()} wchan={wchan} "
+                   f"SigPnd={status.get('SigPnd', '').strip()} "
+                   f"ShdPnd={status.get('ShdPnd', '').strip()} "
+                   f"SigBlk={status.get('SigBlk', '').strip()} stack: {stack}")
+    return "\n".join(out)
 
 
 def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[str]:
@@ -984,8 +1038,8 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
             if twice:
                 time.sleep(rng.uniform(0, 0.02))
                 child.process.send_signal(kind)
-            first = child.line(HANG)
-            lost = ""
+            first, stalled = child.answer(HANG)
+            lost = f" (after {stalled:.0f} s of the kernel's I/O wait)" if stalled else ""
             if first is None:
                 # Python drops an exception raised inside a finalizer or a weak reference's
                 # callback (weightlift's unmapping runs none; the standard library's
@@ -993,9 +1047,9 @@ def run_signals(checkpoint: Path, engines: str, trials: int, seed: int) -> list[
                 # for any program (docs/safety.md, "What is not promised"). Counted, bounded
                 # below; the user's second Ctrl-C must then work.
                 leaks.append(f"signal {trial}: {kind.name} lost")
-                lost = " (lost, sent again)"
+                lost += " (lost, sent again)"
                 child.process.send_signal(kind)
-                first = child.line(HANG)
+                first, stalled = child.answer(HANG)
             if first is None or not first.startswith("caught"):
                 child.fail(f"expected 'caught', got {first!r}")
             caught = first.split()[-1]
