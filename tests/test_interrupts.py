@@ -957,11 +957,11 @@ class Child:
             return self.lines.pop(0)
 
     def answer(self, seconds: float) -> tuple[str | None, float]:
-        """The child's next line within ``seconds``, waiting longer (up to ``IO_STALL``) while a
-        thread of the child is in uninterruptible sleep (``D``: waiting on the disk, or on
-        memory the VM's host has yet to give back): no signal reaches a process until the
-        kernel lets it go, so that is the machine's wait, not a hang of the load's. Also how
-        long the child was seen so."""
+        """The child's next line within ``seconds``, waiting longer (up to ``IO_STALL``) while the
+        kernel works for a thread of the child (``in_uninterruptible_wait``: a read waiting for
+        the disk, or faulting in memory the VM's host has yet to give back): the load cannot
+        see the signal before the kernel lets its thread go, so that is the machine's wait, not
+        a hang of the load's. Also how long the child was seen so."""
         line = self.line(seconds)
         stalled = 0.0
         while line is None and stalled < IO_STALL and in_uninterruptible_wait(self.process.pid):
@@ -987,10 +987,18 @@ IO_STALL = 300.0
 
 
 def in_uninterruptible_wait(pid: int) -> bool:
-    """Is a thread of ``pid`` in state ``D`` (the kernel waits for I/O on its behalf)?"""
+    """Is the kernel working for a thread of ``pid``: in state ``D`` (waiting for the disk), or
+    running inside a system call or page fault (``R`` with a kernel stack, e.g. an O_DIRECT read
+    faulting in its fresh destination pages, which on this VM the host may take long to give)?
+    A thread waiting for another (a futex) or running Python is neither."""
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "D":
+                return True
+            if state == "R" and any(word in (task / "stack").read_text()
+                                    for word in ("_rw", "user_pages", "fault", "mmap",
+                                                 "io_uring", "read")):
                 return True
         except (OSError, IndexError):
             continue
