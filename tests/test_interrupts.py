@@ -671,6 +671,19 @@ def test_a_closed_thread_engine_is_freed_without_python_code() -> None:
     assert not calls, f"Python code ran while a closed engine was freed: {calls}"
 
 
+def test_worker_threads_leave_interrupts_to_the_main_thread() -> None:
+    """The read engine's workers block SIGINT and SIGTERM, so the kernel delivers them to the
+    main thread: taken by a worker, a signal only marks the handler as due, and a main thread
+    asleep in a lock (``Thread.start``, a future's result) would sleep on."""
+    engine = engine_module.ThreadEngine(2)
+    try:
+        blocked = engine.pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result()
+    finally:
+        engine.close()
+    assert {signal.SIGINT, signal.SIGTERM} <= set(blocked), blocked
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # main: not blocked
+
+
 def test_closing_a_thread_engine_ends_when_an_interrupted_join_kept_a_workers_lock() -> None:
     """CPython 3.11's ``Thread.join`` takes the thread's lock and gives it back; an interrupt
     right after the take is handled (bpo-45274), but a second one landing in that handler keeps
@@ -688,14 +701,17 @@ def test_closing_a_thread_engine_ends_when_an_interrupted_join_kept_a_workers_lo
     while set(workers) & set(threading.enumerate()):
         assert time.monotonic() < deadline, "the shut-down pool's idle workers never ended"
         time.sleep(0.01)
-    for thread in workers:
-        lock = thread._tstate_lock
-        if lock is not None:
-            lock.acquire()  # what the doubly interrupted join kept
-    closed = threading.Event()
-    closer = threading.Thread(target=lambda: (engine.close(), closed.set()), daemon=True)
-    closer.start()
-    assert closed.wait(30), "ThreadEngine.close waits forever for workers that have ended"
+    taken = [lock for thread in workers if (lock := thread._tstate_lock) is not None]
+    for lock in taken:
+        lock.acquire()  # what the doubly interrupted join kept
+    try:
+        closed = threading.Event()
+        closer = threading.Thread(target=lambda: (engine.close(), closed.set()), daemon=True)
+        closer.start()
+        assert closed.wait(30), "ThreadEngine.close waits forever for workers that have ended"
+    finally:
+        for lock in taken:
+            lock.release()  # else the interpreter's exit waits for them (threading._shutdown)
 
 
 #: The code that maps part of a file (a window) or a whole file (the ``mmap`` strategy).

@@ -277,7 +277,8 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
     missing = _missing(peers, shards, windows, me, count)
     stats.cached = not any(missing)
     ahead = [k for k, uncached_k in enumerate(missing) if uncached_k]  # in order, warmed next
-    pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm",
+                              initializer=retry.leave_interrupts_to_the_main_thread)
     warming = ahead.pop(0) if ahead else None
     future: Future[list[Run]] | None = pool.submit(warm_share, warming) \
         if warming is not None else None

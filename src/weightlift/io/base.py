@@ -239,7 +239,9 @@ class Prefaulter:
         buf = host_buffer(nbytes)
         if self._works and nbytes >= OWN_MAPPING:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-prefault")
+                self._pool = ThreadPoolExecutor(
+                    1, thread_name_prefix="weightlift-prefault",
+                    initializer=retry.leave_interrupts_to_the_main_thread)
             self._pool.submit(self._populate, buf.data_ptr(), nbytes)
         return buf
 

@@ -143,8 +143,13 @@ def settle(futures: Iterable[Pending], seconds: float | None = None
                     running.append(future)
                     break
             except BaseException as exc:
-                if not future.done():  # not its own error: Ctrl-C while waiting, wait on
-                    interrupted = interrupted or interrupt_of(exc)
+                interrupt = interrupt_of(exc)
+                # Not the future's own error (an Exception, once it is done): Ctrl-C while
+                # waiting, wait on. A KeyboardInterrupt or SystemExit is never a read's own
+                # error, also when the read finished just as it was raised (it was dropped
+                # then, silently: a signal lost in the real-signal test with no trace).
+                if not future.done() or not isinstance(interrupt, Exception):
+                    interrupted = interrupted or interrupt
     return running, interrupted
 
 
@@ -156,7 +161,8 @@ class ThreadEngine:
     def __init__(self, depth: int) -> None:
         self.depth = depth
         self.ahead = 2 * depth
-        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read")
+        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="weightlift-read",
+                                       initializer=retry.leave_interrupts_to_the_main_thread)
         #: Submitted and not finished yet.
         self._running: set[Future[None]] = set()
         #: Submitted futures not known to be finished: ``close`` gives back any of their locks

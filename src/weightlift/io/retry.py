@@ -158,6 +158,24 @@ def gave_up(code: int, kind: str, length: int, offset: int, attempts: int,
             f"gave up after {attempts} attempts{advice}")
 
 
+#: The signals whose Python handlers interrupt a load (Ctrl-C; a SIGTERM handler raising).
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def leave_interrupts_to_the_main_thread() -> None:
+    """A worker thread's initializer: block ``INTERRUPTS`` in this thread, so that the kernel
+    gives them to the main thread, the one whose Python handler raises. A process-directed
+    signal goes to any thread that does not block it; taken by a worker, it only marks the
+    handler as due, and a main thread asleep in a lock (``Thread.start`` waiting for a new
+    worker, a future's result) sleeps on: the real-signal test saw such a main thread wait in
+    ``Thread.start`` for good, the signal taken, none pending. Delivered to the main thread, it
+    ends that sleep (EINTR) and the handler runs."""
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    except (AttributeError, OSError, ValueError):
+        pass  # a platform without per-thread masks: the old behaviour
+
+
 def interrupt_of(exc: BaseException) -> BaseException:
     """The interrupt behind ``exc``, else ``exc``. A Ctrl-C (or a SIGTERM handler's
     ``SystemExit``) that lands while a ``threading.Condition`` takes its lock back after a wait
