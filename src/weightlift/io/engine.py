@@ -85,6 +85,10 @@ def unwedge(future: Future[Any]) -> None:
         condition.release()
 
 
+#: How often a thread waiting for a worker's read looks up (``Call.result``).
+WAKE = 0.1
+
+
 class Call:
     """A worker thread's read: a ``concurrent.futures.Future`` whose waits raise the interrupt
     itself (``interrupt_of``)."""
@@ -95,10 +99,24 @@ class Call:
         self.future = future
 
     def result(self, timeout: float | None = None) -> None:
-        try:
-            self.future.result(timeout)
-        except RuntimeError as exc:
-            raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
+        """Wait for the read, looking up every ``WAKE`` seconds: a SIGINT or SIGTERM another
+        thread of the program took (one that does not block them: torch's own) only marks the
+        Python handler as due, and a main thread asleep in the future's lock would sleep on; it
+        runs the handler when it looks up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = WAKE if deadline is None else max(0.0, min(WAKE, deadline - time.monotonic()))
+            try:
+                self.future.result(step)
+                return
+            except WaitTimeout:
+                if self.future.done():
+                    self.future.result(0)  # its own error (a TimeoutError too), or nothing
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            except RuntimeError as exc:
+                raise interrupt_of(exc)  # noqa: B904 - the interrupt, with its own context
 
     def cancel(self) -> bool:
         return self.future.cancel()
