@@ -10,6 +10,8 @@ Like vLLM's workers, it turns SIGTERM into ``SystemExit`` (code 143); SIGINT is 
 * ``go N ENGINE STRATEGY MODE``: trial N starts loading (``load`` or ``stream``) — send a
   signal now.
 * ``caught N EXCEPTION``: the interrupt reached the caller.
+* ``swallowed N | WHERE``: a signal's handler ran (WHERE: the frames it raised in) and yet a load
+  ended normally: something caught the interrupt. The child loads on.
 * ``ok N``: a second load compared bit for bit with safetensors, no descriptor, thread or
   io_uring is left over from the interrupted one, no memory had to be kept.
 
@@ -19,6 +21,7 @@ Any failure is a traceback on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import gc
 import os
@@ -27,6 +30,8 @@ import signal
 import sys
 import threading
 import time
+import types
+import warnings
 from pathlib import Path
 from types import FrameType
 
@@ -34,11 +39,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 faulthandler.register(signal.SIGUSR1)  # the parent asks for every thread's stack on a hang
 
 
+#: Where each signal's handler ran, as one line (the main thread's innermost frames then): an
+#: interrupt a load swallowed shows where it was raised.
+HANDLED: list[str] = []
+
+
+def handled_at(frame: FrameType | None) -> None:
+    where = []
+    while frame is not None and len(where) < 5:  # cheap: no source read inside a handler
+        where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} "
+                     f"{frame.f_code.co_name}")
+        frame = frame.f_back
+    HANDLED.append(" < ".join(where))
+
+
 def terminate(signum: int, frame: FrameType | None) -> None:
+    handled_at(frame)
     raise SystemExit(143)  # as vLLM's worker processes do on SIGTERM
 
 
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    handled_at(frame)
+    raise KeyboardInterrupt  # what Python's own SIGINT handler does
+
+
 signal.signal(signal.SIGTERM, terminate)
+# Set, not inherited: a process started in the background by a shell without job control (as a
+# CI runner may start the suite) has SIGINT ignored, and Python then leaves it ignored, so every
+# SIGINT the parent sent would be dropped by the kernel and the child would load on.
+signal.signal(signal.SIGINT, interrupt)
 
 import torch  # noqa: E402 - the handlers first: a signal may come while torch imports
 from safetensors.torch import load_file  # noqa: E402
@@ -65,6 +94,47 @@ def mappings_of(path: Path) -> int:
     """How many of this process's mappings are of ``path``."""
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
         return sum(line.rstrip("\n").endswith(str(path)) for line in maps)
+
+
+def holders(path: Path) -> str:
+    """What keeps the mappings of ``path`` alive: the tensors (or ``ctypes`` arrays) found over
+    them among the objects the garbage collector tracks, and what refers to those."""
+    warnings.simplefilter("ignore")  # isinstance on torch's deprecated names warns
+    ranges = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            if line.rstrip("\n").endswith(str(path)):
+                lo, hi = line.split()[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    out = [f"mappings of {path.name}: {[f'{lo:#x}-{hi:#x}' for lo, hi in ranges]}"]
+    objects = gc.get_objects()
+    for obj in objects:
+        try:
+            if isinstance(obj, torch.Tensor):
+                address = obj.untyped_storage().data_ptr()
+            elif isinstance(obj, ctypes.Array):
+                address = ctypes.addressof(obj)
+            else:
+                continue
+        except Exception:  # noqa: BLE001 - a tensor without storage: not it
+            continue
+        if not any(lo <= address < hi for lo, hi in ranges):
+            continue
+        refs = []
+        for ref in gc.get_referrers(obj):
+            if ref is objects:
+                continue
+            kind = type(ref).__name__
+            if isinstance(ref, types.FrameType):
+                kind += f"({ref.f_code.co_name}:{ref.f_lineno})"
+            elif isinstance(ref, (dict, list, tuple)):
+                kind += "<-" + ",".join(
+                    type(r).__name__ + (f"({r.f_code.co_name})" if isinstance(r, types.FrameType)
+                                        else "") for r in gc.get_referrers(ref)[:5]
+                    if r is not objects)
+            refs.append(kind)
+        out.append(f"{type(obj).__name__} at {address:#x} held by {refs[:8]}")
+    return "\n".join(out)
 
 
 def load(path: Path, strategy: str, mode: str, engine: str) -> dict[str, torch.Tensor]:
@@ -113,9 +183,13 @@ def main(argv: list[str]) -> None:
             rng.shuffle(combos)
         engine, strategy, mode = combos[trial % len(combos)]
         say("go", trial, engine, strategy, mode)
+        handled = len(HANDLED)
         try:
             while True:
                 load(path, strategy, mode, engine)
+                if len(HANDLED) > handled:  # a handler ran, and yet a load ended normally
+                    say("swallowed", trial, "|", " | ".join(HANDLED[handled:]))
+                    handled = len(HANDLED)
         except (KeyboardInterrupt, SystemExit) as exc:
             caught = exc
         told = False
@@ -139,6 +213,8 @@ def main(argv: list[str]) -> None:
         global PINNED
         now = mappings_of(path)
         if now > maps:
+            sys.stderr.write(f"signal {trial}: {holders(path)}\n")
+            sys.stderr.flush()
             leaked.append(f"{now - maps}-mapping(s)")
             maps, PINNED = now, True
         same(load(path, strategy, mode, engine), reference)

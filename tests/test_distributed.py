@@ -588,7 +588,7 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
     import weightlift.distributed.stream as streaming
     from weightlift.distributed.sync import Peers
 
-    calls = {"resolve": 0, "strategy": 0, "agreements": 0, "windows": 0}
+    calls = {"resolve": 0, "strategy": 0, "agreements": 0, "exchanges": 0, "windows": 0}
 
     def counted(name: str, function: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -599,6 +599,8 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
     streaming.resolve = counted("resolve", streaming.resolve)
     streaming._strategy = counted("strategy", streaming._strategy)
     Peers.post = counted("agreements", Peers.post)  # type: ignore[method-assign]
+    for method in ("post", "gather", "sum", "max", "totals"):  # every exchange over the group
+        setattr(Peers, method, counted("exchanges", getattr(Peers, method)))
     sharing.map_window = counted("windows", sharing.map_window)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -656,7 +658,7 @@ def _stream_once(rank: int, world: int, target: str, files: list[str],
     from pagecache import evict, settled_bytes
 
     result: dict[str, Any] = {"state": {}}
-    calls.update(resolve=0, strategy=0, agreements=0, windows=0)
+    calls.update(resolve=0, strategy=0, agreements=0, exchanges=0, windows=0)
     if cold:
         if rank == 0:
             for path in files:
@@ -756,29 +758,34 @@ def test_ranks_wanting_different_experts_each_get_theirs_bit_exact(
 def test_ranks_sharing_a_cached_checkpoint_agree_only_at_the_start_and_end(
         streams: Path) -> None:
     """Every page cached: nothing is read or dropped, so the ranks map window after window with
-    no agreement between them (one after opening the checkpoint, one at the end), and no rank
-    maps more than the budget. One page missing, in one rank's share only: both ranks agree at
-    that window (else their collectives would not line up), and only there. Cold: at the
-    windows with pages to read."""
+    no agreement between them, and exchange three messages in all: one to start (each rank's
+    checkpoint, wants, host and what it found cached), the agreement at the end, and the
+    report's totals. No rank maps more than the budget. One page missing, in one rank's share
+    only: both ranks agree at that window (else their collectives would not line up), and only
+    there, after one more exchange counting what is cached. Cold: at the windows with pages
+    to read."""
     for result in streamed(streams, "ep_page_cache"):
         assert "error" not in result, result.get("trace")
         assert result["calls"]["windows"] >= 4  # enough windows for agreements to show
-        assert result["calls"]["agreements"] == 2, result["calls"]
+        assert result["calls"]["agreements"] == 1, result["calls"]
+        assert result["calls"]["exchanges"] == 3, result["calls"]
         for path, peak in result["mapped_peak"].items():
             assert 0 < peak <= MOE_BUDGET, (path, peak)
         assert result["report"]["bytes_read"] == 0
     tail = streamed(streams, "tail_uncached_page_cache")
     for result in tail:
-        # Once after opening, at the last window (its last page was read), once at the end.
+        # At the last window (its last page was read) and at the end; the count of what is
+        # cached is one more exchange.
         assert "error" not in result, result.get("trace")
-        assert result["calls"]["agreements"] == 3, result["calls"]
+        assert result["calls"]["agreements"] == 2, result["calls"]
+        assert result["calls"]["exchanges"] == 5, result["calls"]
     # Rank 1, whose share held the page, read it; rank 0 read nothing.
     assert tail[0]["report"]["bytes_read"] == 0
     assert 0 < tail[1]["report"]["bytes_read"] <= 64 << 10, tail[1]["report"]
     for result in streamed(streams, "cold_page_cache"):
         # At the windows with pages to read (not those the header's read-ahead brought in).
         calls = result["calls"]
-        assert 3 <= calls["agreements"] <= calls["windows"] + 2, calls
+        assert 2 <= calls["agreements"] <= calls["windows"] + 1, calls
 
 
 def test_the_exchange_opens_the_checkpoint_once_for_all_its_batches(streams: Path) -> None:

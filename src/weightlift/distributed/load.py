@@ -164,9 +164,8 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
         state = {entry.name: local[entry.name] for entry in needed}
         report.tensors = len(state)
         report.bytes_needed = sum(t.numel() * t.element_size() for t in state.values())
-        report.total_bytes_read, report.total_bytes_needed = peers.sum([report.bytes_read,
-                                                                         report.bytes_needed])
-        report.slowest_seconds = peers.max(report.seconds)
+        (report.total_bytes_read, report.total_bytes_needed), report.slowest_seconds = \
+            peers.totals([report.bytes_read, report.bytes_needed], report.seconds)
         return state, report
     finally:
         if reader is not None:

@@ -19,7 +19,9 @@ tensors of one file, a quarter of the budget each, the same sequence on every ra
 
 Only windows with a page missing from the page cache go through those steps. Before the first,
 each rank counts the uncached pages of its share of every window (``cachestat``) and one
-``all_reduce`` adds the counts up (``_missing``), so every rank knows which windows those are.
+``all_reduce`` adds the counts up (``_missing``), so every rank knows which windows those are;
+where every rank already told the others it found every file wholly cached (``wholly_cached``,
+sent with what the ranks exchange to start, ``cached=True``), none is, and nothing is counted.
 A window wholly cached needs nothing read or dropped, so no rank waits for another there: each
 maps it as its consumer comes to it and hands out views without populating them (a
 tensor-parallel rank's copies fault in only the pages of its part). A warm restart agrees once,
@@ -246,7 +248,7 @@ class Shared:
 
 
 def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
-           local: Sequence[int], stats: Shared | None = None
+           local: Sequence[int], stats: Shared | None = None, *, cached: bool = False
            ) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Every entry of ``entries`` (file order, the same on every rank of ``peers``) as a zero-copy
     view, each byte read from storage once, by one of the ``local`` ranks (the group ranks on
@@ -274,7 +276,9 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
         return lambda: drop(shard, runs) if finished else None
 
     # Windows some rank found a page of uncached: only they are warmed, agreed on and populated.
-    missing = _missing(peers, shards, windows, me, count)
+    # ``cached``: every rank found every file wholly cached (``wholly_cached``), and all of them
+    # know it: none is, with no exchange to count them.
+    missing = [False] * len(windows) if cached else _missing(peers, shards, windows, me, count)
     stats.cached = not any(missing)
     ahead = [k for k, uncached_k in enumerate(missing) if uncached_k]  # in order, warmed next
     pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm",
@@ -359,6 +363,22 @@ def _drop_window(stats: Shared, windows: Sequence[Window], shards: Sequence[Shar
     runs = stats.warmed.pop(k, None)
     if runs:
         drop(shards[windows[k].shard], runs)
+
+
+def wholly_cached(layout: Layout) -> bool:
+    """Is every file of ``layout`` local and wholly in the page cache (``cachestat``: one call
+    a file)? False where the kernel cannot say."""
+    for shard in layout.shards:
+        if shard.remote:
+            return False
+        try:
+            with shard.opened(PLAIN) as fd:
+                pages = cached_pages(fd)
+                if pages is None or pages * PAGE < os.fstat(fd).st_size:
+                    return False
+        except (OSError, ReadError):
+            return False
+    return True
 
 
 def _missing(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], me: int,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -32,10 +33,10 @@ from ..slicing import Axis
 from ..sources import Source, resolve
 from ..sources.records import Entry, Layout, iter_entries
 from .collective import exchange
-from .hosts import Hosts
+from .hosts import Hosts, host_key
 from .load import ShardReport, Share, _strategy, check_share, choose_share
 from .parts import normalize
-from .shared import Shared, shared
+from .shared import Shared, shared, wholly_cached
 from .sync import Peers
 
 #: The exchange path holds the whole tensors of one batch besides the budget.
@@ -74,26 +75,30 @@ def stream_sharded(source: Source, *, wanted: Wanted = None,
     layout: Layout | None = None
     try:
         error: Exception | None = None
-        mask = np.zeros(0, dtype=bool)
+        entries: list[Entry] = []
+        mine_of: Start | None = None
         try:
             layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
-            mask = _mask(layout, wanted)
+            entries = list(iter_entries(layout))
+            mine_of = _start(layout, entries, _mask(layout, wanted), host)
         except Exception as exc:  # noqa: BLE001 - agreed on below
             error = exc
-        peers.agree(error)
+        # One exchange to start: every rank opened the checkpoint (else all raise), and what
+        # each wants, where it runs and whether it found the files cached.
+        starts: list[Start] = peers.gather_agreed(error, mine_of)  # type: ignore[assignment]
         assert layout is not None
-        entries = list(iter_entries(layout))
-        wants = _gather_wants(peers, entries, mask, layout)
+        wants = _wants(starts, entries, layout)
         union = [entry for i, entry in enumerate(entries) if wants[:, i].any()]
         mine = {entry.name for i, entry in enumerate(entries) if wants[peers.rank, i]}
-        hosts = Hosts.of(peers, host)
+        hosts = Hosts(tuple(start.host for start in starts), peers.rank)
         medium = choose_share(share, hosts, layout)
         report = ShardReport(peers.rank, peers.world, "collective", medium, medium, "", budget,
                              checkpoint_bytes=layout.total_bytes)
         if medium == "page_cache":
             report.reason = "ranks on one host share it"
             stats = Shared()
-            views = shared(peers, layout, union, budget, hosts.local, stats)
+            cached = all(start.cached for start in starts)
+            views = shared(peers, layout, union, budget, hosts.local, stats, cached=cached)
             try:
                 for entry, view in views:
                     if entry.name in mine:
@@ -108,9 +113,8 @@ def stream_sharded(source: Source, *, wanted: Wanted = None,
             yield from _exchanged(peers, layout, union, wants, entries, strategy, budget, batch,
                                   report)
         report.seconds = time.perf_counter() - started
-        report.total_bytes_read, report.total_bytes_needed = peers.sum([report.bytes_read,
-                                                                         report.bytes_needed])
-        report.slowest_seconds = peers.max(report.seconds)
+        (report.total_bytes_read, report.total_bytes_needed), report.slowest_seconds = \
+            peers.totals([report.bytes_read, report.bytes_needed], report.seconds)
         if on_report is not None:
             on_report(report)
     finally:
@@ -132,19 +136,34 @@ def _mask(layout: Layout, wanted: Wanted) -> np.ndarray:
     return np.array([name in chosen for name in names], dtype=bool)
 
 
-def _gather_wants(peers: Peers, entries: Sequence[Entry], mask: np.ndarray, layout: Layout
-                  ) -> np.ndarray:
+@dataclass(frozen=True)
+class Start:
+    """What a rank tells the others before a load: which checkpoint it opened (its tensor names'
+    count and digest), which tensors it wants, its host (``hosts.host_key``), and whether it
+    found every file wholly in the page cache."""
+
+    names: tuple[int, str]
+    wants: bytes
+    host: str
+    cached: bool
+
+
+def _start(layout: Layout, entries: Sequence[Entry], mask: np.ndarray, host: str | None
+           ) -> Start:
+    names = hashlib.sha256("\0".join(entry.name for entry in entries).encode()).hexdigest()
+    return Start((len(entries), names), np.packbits(mask).tobytes(),
+                 host if host is not None else host_key(), wholly_cached(layout))
+
+
+def _wants(starts: Sequence[Start], entries: Sequence[Entry], layout: Layout) -> np.ndarray:
     """Every rank's wanted entries, ``[rank, entry]``; refuses ranks that opened different
     checkpoints (their plans would not line up)."""
-    names = hashlib.sha256("\0".join(entry.name for entry in entries).encode()).hexdigest()
-    shapes = [(len(entries), names), np.packbits(mask).tobytes()]
-    gathered = peers.gather(shapes)
-    if len({tuple(g[0]) for g in gathered}) != 1:  # type: ignore[index]
+    if len({start.names for start in starts}) != 1:
         raise CheckpointError("the ranks of the group opened different checkpoints (tensor "
                               "names differ): pass every rank the same files",
                               path=layout.root)
-    return np.stack([np.unpackbits(np.frombuffer(g[1], dtype=np.uint8),  # type: ignore[index]
-                                   count=len(entries)).astype(bool) for g in gathered])
+    return np.stack([np.unpackbits(np.frombuffer(start.wants, dtype=np.uint8),
+                                   count=len(entries)).astype(bool) for start in starts])
 
 
 def _exchanged(peers: Peers, layout: Layout, union: Sequence[Entry], wants: np.ndarray,

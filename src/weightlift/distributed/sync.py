@@ -143,6 +143,28 @@ class Peers:
         dist.all_gather_object(values, value, group=self.group)
         return values
 
+    def gather_agreed(self, error: BaseException | None, value: object) -> list[object]:
+        """``agree`` and ``gather`` in one exchange: every rank's ``value`` if no rank failed;
+        else raise, ``error`` here and ``RankFailed`` on the others (a failed rank sends no
+        value). What a step that ends in an agreement and a gather needs, at the cost of one."""
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        pairs = self.gather((mine, None if error is not None else value))
+        failed = [rank for rank, pair in enumerate(pairs) if pair[0] is not None]  # type: ignore[index]
+        if error is not None:
+            raise error
+        if failed:
+            raise RankFailed(failed, [str(pairs[r][0]) for r in failed])  # type: ignore[index]
+        return [pair[1] for pair in pairs]  # type: ignore[index]
+
+    def totals(self, values: list[int], seconds: float) -> tuple[list[int], float]:
+        """``sum(values)`` and ``max(seconds)`` over the group in one exchange (counts below
+        2**53, as bytes are, are exact in the float64s it sends)."""
+        mine = torch.tensor([*values, seconds], dtype=torch.float64, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        table = torch.stack(every).cpu()
+        return ([int(v) for v in table[:, :-1].sum(0).tolist()], float(table[:, -1].max()))
+
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sums over the group."""
         total = torch.tensor(values, dtype=torch.int64, device=self.device)
