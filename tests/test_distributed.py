@@ -7,12 +7,15 @@ safetensors package loads them, and check who read which bytes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import threading
 import json
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -558,6 +561,8 @@ STREAMS: dict[str, dict[str, Any]] = {
     "consumer_fails_partly_cached": dict(share="page_cache", consumer_fails=True, warm="tail"),
     # Cached but for the last file's last page: in rank 1's share of the last window only.
     "tail_uncached_page_cache": dict(share="page_cache", warm="tail"),
+    # The same, and reading that page fails on rank 1 (EIO): both ranks raise.
+    "tail_read_fails": dict(share="page_cache", warm="tail", read_fails=True),
     "consumer_fails_exchange": dict(share="exchange", strategy="stream", consumer_fails=True),
     "open_fails": dict(share="page_cache", open_fails=True),
     # Last: the files evicted first; mappings sampled, storage reads and page cache measured.
@@ -621,8 +626,10 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
             if warm:
                 _cache(rank, files, tail=warm == "tail")
             tries = COLD_TRIES if cold else 1
+            read_fails = options.pop("read_fails", False) and rank == 1
             for attempt in range(tries):
-                result = _stream_once(rank, world, target, files, options, cold, fails, calls)
+                with _eio_at_the_tail(files[-1], read_fails):
+                    result = _stream_once(rank, world, target, files, options, cold, fails, calls)
                 reads = torch.tensor([result["read_bytes"]])
                 dist.all_reduce(reads)
                 result["attempts"] = attempt + 1
@@ -631,6 +638,29 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
             torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _eio_at_the_tail(path: str, on: bool) -> Iterator[None]:
+    """While on, every read of ``path``'s last page through weightlift's one ``preadv`` fails
+    with EIO, as a bad sector would."""
+    from weightlift.io import base
+
+    real = base.preadv
+    last = (os.path.getsize(path) - 1) // 4096 * 4096
+
+    def failing(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if offset + sum(len(b) for b in buffers) > last and \
+                os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset)
+
+    if on:
+        base.preadv = failing
+    try:
+        yield
+    finally:
+        base.preadv = real
 
 
 def _cache(rank: int, files: list[str], tail: bool) -> None:
@@ -806,6 +836,17 @@ def test_a_consumer_raising_on_one_rank_fails_every_rank_promptly(streams: Path,
     assert other["error"] == "RankFailed", other.get("trace")
     assert other["failed"] == [1] and "stopped taking tensors" in other["message"]
     # Stopped by the posted failure, not by the group's timeout (30 s).
+    assert other["seconds"] < GROUP_TIMEOUT.total_seconds() / 3
+
+
+def test_a_failed_read_of_a_few_missing_pages_fails_every_rank(streams: Path) -> None:
+    """A warm restart with the last page evicted: rank 1, whose share holds it, reads it at
+    once (``shared.fetch``) and the read fails (EIO): it raises ``ReadError`` naming the file,
+    the other rank ``RankFailed``, both promptly."""
+    failed, other = streamed(streams, "tail_read_fails")[1], streamed(streams, "tail_read_fails")[0]
+    assert failed["error"] == "ReadError", failed.get("trace")
+    assert ".safetensors" in failed["message"] and "Input/output error" in failed["message"]
+    assert other["error"] == "RankFailed" and other["failed"] == [1], other.get("trace")
     assert other["seconds"] < GROUP_TIMEOUT.total_seconds() / 3
 
 

@@ -55,7 +55,7 @@ from ..io.base import PAGE
 from ..io.window import Window as FileWindow
 from ..place import as_tensor
 from ..probes import LIBC, cached_pages
-from ..sources.records import PLAIN, Entry, Layout, Shard
+from ..sources.records import PLAIN, RANDOM, Entry, Layout, Shard
 from .sync import Peers
 
 #: Windows in the budget. Cached by the load at once: the window handed out, the next (being
@@ -68,6 +68,12 @@ WINDOWS_IN_BUDGET = 4
 STEP = 4 << 20
 #: mincore looks at the page cache through mappings of at most this many bytes at a time.
 PROBE = 1 << 20
+#: A window whose uncached pages, over every rank's share, come to at most this much (a warm
+#: restart with a few pages evicted) is warmed by reading those pages at once (``fetch``), each
+#: rank its share, and handed out unpopulated like a cached one: its pages are all in the cache
+#: once the ranks agree. Populating it would cost the page-table work of the whole window
+#: (~2 ms per 128 MiB window) for a few pages.
+FEW = 1 << 20
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 #: A range of file offsets ``[start, end)``.
@@ -181,6 +187,24 @@ def warm(shard: Shard, start: int, end: int) -> list[Run]:
     return runs
 
 
+def fetch(shard: Shard, start: int, end: int) -> list[Run]:
+    """Read the pages of ``[start, end)`` that are not cached (a few: ``FEW``) into the page
+    cache now, with no read-ahead; return those runs. An I/O error raises ``ReadError``."""
+    if end <= start:
+        return []
+    with shard.opened(RANDOM) as fd:
+        try:
+            runs = uncached(fd, start, end)
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise ReadError(f"cannot bring bytes {start}..{end} into the page cache: "
+                            f"{exc.strerror or exc}", path=shard.path) from exc
+        for lo, hi in runs:
+            if min(hi, size) > lo:
+                base.pread_into(fd, memoryview(bytearray(min(hi, size) - lo)), lo, shard.path)
+    return runs
+
+
 def drop(shard: Shard, runs: Sequence[Run]) -> None:
     """Give the pages of ``runs`` back (those no process maps any more). After the load (the
     shard closed) through a descriptor of its own: advice only, harmless on any file."""
@@ -268,7 +292,8 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
 
     def warm_share(k: int) -> list[Run]:
         window = windows[k]
-        return warm(shards[window.shard], *window.share(me, count))
+        bring = fetch if few[k] else warm
+        return bring(shards[window.shard], *window.share(me, count))
 
     def drop_last(shard: Shard, runs: list[Run]) -> Callable[[], None]:
         # The consumer may hold the last tensors past the end (its loop variable): their pages
@@ -278,7 +303,9 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
     # Windows some rank found a page of uncached: only they are warmed, agreed on and populated.
     # ``cached``: every rank found every file wholly cached (``wholly_cached``), and all of them
     # know it: none is, with no exchange to count them.
-    missing = [False] * len(windows) if cached else _missing(peers, shards, windows, me, count)
+    pages = [0] * len(windows) if cached else _missing(peers, shards, windows, me, count)
+    missing = [n > 0 for n in pages]
+    few = [0 < n * PAGE <= FEW for n in pages]
     stats.cached = not any(missing)
     ahead = [k for k, uncached_k in enumerate(missing) if uncached_k]  # in order, warmed next
     pool = ThreadPoolExecutor(1, thread_name_prefix="weightlift-warm",
@@ -318,8 +345,10 @@ def shared(peers: Peers, layout: Layout, entries: Sequence[Entry], budget: int,
                 if k == len(windows) - 1 and stats.warmed.get(k):
                     after = drop_last(shards[window.shard], stats.warmed[k])
                 # A window of cached pages is not populated: each rank's copies map only the
-                # pages they touch (a tensor-parallel rank copies its part of each tensor).
-                views = _views(shards[window.shard], window, after, populate=missing[k])
+                # pages they touch (a tensor-parallel rank copies its part of each tensor). Nor
+                # is one whose few missing pages its warmers read (``fetch``) before agreeing.
+                views = _views(shards[window.shard], window, after,
+                               populate=missing[k] and not few[k])
             except Exception as exc:  # noqa: BLE001 - posted at the next agreement
                 error = exc
                 continue
@@ -365,16 +394,21 @@ def _drop_window(stats: Shared, windows: Sequence[Window], shards: Sequence[Shar
         drop(shards[windows[k].shard], runs)
 
 
-def wholly_cached(layout: Layout) -> bool:
-    """Is every file of ``layout`` local and wholly in the page cache (``cachestat``: one call
-    a file)? False where the kernel cannot say."""
+def wholly_cached(layout: Layout, part: int = 0, parts: int = 1) -> bool:
+    """Is every file of ``layout`` local and its ``part``-th of ``parts`` (in pages) wholly in
+    the page cache (``cachestat``: one call a file)? False where the kernel cannot say. Ranks
+    on one host each ask of their own part, and together of every page."""
     for shard in layout.shards:
         if shard.remote:
             return False
         try:
             with shard.opened(PLAIN) as fd:
-                pages = cached_pages(fd)
-                if pages is None or pages * PAGE < os.fstat(fd).st_size:
+                pages = -(-os.fstat(fd).st_size // PAGE)
+                first, last = pages * part // parts, pages * (part + 1) // parts
+                if last <= first:
+                    continue
+                cached = cached_pages(fd, first * PAGE, (last - first) * PAGE)
+                if cached is None or cached < last - first:
                     return False
         except (OSError, ReadError):
             return False
@@ -382,8 +416,8 @@ def wholly_cached(layout: Layout) -> bool:
 
 
 def _missing(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], me: int,
-             count: int) -> list[bool]:
-    """Per window: was some page of it not in the page cache? Each rank counts its share of
+             count: int) -> list[int]:
+    """Per window: how many of its pages were not in the page cache? Each rank counts its share of
     each window (``cachestat``, else mincore) and one ``all_reduce`` adds the counts up, so
     every rank gets the same answer. A rank that cannot tell counts its shares as missing (the
     load proper meets the failure again, and every rank hears of it)."""
@@ -401,4 +435,4 @@ def _missing(peers: Peers, shards: Sequence[Shard], windows: Sequence[Window], m
                     counts[k] = (end - start) // PAGE - pages
     except (OSError, ReadError):
         counts = [1] * len(windows)
-    return [total > 0 for total in peers.sum(counts)] if windows else []
+    return peers.sum(counts) if windows else []

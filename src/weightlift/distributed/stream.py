@@ -80,7 +80,7 @@ def stream_sharded(source: Source, *, wanted: Wanted = None,
         try:
             layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
             entries = list(iter_entries(layout))
-            mine_of = _start(layout, entries, _mask(layout, wanted), host)
+            mine_of = _start(layout, entries, _mask(layout, wanted), host, peers)
         except Exception as exc:  # noqa: BLE001 - agreed on below
             error = exc
         # One exchange to start: every rank opened the checkpoint (else all raise), and what
@@ -97,7 +97,8 @@ def stream_sharded(source: Source, *, wanted: Wanted = None,
         if medium == "page_cache":
             report.reason = "ranks on one host share it"
             stats = Shared()
-            cached = all(start.cached for start in starts)
+            # Each rank looked at its part of the pages: together, all of them, on one host.
+            cached = hosts.single and all(start.cached for start in starts)
             views = shared(peers, layout, union, budget, hosts.local, stats, cached=cached)
             try:
                 for entry, view in views:
@@ -140,7 +141,7 @@ def _mask(layout: Layout, wanted: Wanted) -> np.ndarray:
 class Start:
     """What a rank tells the others before a load: which checkpoint it opened (its tensor names'
     count and digest), which tensors it wants, its host (``hosts.host_key``), and whether it
-    found every file wholly in the page cache."""
+    found its part of every file wholly in the page cache."""
 
     names: tuple[int, str]
     wants: bytes
@@ -148,11 +149,14 @@ class Start:
     cached: bool
 
 
-def _start(layout: Layout, entries: Sequence[Entry], mask: np.ndarray, host: str | None
-           ) -> Start:
+def _start(layout: Layout, entries: Sequence[Entry], mask: np.ndarray, host: str | None,
+           peers: Peers) -> Start:
+    """This rank's ``Start``. Each rank looks at its part of the files' pages (1 / world of
+    them): where the page cache is shared, every rank's part cached means all is."""
     names = hashlib.sha256("\0".join(entry.name for entry in entries).encode()).hexdigest()
     return Start((len(entries), names), np.packbits(mask).tobytes(),
-                 host if host is not None else host_key(), wholly_cached(layout))
+                 host if host is not None else host_key(),
+                 wholly_cached(layout, peers.rank, peers.world))
 
 
 def _wants(starts: Sequence[Start], entries: Sequence[Entry], layout: Layout) -> np.ndarray:

@@ -149,7 +149,8 @@ class Peers:
         value). What a step that ends in an agreement and a gather needs, at the cost of one."""
         mine = None if error is None else f"{type(error).__name__}: {error}"
         pairs = self.gather((mine, None if error is not None else value))
-        failed = [rank for rank, pair in enumerate(pairs) if pair[0] is not None]  # type: ignore[index]
+        failed = [rank for rank, pair in enumerate(pairs)
+                  if pair[0] is not None]  # type: ignore[index]
         if error is not None:
             raise error
         if failed:
