@@ -499,10 +499,10 @@ def test_an_open_refused_while_every_descriptor_is_pinned_waits_for_one_to_be_un
     first, second = object(), object()
     path = tmp_path / "f"
     path.write_bytes(b"x")
-    pool.pin(first, PLAIN, lambda kind: os.open(path, os.O_RDONLY))
+    pool.pin(first, PLAIN, lambda kind, opened: os.open(path, os.O_RDONLY))
     refusals = []
 
-    def opener(kind: str) -> int:
+    def opener(kind: str, opened: list[int]) -> int:
         if pool.is_pinned(first, PLAIN):  # the limit is reached until ``first`` is unpinned
             refusals.append(kind)
             if len(refusals) == 1:
@@ -523,7 +523,7 @@ def test_an_open_refused_for_good_still_raises_after_its_bounded_wait(tmp_path: 
     pool = Pool(capacity=2)
     owner = object()
 
-    def opener(kind: str) -> int:
+    def opener(kind: str, opened: list[int]) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
     with pytest.raises(OSError) as caught:

@@ -54,16 +54,15 @@ class DirectStrategy(Strategy):
             for shard in shards:
                 # Opened by path and checked against the file's stamp: the file whose header
                 # was read, or a ReadError. Kept open while the descriptor limit leaves room.
+                # Pinned with a token (``opened``): an interrupt anywhere in the pin or the
+                # probe leaves no pin behind, so the descriptor closes with the shard.
                 try:
-                    fd = shard.pin(DIRECT)
+                    with shard.opened(DIRECT) as fd:
+                        self._probe(fd, shard)
                 except OpenRefused as exc:
                     why = exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc
                     raise Unavailable(f"{shard.path}: the file system refuses O_DIRECT "
                                       f"({why})") from None
-                try:
-                    self._probe(fd, shard)
-                finally:
-                    shard.unpin(DIRECT)
             if self.per_range:
                 cache = CachedRanges(shards, self.windows)
                 if cache.any_cached:

@@ -126,8 +126,8 @@ class CachedRanges:
                     pages = self._map(fd, shard.hint())
                 if pages is not None:
                     try:  # a buffered descriptor that starts no read-ahead (see ``read``)
-                        shard.pin(RANDOM)
-                        shard.unpin(RANDOM)
+                        with shard.opened(RANDOM):
+                            pass  # opened, and kept open while the limit leaves room
                     except OpenRefused:
                         pages = None  # read it all with O_DIRECT, as if cold
                 self.resident.append(pages)

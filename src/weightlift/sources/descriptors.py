@@ -162,7 +162,8 @@ class Pool:
     Pins may exceed ``capacity`` (a load pins what its reads in flight need); loads ask ``room``
     before pinning more than one shard ahead.
 
-        fd = POOL.pin(shard, "plain", opener)   # opened (or kept open) and held
+        fd = POOL.pin(shard, "plain", opener)   # opened (or kept open) and held:
+                                                # opener(kind, opened) appends what it opens
         ...                                     # reads on fd
         POOL.unpin(shard, "plain")              # may close it now, or later when room is needed
 
@@ -202,31 +203,40 @@ class Pool:
                 self.capacity = max(MIN_CAPACITY, soft - open_count() - headroom(soft))
         return self.capacity
 
-    def pin(self, owner: object, kind: str, opener: Callable[[str], int],
+    def pin(self, owner: object, kind: str, opener: Callable[[str, list[int]], int],
             token: object = None) -> int:
-        """``owner``'s descriptor of ``kind``, held until ``unpin``; ``opener(kind)`` opens it
-        when it is not open (an ``OSError`` it raises propagates, EMFILE after idle descriptors
-        were closed to make room). ``token``: see the class docstring."""
+        """``owner``'s descriptor of ``kind``, held until ``unpin``; ``opener(kind, opened)``
+        opens it when it is not open, appending the descriptor to ``opened`` as ``open`` returns
+        it (from C: ``opened.extend(map(os.open, ...))``), and returns it (an ``OSError`` it
+        raises propagates, EMFILE after idle descriptors were closed to make room). An interrupt
+        (a signal's handler raising) anywhere before the pool lists it finds it in ``opened`` and
+        closes it. ``token``: see the class docstring."""
         key = (id(owner), kind)
+        opened: list[int] = []
         with self._lock:
-            held = self._open.get(key)
-            if held is not None and held.fd < 0:  # a close an interrupt cut short: finish it
-                self._close(key)
-                held = None
-            if held is None:
-                self._shrink(self._limit() - 1)
-                fd = self._opening(lambda: opener(kind))
-                held = self._open.get(key)  # _opening may have waited: another thread opened it
+            try:
+                held = self._open.get(key)
+                if held is not None and held.fd < 0:  # a close an interrupt cut short: finish it
+                    self._close(key)
+                    held = None
                 if held is None:
-                    held = self._keep(key, owner, fd)
+                    self._shrink(self._limit() - 1)
+                    # Not opened if, while the open waited out EMFILE, another thread opened it.
+                    self._opening(lambda: _recorded(opener, kind, opened),
+                                  lambda: key not in self._open)
+                    held = self._open.get(key)
+                    if held is None:
+                        held = self._keep(key, owner, opened[0])
+                self._idle.pop(key, None)  # before the pin: never pinned and idle
+                if token is None:
+                    held.count += 1
                 else:
-                    os.close(fd)
-            self._idle.pop(key, None)  # before the pin: never pinned and idle
-            if token is None:
-                held.count += 1
-            else:
-                held.tokens.add(token)
-            return held.fd
+                    held.tokens.add(token)
+                return held.fd
+            except BaseException:
+                if opened and all(held.fd != opened[0] for held in self._open.values()):
+                    close_all(opened)
+                raise
 
     def adopt(self, owner: object, kind: str, fd: int) -> None:
         """Keep ``fd`` (opened by the caller, unpinned) as ``owner``'s descriptor of ``kind``."""
@@ -261,13 +271,17 @@ class Pool:
             self._shrink(self._limit() - 1)
             return self._opening(opener)
 
-    def _opening(self, opener: Callable[[], int]) -> int:
+    def _opening(self, opener: Callable[[], int],
+                 needed: Callable[[], bool] = lambda: True) -> int:
         """``opener()`` under the lock. Refused for want of descriptors, it closes an idle one
         and tries again; with none idle, the refusal is transient as long as descriptors are
         pinned by reads in flight or held for a moment by the rest of the program, so it waits
-        (the lock released) for one to be freed, a bounded time, before the error is final."""
+        (the lock released) for one to be freed, a bounded time, before the error is final.
+        After a wait, nothing is opened (-1) if ``needed()`` says no more."""
         pause, waits = LIMIT_WAIT
         while True:
+            if not needed():
+                return -1
             try:
                 fd = opener()
             except OSError as exc:
@@ -376,6 +390,22 @@ class _Held:
 #: The descriptors every local shard of this process holds.
 POOL = Pool()
 
+
+
+def _recorded(opener: Callable[[str, list[int]], int], kind: str, opened: list[int]) -> int:
+    """``opener(kind, opened)``; the descriptor recorded in ``opened`` if the opener did not
+    record it itself."""
+    fd = opener(kind, opened)
+    if not opened:
+        opened.append(fd)
+    return fd
+
+
+def close_all(opened: list[int]) -> None:
+    """Close every descriptor in ``opened`` and empty it, with no Python code between the closes
+    and the emptying (where a signal's handler could raise): the slice assignment runs the
+    closes in C while it builds its (empty) value. Neither lost nor closed twice."""
+    opened[:] = filter(None, map(os.close, opened))
 
 __all__ = ["POOL", "Pool", "MIN_CAPACITY", "PER_SHARD", "Room", "advice", "is_limit",
            "limit_error", "open_count", "reserve"]

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 from ..errors import CheckpointError, ReadError
 from ..formats.gguf import is_gguf
 from ..formats.records import Header, TensorInfo
-from .descriptors import POOL, is_limit, limit_error
+from .descriptors import POOL, close_all, is_limit, limit_error
 
 #: An index file larger than this is not a real index (70B models have ~100 KB indexes).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -145,11 +145,15 @@ class Shard:
             if interrupted is not None:
                 raise interrupted
 
-    def _open(self, kind: str) -> int:
+    def _open(self, kind: str, opened: list[int]) -> int:
+        """A new descriptor of ``kind`` of this shard's file, appended to ``opened`` as ``open``
+        returns it (from C: an interrupt right after the open cannot lose it; the pool closes
+        what ``opened`` holds if one comes before it lists the descriptor)."""
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | KINDS[kind]
         # Non-blocking: a FIFO put in the file's place must not hang the open (the stamp below
         # refuses it); reads are blocking again.
-        fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0))
+        opened.extend(map(os.open, (self.path,), (flags | getattr(os, "O_NONBLOCK", 0),)))
+        fd = opened[-1]
         try:
             os.set_blocking(fd, True)
             stale = self._stale(FileStamp.of(fd))
@@ -161,7 +165,7 @@ class Shard:
                 except OSError:
                     pass  # advice only: reads stay correct, the kernel may read ahead
         except BaseException:
-            os.close(fd)
+            close_all(opened)
             raise
         return fd
 
