@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from weightlift.bench.runner import set_cache
+
 
 def worker(rank: int, world: int, source: str, init: str, reps: int, out: str) -> None:
     from safetensors import safe_open
@@ -74,10 +76,7 @@ def worker(rank: int, world: int, source: str, init: str, reps: int, out: str) -
 
 def main() -> None:
     source, reps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    for path in glob.glob(os.path.join(source, "*.safetensors")):
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
+    set_cache(glob.glob(os.path.join(source, "*.safetensors")), "warm")  # the bench's own
     init = f"/tmp/shared-warm-{os.getpid()}"
     out = init + ".json"
     mp.start_processes(worker, args=(2, source, init, reps, out), nprocs=2, start_method="spawn")
