@@ -187,9 +187,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # The ranks share one host's page cache (the default there): no strategy reads.
     "collective_page_cache": dict(mode="collective"),
     "collective_page_cache_custom": dict(mode="collective", custom=True),
+    # Every page cached first: the exchanges over the group are counted.
+    "collective_page_cache_warm": dict(mode="collective", warm=True),
     # Failures last: they leave the group usable, but nothing should depend on that.
     "direct_fails": dict(mode="direct", fail="raise"),
     "collective_fails": dict(mode="collective", share="exchange", fail="raise"),
+    # Rank 1 fails copying its part of the third tensor out of a view of the page cache.
+    "collective_page_cache_fails": dict(mode="collective", fail="copy"),
     # Run alone, in a group of its own: the group is broken afterwards.
     "collective_dies": dict(mode="collective", share="exchange", fail="exit"),
 }
@@ -199,21 +203,30 @@ REGULAR = [name for name in SCENARIOS if name != "collective_dies"]
 
 def _worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
             scenarios: list[str], timeout: timedelta) -> None:
+    import weightlift.distributed.load as loading
+
+    calls = count_exchanges()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timeout)
+    files = sorted(str(p) for p in Path(source).glob("*.safetensors"))
     try:
         for name in scenarios:
             options = dict(SCENARIOS[name])
             fail = options.pop("fail", None)
-            recorder = RecordingStream(fail=fail if rank == 1 else None)
+            fail = fail if rank == 1 else None
+            recorder = RecordingStream(fail=None if fail == "copy" else fail)
             plan = custom_plan if options.pop("custom", False) else llama_skipping_rotary(world)
+            if options.pop("warm", False):
+                _cache(rank, files, tail=False)
             result: dict[str, Any] = {}
+            calls.update(dict.fromkeys(calls, 0))
             started = time.monotonic()
             try:
-                state, report = load_sharded(source, plan, strategy=recorder,
-                                             max_host_memory=BUDGET, **options)
+                with _failing_copy(loading, fail == "copy"):
+                    state, report = load_sharded(source, plan, strategy=recorder,
+                                                 max_host_memory=BUDGET, **options)
                 # Small tensors may share one buffer (as in any weightlift CPU load): clone to save.
                 result.update(state={k: v.clone() for k, v in state.items()},
                               report=report.to_dict())
@@ -221,10 +234,50 @@ def _worker(rank: int, world: int, init_file: str, source: str, out_dir: str,
                 result.update(error=type(exc).__name__, message=str(exc),
                               failed=getattr(exc, "ranks", None),
                               trace=traceback.format_exc())
-            result.update(ranges=recorder.ranges, seconds=time.monotonic() - started)
+            result.update(ranges=recorder.ranges, seconds=time.monotonic() - started,
+                          calls=dict(calls))
             torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def count_exchanges() -> dict[str, int]:
+    """Count, in this process from now on, every exchange over the group (``exchanges``) and
+    the agreements among them (``agreements``)."""
+    from weightlift.distributed.sync import Peers
+
+    calls = {"agreements": 0, "exchanges": 0}
+
+    def counted(names: tuple[str, ...], function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for name in names:
+                calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for method in ("post", "gather", "sum", "max", "totals"):
+        names = ("agreements", "exchanges") if method == "post" else ("exchanges",)
+        setattr(Peers, method, counted(names, getattr(Peers, method)))
+    return calls
+
+
+@contextlib.contextmanager
+def _failing_copy(loading: Any, on: bool) -> Iterator[None]:
+    """While on, the shared path's copy of this rank's part of the third tensor raises."""
+    real = loading.part_in_rows
+    seen = itertools.count()
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if next(seen) == 2:
+            raise PlacementError("injected failure copying a part")
+        return real(*args, **kwargs)
+
+    if on:
+        loading.part_in_rows = failing
+    try:
+        yield
+    finally:
+        loading.part_in_rows = real
 
 
 def run_group(world: int, source: Path, out_dir: Path, scenarios: list[str],
@@ -359,11 +412,27 @@ def test_ranks_on_one_host_share_the_page_cache_and_send_no_weight_bytes(
         assert report["bytes_sent"] == report["bytes_received"] == 0
 
 
-@pytest.mark.parametrize("scenario", ["direct_fails", "collective_fails"])
+def test_ranks_sharing_a_cached_checkpoint_exchange_three_messages_in_all(
+        results: tuple[int, Path], full: dict[str, torch.Tensor]) -> None:
+    """``load_sharded`` on one host with every page cached: one exchange to start (each rank's
+    plan checked, its host and whether its part of the files was cached), the shared path's
+    agreement at its end, the report's totals; nothing read, every part exact."""
+    world, _ = results
+    for rank, result in enumerate(outcome(results, "collective_page_cache_warm")):
+        assert "error" not in result, result.get("trace")
+        assert_bit_exact(result["state"], expected_llama(full, rank, world))
+        assert result["report"]["share"] == "page_cache"
+        assert result["report"]["bytes_read"] == 0
+        assert result["calls"] == {"agreements": 1, "exchanges": 3}, result["calls"]
+
+
+@pytest.mark.parametrize(("scenario", "error"), [("direct_fails", "ReadError"),
+                                               ("collective_fails", "ReadError"),
+                                               ("collective_page_cache_fails", "PlacementError")])
 def test_a_rank_failing_mid_load_fails_every_rank_cleanly(results: tuple[int, Path],
-                                                          scenario: str) -> None:
+                                                          scenario: str, error: str) -> None:
     per_rank = outcome(results, scenario)
-    assert per_rank[1]["error"] == "ReadError", per_rank[1].get("trace")
+    assert per_rank[1]["error"] == error, per_rank[1].get("trace")
     assert "injected failure" in per_rank[1]["message"]
     for rank, result in enumerate(per_rank):
         if rank != 1:
@@ -591,9 +660,9 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
                    scenarios: list[str]) -> None:
     import weightlift.distributed.shared as sharing
     import weightlift.distributed.stream as streaming
-    from weightlift.distributed.sync import Peers
 
-    calls = {"resolve": 0, "strategy": 0, "agreements": 0, "exchanges": 0, "windows": 0}
+    calls = count_exchanges()
+    calls.update(resolve=0, strategy=0, windows=0)
 
     def counted(name: str, function: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -603,9 +672,6 @@ def _stream_worker(rank: int, world: int, init_file: str, source: str, out_dir: 
 
     streaming.resolve = counted("resolve", streaming.resolve)
     streaming._strategy = counted("strategy", streaming._strategy)
-    Peers.post = counted("agreements", Peers.post)  # type: ignore[method-assign]
-    for method in ("post", "gather", "sum", "max", "totals"):  # every exchange over the group
-        setattr(Peers, method, counted("exchanges", getattr(Peers, method)))
     sharing.map_window = counted("windows", sharing.map_window)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)

@@ -5,15 +5,13 @@ Two ranks share a page cache when they run on one kernel: the host name alone is
 boot id, which changes with every boot of every machine.
 
     host_key()                     # "node7/5b1e…" on this rank
-    Hosts.of(peers)                # every rank's key gathered: Hosts(keys=[...], rank=...)
+    Hosts(keys, rank)              # every rank's key, gathered with the load's first exchange
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-
-from .sync import Peers
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -34,13 +32,6 @@ class Hosts:
 
     keys: tuple[str, ...]
     rank: int
-
-    @classmethod
-    def of(cls, peers: Peers, key: str | None = None) -> Hosts:
-        """Gather every rank's host key: ``key`` if given (tests simulate several hosts on one),
-        else ``host_key()``. A collective: every rank of the group calls it."""
-        keys = peers.gather(key if key is not None else host_key())
-        return cls(tuple(str(k) for k in keys), peers.rank)
 
     @property
     def single(self) -> bool:

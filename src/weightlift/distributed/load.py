@@ -25,10 +25,10 @@ from ..sources import Source, resolve
 from ..sources.records import Layout, iter_entries
 from .collective import Traffic, exchange
 from .direct import read_direct
-from .hosts import Hosts
+from .hosts import Hosts, host_key
 from .parts import Axis, normalize, part_in_rows, part_shape
 from .plan import Index, PlanFn
-from .shared import Shared, shared
+from .shared import Shared, shared, wholly_cached
 from .sync import Peers
 
 Mode = Literal["direct", "collective"]
@@ -126,17 +126,30 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
     reader: Strategy | None = None
     try:
         error: Exception | None = None
+        start: tuple[str, bool] | None = None
         try:
             layout = resolve(as_remote(source, storage_options))  # type: ignore[arg-type]
             ranks = range(peers.world) if mode == "collective" else [peers.rank]
             indices = {rank: _indices(layout, plan, rank, peers.world) for rank in ranks}
+            if mode == "collective":
+                # Where this rank runs, and whether its part of the files' pages is cached.
+                start = (host if host is not None else host_key(),
+                         wholly_cached(layout, peers.rank, peers.world))
         except Exception as exc:
             error = exc
-        peers.agree(error)
+        hosts: Hosts | None = None
+        cached = False
+        if mode == "collective":
+            # One exchange: every rank planned (else all raise), its host and its cached part.
+            starts: list[tuple[str, bool]] = \
+                peers.gather_agreed(error, start)  # type: ignore[assignment]
+            hosts = Hosts(tuple(key for key, _ in starts), peers.rank)
+            cached = hosts.single and all(whole for _, whole in starts)
+        else:
+            peers.agree(error)
         assert layout is not None
         mine = indices[peers.rank]
         needed = [entry for entry in iter_entries(layout) if mine[entry.name] is not None]
-        hosts = Hosts.of(peers, host) if mode == "collective" else None
         medium = "" if hosts is None else choose_share(share, hosts, layout)
         report = ShardReport(peers.rank, peers.world, mode, medium, "", "", budget,
                              checkpoint_bytes=layout.total_bytes)
@@ -146,7 +159,7 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
                 assert hosts is not None
                 report.strategy, report.reason = "page_cache", "ranks on one host share it"
                 report.bytes_read = _shared(peers, layout, indices, budget, target, local,
-                                            hosts.local)
+                                            hosts.local, cached)
             else:
                 reader = _strategy(strategy, layout, sum(e.info.nbytes for e in needed), report)
                 if mode == "collective":
@@ -159,7 +172,10 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
             error = None
         except Exception as exc:
             error = exc
-        peers.agree(error)
+        if medium != "page_cache":
+            peers.agree(error)
+        elif error is not None:
+            raise error  # ``shared`` agreed at its end: every rank raises here, or none does
         report.seconds = time.perf_counter() - started
         state = {entry.name: local[entry.name] for entry in needed}
         report.tensors = len(state)
@@ -204,24 +220,33 @@ def choose_share(share: str, hosts: Hosts, layout: Layout) -> str:
 
 def _shared(peers: Peers, layout: Layout, indices: dict[int, dict[str, Index | None]],
             budget: int, device: torch.device, local: dict[str, torch.Tensor],
-            on_host: list[int]) -> int:
-    """Fill this rank's parts from views of the page cache its host shares (``shared``); return
-    the bytes this rank asked storage for."""
+            on_host: list[int], cached: bool) -> int:
+    """Fill this rank's parts from views of the page cache its host shares (``shared``; with
+    ``cached``, every page was found cached at the start); return the bytes this rank asked
+    storage for."""
     names = {name for rank in indices for name, index in indices[rank].items()
              if index is not None}
     entries = list(iter_entries(layout, names))
     stats = Shared()
-    for entry, view in shared(peers, layout, entries, budget, on_host, stats):
-        index = indices[peers.rank][entry.name]
-        if index is None:
-            continue
-        axes = normalize(index, entry.info)
-        part = part_in_rows(axes, entry.info, 0, entry.info.shape[0] if entry.info.shape else 1)
-        out = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch, device=device)
-        if part is not None:
-            out[part.dst].copy_(view[part.src])
-        local[entry.name] = out
-        del view
+    views = shared(peers, layout, entries, budget, on_host, stats, cached=cached)
+    try:
+        for entry, view in views:
+            index = indices[peers.rank][entry.name]
+            if index is None:
+                continue
+            axes = normalize(index, entry.info)
+            part = part_in_rows(axes, entry.info, 0,
+                                entry.info.shape[0] if entry.info.shape else 1)
+            out = torch.empty(part_shape(axes), dtype=entry.info.dtype.torch, device=device)
+            if part is not None:
+                out[part.dst].copy_(view[part.src])
+            local[entry.name] = out
+            del view
+    except BaseException as exc:
+        views.throw(exc)  # the views post it to the others, waiting in the next agreement
+        raise
+    finally:
+        views.close()
     return stats.bytes_read
 
 
