@@ -247,6 +247,21 @@ def test_cache_states_are_set_before_each_run(checkpoint: Path) -> None:
     assert runner.resident(files) == 0
 
 
+@pytest.mark.parametrize("folios", ["large", "small", "as-is"])
+def test_a_warm_state_in_either_folio_size_holds_the_whole_checkpoint(checkpoint: Path,
+                                                                      folios: str) -> None:
+    """``set_folios`` leaves every page cached (``small`` waits for the reads WILLNEED only
+    submitted), whatever folios hold them."""
+    files = [str(p) for p in synthetic.shard_paths(checkpoint)]
+    runner.set_cache(files, "cold")
+    runner.set_cache(files[:1], "warm")  # as-is must read in what is missing
+    runner.set_folios(files, folios)
+    assert runner.resident(files) == sum(Path(f).stat().st_size for f in files)
+    assert runner.cachestat_seconds(files) > 0
+    with pytest.raises(ValueError, match="unknown folios 'huge'"):
+        runner.set_folios(files, "huge")
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders and the child, in process (fast) and as a real child (once)
 

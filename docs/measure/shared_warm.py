@@ -2,12 +2,17 @@
 rows a tensor-parallel rank keeps), as vLLM's loaders do under TP=2: weightlift's
 ``stream_sharded(share="page_cache")`` against ``safe_open`` + ``get_tensor`` on each rank.
 
-    PYTHONPATH=src python docs/measure/shared_warm.py /work/scratch/q/vllm-llama-2gb 7
+    PYTHONPATH=src python docs/measure/shared_warm.py /work/scratch/q/vllm-llama-2gb 7 [FOLIOS]
 
 Two gloo processes, each pinned to one core (as ``VLLM_CPU_OMP_THREADS_BIND="0|1"``), one torch
 thread; the destinations are allocated and touched first (only the loading differs). The
 checkpoint is read once into the page cache first; the two loaders then alternate, each run
 between barriers, and rank 0's time of each run is printed (min / median).
+
+``FOLIOS``: how the page cache holds the checkpoint, ``as-is`` (default), ``large`` or ``small``
+(``weightlift.bench.runner.set_folios``). The time of one ``cachestat`` over every file is
+printed before and after (``cachestat_seconds``): ~8 ms a GB over 4 KiB folios, ~0.1 ms over
+2 MiB ones.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from weightlift.bench.runner import set_cache
+from weightlift.bench.runner import cachestat_seconds, set_folios
 
 
 def worker(rank: int, world: int, source: str, init: str, reps: int, out: str) -> None:
@@ -76,7 +81,10 @@ def worker(rank: int, world: int, source: str, init: str, reps: int, out: str) -
 
 def main() -> None:
     source, reps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    set_cache(glob.glob(os.path.join(source, "*.safetensors")), "warm")  # the bench's own
+    folios = sys.argv[3] if len(sys.argv) > 3 else "as-is"
+    files = glob.glob(os.path.join(source, "*.safetensors"))
+    set_folios(files, folios)
+    print(f"folios {folios}: cachestat over the files {cachestat_seconds(files) * 1e3:.2f} ms")
     init = f"/tmp/shared-warm-{os.getpid()}"
     out = init + ".json"
     mp.start_processes(worker, args=(2, source, init, reps, out), nprocs=2, start_method="spawn")
@@ -85,6 +93,7 @@ def main() -> None:
     for name, runs in times.items():
         runs = sorted(runs)
         print(f"{name:>10}: min {runs[0]:.3f} s, median {runs[len(runs) // 2]:.3f} s")
+    print(f"after: cachestat over the files {cachestat_seconds(files) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

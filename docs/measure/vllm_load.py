@@ -280,6 +280,9 @@ def main() -> None:
     parser.add_argument("--touch-params", action="store_true",
                         help="write the parameters' pages before timing the load (the VM's "
                         "slow first touch of fresh memory then counts for no loader)")
+    parser.add_argument("--folios", default="as-is",
+                        help="warm: how the page cache holds the checkpoint, set once before the "
+                             "runs (weightlift.bench.runner.set_folios): as-is, large, small")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.evict_only:
@@ -303,6 +306,13 @@ def main() -> None:
     caches = args.caches.split(",")
     runs: dict[str, list[dict]] = {f"{n}/{c}": [] for n in names for c in caches}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    from weightlift.bench.runner import cachestat_seconds, set_folios
+
+    set_folios([str(f) for f in files_of(model)], args.folios)
+    folios = {"folios": args.folios,
+              "cachestat_ms_before": cachestat_seconds([str(f) for f in files_of(model)]) * 1e3}
+    print(f"folios {args.folios}: cachestat over the files "
+          f"{folios['cachestat_ms_before']:.2f} ms", flush=True)
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for cache in caches:
@@ -316,6 +326,8 @@ def main() -> None:
                       f"read from storage (host) {result['read_bytes_host'] / size:.2f}x  "
                       f"load {' '.join(result['loadavg'])}{skew(result)}", flush=True)
     table = {key: summary(value, size) for key, value in runs.items()}
+    folios["cachestat_ms_after"] = cachestat_seconds([str(f) for f in files_of(model)]) * 1e3
+    print(f"after: cachestat over the files {folios['cachestat_ms_after']:.2f} ms")
     print(f"\n{size / 1e9:.2f} GB, {args.reps} repetitions, tensor_parallel_size {args.tp}, "
           f"started {started}")
     print(f"{'format/cache':28s} {'median s':>9s} {'min':>7s} {'max':>7s} {'GB/s':>6s} "
@@ -326,7 +338,7 @@ def main() -> None:
               f"{row['transient_max'] / 2**20:20.0f} {row['cached_after_median']:13.0%}")
     if args.out:
         args.out.write_text(json.dumps({"started": started, "bytes": size, "reps": args.reps,
-                                        "tensor_parallel_size": args.tp,
+                                        "tensor_parallel_size": args.tp, **folios,
                                         "summary": table, "runs": runs}, indent=1))
 
 
