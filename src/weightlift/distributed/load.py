@@ -134,7 +134,7 @@ def load_sharded(source: Source, plan: PlanFn, *, group: dist.ProcessGroup | Non
             if mode == "collective":
                 # Where this rank runs, and whether its part of the files' pages is cached.
                 start = (host if host is not None else host_key(),
-                         wholly_cached(layout, peers.rank, peers.world))
+                         share != "exchange" and wholly_cached(layout, peers.rank, peers.world))
         except Exception as exc:
             error = exc
         hosts: Hosts | None = None
