@@ -389,6 +389,46 @@ def test_an_interrupt_next_to_a_pin_releases_it_exactly_once(
         assert_same(load(ckpt, mode, engine), converted(expected, mode))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", ["load", "stream", "copy"])
+def test_a_second_interrupt_as_a_load_winds_down_still_releases_its_pins(
+        ckpt: Path, engine: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first interrupt stops a load with reads pending (KeyboardInterrupt at its third pin);
+    a second one (SystemExit, as a SIGTERM handler raises) lands as the load's cleanup starts to
+    wind down, before it stopped a read or released a pin. The real-signal test found that once
+    in 200 signals, in a stream the garbage collector was closing (Python drops the exception
+    there): the cleanup stopped, and its pins kept a descriptor open for good. Now the
+    wind-down is carried to its end, an interrupt is raised after it, and nothing is left."""
+    pin, wind_down = read_module._pin, read_module._wind_down
+    pins, downs = [0], [0]
+
+    def pinning(*args: object) -> object:
+        token = pin(*args)  # type: ignore[arg-type]
+        pins[0] += 1
+        if pins[0] == 3:
+            raise KeyboardInterrupt
+        return token
+
+    def winding_down(*args: object) -> object:
+        downs[0] += 1
+        if downs[0] == 1:
+            raise SystemExit(143)
+        return wind_down(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(read_module, "_pin", pinning)
+    monkeypatch.setattr(read_module, "_wind_down", winding_down)
+    expected = load_file(ckpt)
+    with no_leaks():
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            load(ckpt, mode, engine)
+        assert pins[0] >= 3 and downs[0] == 2
+        assert not any(held.pins for held in POOL._open.values()), "a pin was kept"
+    monkeypatch.setattr(read_module, "_pin", pin)
+    monkeypatch.setattr(read_module, "_wind_down", wind_down)
+    with no_leaks():
+        assert_same(load(ckpt, mode, engine), converted(expected, mode))
+
+
 def load(path: Path, mode: str, engine: str) -> dict[str, torch.Tensor]:
     if mode == "stream":
         return dict(weightlift.stream(path, strategy="direct", engine=engine,

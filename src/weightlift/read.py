@@ -223,8 +223,8 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                     yield entry, as_tensor(buf[lo:hi], entry.info)
             del buf  # the consumer's tensors alone decide when this memory is reused (unmapped)
     finally:
-        interrupted = _wind_down(strategy, pins, [(token, buf, futures)
-                                                  for _, buf, futures, token, _ in pending])
+        interrupted = _wound_down(strategy, pins, lambda: [
+            (token, buf, futures) for _, buf, futures, token, _ in pending])
         pending.clear()
         if reuse is not None:
             reuse.close()
@@ -342,6 +342,29 @@ def _wind_down(strategy: Strategy, pins: Pins,
     return interrupted
 
 
+def _wound_down(strategy: Strategy, pins: Pins,
+                held: Callable[[], list[tuple[object, torch.Tensor | None, list[Pending]]]]
+                ) -> BaseException | None:
+    """``_wind_down(strategy, pins, held())`` carried to its end: an interrupt that lands where
+    it cannot keep one (building ``held``, between its steps) is kept, and the wind-down run
+    again (settling settled reads and unpinning released pins change nothing); the interrupt to
+    raise once the caller has cleaned up is returned, the first one kept.
+
+    A load's cleanup runs in a generator's ``finally``, which the garbage collector may be the
+    one to run (a ``for`` loop left by the first Ctrl-C drops the stream): there Python prints
+    and drops what a second signal's handler raises, so without this the cleanup stopped where
+    it landed, and the load's pins, with a descriptor, were kept for the rest of the process
+    (once in 200 real signals, a SIGTERM sent twice)."""
+    kept: BaseException | None = None
+    while True:
+        try:
+            interrupted = _wind_down(strategy, pins, held())
+        except (KeyboardInterrupt, SystemExit) as exc:
+            kept = kept or exc
+            continue
+        return kept or interrupted
+
+
 def _room(strategy: Strategy, shard: int) -> bool:
     """Whether reads of ``shard`` may be submitted ahead: its descriptors are pinned already, or
     the pool has room for them without going over its bound."""
@@ -429,9 +452,9 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                 if piece.last:
                     yield piece.entry, sink.finish(piece.entry)
     finally:
-        interrupted = _wind_down(strategy, pins, [(token, memory if memory is not None else src,
-                                                   [future])
-                                                  for _, memory, src, future, token in pending])
+        interrupted = _wound_down(strategy, pins, lambda: [
+            (token, memory if memory is not None else src, [future])
+            for _, memory, src, future, token in pending])
         try:
             # Every copy queued so far, including those of a chunk whose placing raised before
             # its fence: none may still read a slot or write a destination once they are freed.
