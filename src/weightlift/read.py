@@ -223,8 +223,13 @@ def _own(entries: Sequence[Entry], strategy: Strategy, engine: Engine,
                     yield entry, as_tensor(buf[lo:hi], entry.info)
             del buf  # the consumer's tensors alone decide when this memory is reused (unmapped)
     finally:
-        interrupted = _wound_down(strategy, pins, lambda: [
-            (token, buf, futures) for _, buf, futures, token, _ in pending])
+        def held() -> list[tuple[object, torch.Tensor | None, list[Pending]]]:
+            return [(token, buf, futures) for _, buf, futures, token, _ in pending]
+
+        try:
+            interrupted = _wound_down(strategy, pins, held)
+        except (KeyboardInterrupt, SystemExit) as exc:  # as it was called, before its loop
+            interrupted = _wound_down(strategy, pins, held) or exc
         pending.clear()
         if reuse is not None:
             reuse.close()
@@ -354,7 +359,8 @@ def _wound_down(strategy: Strategy, pins: Pins,
     one to run (a ``for`` loop left by the first Ctrl-C drops the stream): there Python prints
     and drops what a second signal's handler raises, so without this the cleanup stopped where
     it landed, and the load's pins, with a descriptor, were kept for the rest of the process
-    (once in 200 real signals, a SIGTERM sent twice)."""
+    (once in 200 real signals, a SIGTERM sent twice). An interrupt can land as this function
+    is entered, before its loop: callers call it again from an ``except`` clause."""
     kept: BaseException | None = None
     while True:
         try:
@@ -452,9 +458,14 @@ def _copy(entries: Sequence[Entry], strategy: Strategy, engine: Engine, sink: Si
                 if piece.last:
                     yield piece.entry, sink.finish(piece.entry)
     finally:
-        interrupted = _wound_down(strategy, pins, lambda: [
-            (token, memory if memory is not None else src, [future])
-            for _, memory, src, future, token in pending])
+        def held() -> list[tuple[object, torch.Tensor | None, list[Pending]]]:
+            return [(token, memory if memory is not None else src, [future])
+                    for _, memory, src, future, token in pending]
+
+        try:
+            interrupted = _wound_down(strategy, pins, held)
+        except (KeyboardInterrupt, SystemExit) as exc:  # as it was called, before its loop
+            interrupted = _wound_down(strategy, pins, held) or exc
         try:
             # Every copy queued so far, including those of a chunk whose placing raised before
             # its fence: none may still read a slot or write a destination once they are freed.
