@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import gc
+import mmap
 import os
 import random
 import signal
@@ -134,6 +135,17 @@ def holders(path: Path) -> str:
                     if r is not objects)
             refs.append(kind)
         out.append(f"{type(obj).__name__} at {address:#x} held by {refs[:8]}")
+    # An ``mmap.mmap`` (a window's owner) is not tracked by the collector: look for it among
+    # what tracked objects refer to, by a size the mapping could have (its slack included).
+    sizes = [hi - lo for lo, hi in ranges]
+    for obj in objects:
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, (mmap.mmap, memoryview)) and not getattr(ref, "closed", False) \
+                    and any(size <= len(ref) <= size + (2 << 20) for size in sizes):
+                out.append(f"{type(ref).__name__} of {len(ref)} bytes held by "
+                           f"{type(obj).__name__}")
+    from weightlift.io import retry
+    out.append(f"memory kept for reads the kernel still had: {len(retry.KEPT)}")
     return "\n".join(out)
 
 
